@@ -1,0 +1,390 @@
+"""
+Data: the offline GPT-2 tokenizer, the embedded default domain, JSONL domains, batching
+and evaluation (greedy exact match, entity F1, per-example records).
+
+    python data.py --out data/default   # write the default domain as JSONL to look at
+"""
+import base64
+import hashlib
+import json
+import random
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import tiktoken
+import torch
+from torch.nn import functional as F
+
+# -----------------------------------------------------------------------------
+# tokenizer: GPT-2's byte-level BPE, built from the ranks file in assets/ (no download)
+
+RANKS_FILE = Path(__file__).parent / "assets" / "gpt2.tiktoken"
+RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+# GPT-2's pre-tokenizer split (tiktoken's r50k_base pattern)
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT2_EOT = 50256  # <|endoftext|>
+UNK = -1          # stands for "a GPT-2 id outside the compact vocabulary"
+
+
+@lru_cache(maxsize=1)
+def gpt2_encoding():
+    raw = RANKS_FILE.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    assert digest == RANKS_SHA256, f"{RANKS_FILE}: sha256 {digest} is not GPT-2's ranks file"
+    ranks = {base64.b64decode(tok): int(rank) for tok, rank in (l.split() for l in raw.splitlines() if l)}
+    return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": GPT2_EOT}, explicit_n_vocab=50257)
+
+
+class Tokenizer:
+    """GPT-2 BPE plus a map from GPT-2 ids to the model's ids.
+
+    ids=None is the full GPT-2 vocabulary (model id == GPT-2 id, padded to 50304 rows).
+    A list of GPT-2 ids is a compact vocabulary: model id i stands for ids[i]. Toy models
+    spend most of their time in a 50k-row head, so the embedded domain uses only the few
+    hundred ids it needs; the list travels inside every checkpoint.
+    """
+
+    def __init__(self, ids=None):
+        self.enc = gpt2_encoding()
+        self.ids = ids
+        if ids is None:
+            self.eot, self.vocab_size = GPT2_EOT, 50304
+        else:
+            assert ids[0] == GPT2_EOT and ids[1] == UNK, "compact vocabularies start with [EOT, UNK]"
+            self.to_model = {g: i for i, g in enumerate(ids)}
+            self.eot, self.vocab_size = 0, -(-len(ids) // 64) * 64  # pad rows to a multiple of 64
+
+    @classmethod
+    def compact(cls, texts):
+        used = set()
+        for t in texts:
+            used.update(gpt2_encoding().encode_ordinary(t))
+        return cls([GPT2_EOT, UNK] + sorted(used - {GPT2_EOT}))
+
+    def encode(self, text):
+        g = self.enc.encode_ordinary(text)  # user text never becomes a special token
+        return g if self.ids is None else [self.to_model.get(t, 1) for t in g]
+
+    def decode(self, ids):
+        g = ids if self.ids is None else [self.ids[i] for i in ids if i < len(self.ids) and self.ids[i] >= 0]
+        return self.enc.decode([t for t in g if t < 50257], errors="replace")
+
+
+# -----------------------------------------------------------------------------
+# the embedded default domain: 3 task types x 2 languages = 6 subdomains
+#   qa   closed-book questions about a fixed cast of people (memorisation: capacity matters)
+#   ner  entity extraction; some entities appear with no context cue (type must be known)
+#   cls  sentiment with negation and "but" (the clause after the last "but" decides)
+
+EN = dict(
+    first="Alice Bob Carol David Emma Frank Grace Henry Irene Jack Karen Leo Maria Nathan Olivia "
+          "Paul Quinn Rosa Sam Tina Victor Wendy Xavier Yara Zoe".split(),
+    last="Smith Jones Brown Taylor Wilson Evans Thomas Walker White Green Hall Wood Clark Lewis "
+         "Young King Wright Scott Baker Adams".split(),
+    city="Paris London Berlin Madrid Rome Vienna Prague Dublin Oslo Lisbon Athens Warsaw Cairo "
+         "Lima Tokyo Seoul Sydney Boston Denver Toronto".split(),
+    org="Acme Globex Initech Umbrella Hooli Vandelay Soylent Stark Wayne Wonka Cyberdyne Tyrell "
+        "Aperture Massive Oceanic".split(),
+    qa_city=["Where does {p} live?", "In which city does {p} live?", "What city is {p} based in?",
+             "Which city is home to {p}?", "Name the city where {p} lives."],
+    qa_org=["Who does {p} work for?", "Which company employs {p}?", "Where is {p} employed?",
+            "What firm does {p} work at?", "Name the employer of {p}."],
+    qa_prompt="Question: {q}\nAnswer:", qa_answer=" {a}",
+    ner=["{PER} moved to {LOC} to join {ORG}.", "{ORG} opened an office in {LOC}.",
+         "{PER} and {PER} met in {LOC}.", "{PER} left {ORG} last year.", "Yesterday {PER} visited {LOC}.",
+         "{ORG} hired {PER} in {LOC}.", "Everyone talks about {ANY} these days.", "News from {ANY} and {ANY}."],
+    ner_prompt="Text: {t}\nEntities:", ner_answer=" {a}",
+    aspect=["the service", "the food", "the room", "the staff", "the price", "the delivery",
+            "the screen", "the battery"],
+    pos="great excellent good wonderful reliable fast friendly amazing".split(),
+    neg="bad terrible slow broken rude awful noisy poor".split(),
+    clause="{a} was {n}{w}", negation="not ", joiner=" and ", but=" but ", end=".",
+    cls_prompt="Review: {t}\nSentiment:", labels=(" positive", " negative"),
+)
+JA = dict(
+    first="太郎 花子 健 美咲 翔 愛 大輔 由美 誠 さくら 拓也 恵 直樹 陽子 亮 真理 剛 彩 悠 奈々".split(),
+    last="田中 佐藤 鈴木 高橋 伊藤 渡辺 山本 中村 小林 加藤 吉田 山田 佐々木 山口 松本 井上 木村 林 清水 山崎".split(),
+    city="東京 大阪 京都 札幌 福岡 名古屋 神戸 横浜 仙台 広島 奈良 金沢 長崎 熊本 那覇 新潟 静岡 岡山 松山 函館".split(),
+    org="青葉商事 桜電機 山河物産 星野工業 朝日化学 若葉食品 大空運輸 白鳥製薬 緑川建設 光明電子 北斗銀行 "
+        "東雲書店 松風製紙 波野水産 雪村鉄鋼".split(),
+    qa_city=["{p}の住む町は?", "{p}はどこに住む?", "{p}の居住地は?", "{p}の住まいは?", "{p}が住む都市は?"],
+    qa_org=["{p}の勤務先は?", "{p}はどこで働く?", "{p}の会社は?", "{p}の職場は?", "{p}を雇う会社は?"],
+    qa_prompt="問: {q}\n答:", qa_answer="{a}",
+    ner=["{PER}は{LOC}の{ORG}に入った。", "{ORG}が{LOC}に進出。", "{PER}と{PER}が{LOC}で会った。",
+         "{PER}は{ORG}を辞めた。", "{PER}が{LOC}を訪問。", "{ORG}が{PER}を採用。", "話題は{ANY}だ。", "{ANY}と{ANY}の話。"],
+    ner_prompt="文: {t}\n抽出:", ner_answer="{a}",
+    aspect=["サービス", "料理", "部屋", "店員", "値段", "配達", "画面", "電池"],
+    pos="最高 丁寧 快適 便利 清潔 親切 素敵 優秀".split(),
+    neg="最悪 不便 不潔 退屈 乱暴 残念 不安 下手".split(),
+    clause="{a}は{w}{n}", negation="でない", joiner="、", but="。しかし", end="。",
+    cls_prompt="評: {t}\n判定:", labels=("良", "悪"),
+)
+LANGS = {"en": EN, "ja": JA}
+
+
+def _person(L, first, last):
+    return f"{first} {last}" if L is EN else f"{last}{first}"
+
+
+def _qa(L, lang, rng, n_people):
+    """Every (person, attribute) fact is asked in 5 phrasings: 4 go to train, the fifth to
+    val or test, so held-out questions ask about known facts in an unseen phrasing."""
+    pairs = rng.sample([(f, l) for f in L["first"] for l in L["last"]], n_people)
+    splits = {"train": [], "val": [], "test": []}
+    for k, (f, l) in enumerate(pairs):
+        p = _person(L, f, l)
+        for attr, values in (("qa_city", L["city"]), ("qa_org", L["org"])):
+            a = rng.choice(values)
+            held = rng.randrange(len(L[attr]))
+            for j, q in enumerate(L[attr]):
+                split = "train" if j != held else ("val" if (2 * k + (attr == "qa_org")) % 2 == 0 else "test")
+                splits[split].append(dict(prompt=L["qa_prompt"].format(q=q.format(p=p)),
+                                          answer=L["qa_answer"].format(a=a), subdomain=f"qa_{lang}"))
+    return splits
+
+
+def _ner(L, lang, rng):
+    text = rng.choice(L["ner"])
+    ents = []
+
+    def fill(m):
+        kind = m.group(1)
+        if kind == "ANY":
+            kind = rng.choice(["PER", "LOC", "ORG"])
+        name = {"PER": lambda: _person(L, rng.choice(L["first"]), rng.choice(L["last"])),
+                "LOC": lambda: rng.choice(L["city"]), "ORG": lambda: rng.choice(L["org"])}[kind]()
+        ents.append(f"{kind}: {name}")
+        return name
+    text = re.sub(r"\{(PER|LOC|ORG|ANY)\}", fill, text)
+    return dict(prompt=L["ner_prompt"].format(t=text), answer=L["ner_answer"].format(a="; ".join(ents)),
+                subdomain=f"ner_{lang}")
+
+
+def _cls(L, lang, rng):
+    segments, polarity = [], None
+    for _ in range(rng.choice([1, 2])):  # segments joined by "but"
+        polarity = rng.random() < 0.5
+        clauses = []
+        for _ in range(rng.choice([1])):  # clauses joined by "and" share a polarity
+            negated = rng.random() < 0.35
+            word = rng.choice(L["pos"] if polarity != negated else L["neg"])
+            clauses.append(L["clause"].format(a=rng.choice(L["aspect"]), w=word, n=L["negation"] if negated else ""))
+        segments.append(L["joiner"].join(clauses))
+    text = L["but"].join(segments) + L["end"]
+    text = text[0].upper() + text[1:]
+    return dict(prompt=L["cls_prompt"].format(t=text), answer=L["labels"][0 if polarity else 1],
+                subdomain=f"cls_{lang}")
+
+
+def default_domain(seed=0, n_people=60, n_per_split=(720, 60, 60)):
+    """Deterministic train/val/test splits of the six subdomains (lists of dicts)."""
+    rng = random.Random(seed)
+    splits = {"train": [], "val": [], "test": []}
+    for lang, L in LANGS.items():
+        for k, v in _qa(L, lang, rng, n_people).items():
+            splits[k] += v
+        for make in (_ner, _cls):
+            seen = set()
+            for split, n in zip(splits, n_per_split):
+                made = 0
+                while made < n:  # held-out prompts never occur in train (nor val in test)
+                    ex = make(L, lang, rng)
+                    if ex["prompt"] not in seen:
+                        seen.add(ex["prompt"])
+                        splits[split].append(ex)
+                        made += 1
+    return splits
+
+
+# -----------------------------------------------------------------------------
+# user domains: JSONL with {"prompt", "answer", "subdomain"?} per line
+
+class DataError(ValueError):
+    pass
+
+
+def load_jsonl(path):
+    path, examples = Path(path), []
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                ex = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(ex, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(ex).__name__}")
+            for field in ("prompt", "answer", "subdomain"):
+                if field not in ex:
+                    if field == "subdomain":
+                        continue
+                    raise DataError(f"{where}: field '{field}' is missing")
+                if not isinstance(ex[field], str):
+                    raise DataError(f"{where}: field '{field}' must be a string, got {type(ex[field]).__name__}")
+                if not ex[field].strip():
+                    raise DataError(f"{where}: field '{field}' is empty")
+            examples.append(dict(prompt=ex["prompt"], answer=ex["answer"],
+                                 subdomain=ex.get("subdomain", "all"), src=where))
+    if not examples:
+        raise DataError(f"{path}: no examples (empty file)")
+    return examples
+
+
+def load_domain(data, seed=0):
+    """'default' -> the embedded domain; a folder -> its train/val/test.jsonl."""
+    if data == "default":
+        return default_domain(seed)
+    folder = Path(data)
+    if not folder.is_dir():
+        raise DataError(f"{data}: expected 'default' or a folder with train.jsonl, val.jsonl, test.jsonl")
+    return {s: load_jsonl(folder / f"{s}.jsonl") for s in ("train", "val", "test")}
+
+
+def write_jsonl(examples, path):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for ex in examples:
+            f.write(json.dumps({k: ex[k] for k in ("prompt", "answer", "subdomain")}, ensure_ascii=False) + "\n")
+
+
+def fingerprint(examples):
+    """sha256 of the examples' content: ties stored per-example values to their data."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps([ex["prompt"], ex["answer"]], ensure_ascii=False).encode())
+    return h.hexdigest()[:16]
+
+
+# -----------------------------------------------------------------------------
+# batching: prompt + answer + EOT, loss on the answer and its EOT only, right padding
+
+def encode(examples, tok, block_size):
+    out = []
+    for i, ex in enumerate(examples):
+        p, a = tok.encode(ex["prompt"]), tok.encode(ex["answer"])
+        if len(p) + len(a) > block_size:  # the input drops the last token (EOT), so this is the limit
+            where = ex.get("src", f"example {i}")
+            raise DataError(f"{where}: field 'prompt'+'answer' is {len(p) + len(a)} tokens, more than the "
+                            f"model's context of {block_size}; shorten it or use a larger block_size")
+        out.append((p, a))
+    return out
+
+
+def make_batch(encoded, idx, eot, device="cpu"):
+    """-> x (B, T) inputs, y (B, T) next-token targets, mask (B, T) True on answer targets.
+
+    Padding reuses EOT (as GPT-2 has no pad token). The mask comes from the lengths, never
+    from comparing ids with EOT, so each answer's own EOT stays a target and the model
+    learns to stop.
+    """
+    seqs = [encoded[i][0] + encoded[i][1] + [eot] for i in idx]
+    T = max(len(s) for s in seqs) - 1
+    x = torch.full((len(seqs), T), eot, dtype=torch.long)
+    y = x.clone()
+    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for b, (s, i) in enumerate(zip(seqs, idx)):
+        n = len(s) - 1
+        x[b, :n], y[b, :n] = torch.tensor(s[:-1]), torch.tensor(s[1:])
+        mask[b, len(encoded[i][0]) - 1:n] = True  # targets from the first answer token to EOT
+    return x.to(device), y.to(device), mask.to(device)
+
+
+def batch_indices(lengths, batch_size, seed, step):
+    """Example indices of training step `step`, from the examples' token lengths.
+
+    Each epoch: a seeded permutation, cut into pools of 8 batches; each pool is sorted by
+    length so a batch pads to similar lengths (about half the padding), and the batches
+    are shuffled again. A pure function of (seed, step): a resumed run sees exactly the
+    batches it would have seen, and runs with one seed (teacher, student) see one order.
+    """
+    n = len(lengths)
+    per_epoch = n // batch_size
+    assert per_epoch > 0, f"{n} training examples are fewer than one batch of {batch_size}"
+    epoch, k = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g)[:per_epoch * batch_size].tolist()
+    pool = 8 * batch_size
+    perm = [i for s in range(0, len(perm), pool) for i in sorted(perm[s:s + pool], key=lambda i: lengths[i])]
+    order = torch.randperm(per_epoch, generator=g).tolist()
+    return perm[order[k] * batch_size:(order[k] + 1) * batch_size]
+
+
+def answer_ce(logits, y, mask):
+    """Per-example mean cross-entropy over answer tokens. logits (N, V) are the head's
+    outputs at mask's True positions (row-major), y (B, T), mask (B, T) -> (B,)."""
+    ce = F.cross_entropy(logits.float(), y[mask], reduction="none")
+    rows = mask.nonzero()[:, 0]
+    total = torch.zeros(mask.size(0), device=ce.device).index_add_(0, rows, ce)
+    return total / mask.sum(1).clamp(min=1)
+
+
+# -----------------------------------------------------------------------------
+# evaluation: greedy answers, exact match per subdomain, entity F1 for NER
+
+def entities(answer):
+    return {tuple(s.strip() for s in part.split(":", 1)) for part in answer.split(";") if ":" in part}
+
+
+@torch.no_grad()
+def evaluate(model, examples, tok, device="cpu", batch_size=256, ctx=None):
+    """-> (summary dict, per-example records). Records keep what SFS/TFS analysis needs."""
+    from contextlib import nullcontext
+    ctx = ctx or nullcontext()
+    was_training = model.training
+    model.eval()
+    enc = encode(examples, tok, model.config.block_size)
+    max_new = max(len(a) for _, a in enc) + 1  # a longer output cannot match any gold answer
+    records = []
+    by_len = sorted(range(len(enc)), key=lambda i: len(enc[i][0]))  # less padding
+    for s in range(0, len(enc), batch_size):
+        idx = by_len[s:s + batch_size]
+        x, y, mask = make_batch(enc, idx, tok.eot, device)
+        with ctx:
+            losses = answer_ce(model(x, positions=mask), y, mask)
+            prompts = [enc[i][0] for i in idx]
+            P = torch.full((len(idx), max(map(len, prompts))), tok.eot, dtype=torch.long)
+            for b, p in enumerate(prompts):
+                P[b, :len(p)] = torch.tensor(p)
+            lengths = torch.tensor([len(p) for p in prompts])
+            outs = model.generate(P.to(device), lengths.to(device), max_new, tok.eot)
+        for b, i in enumerate(idx):
+            pred, gold = tok.decode(outs[b]).strip(), examples[i]["answer"].strip()
+            records.append(dict(i=i, subdomain=examples[i]["subdomain"], prediction=pred, answer=gold,
+                                correct=pred == gold, loss=round(losses[b].item(), 5)))
+    model.train(was_training)
+    records.sort(key=lambda r: r["i"])
+    return summarize(records), records
+
+
+def summarize(records):
+    subs = sorted({r["subdomain"] for r in records})
+    out = {}
+    for s in subs:
+        rs = [r for r in records if r["subdomain"] == s]
+        out[f"acc/{s}"] = sum(r["correct"] for r in rs) / len(rs)
+        if s.startswith("ner"):  # entity-level micro F1
+            tp = fp = fn = 0
+            for r in rs:
+                p, g = entities(r["prediction"]), entities(r["answer"])
+                tp, fp, fn = tp + len(p & g), fp + len(p - g), fn + len(g - p)
+            out[f"f1/{s}"] = 2 * tp / max(2 * tp + fp + fn, 1)
+    out["acc"] = sum(out[f"acc/{s}"] for s in subs) / len(subs)  # macro average over subdomains
+    out["loss"] = sum(r["loss"] for r in records) / len(records)
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="write the embedded default domain as JSONL")
+    ap.add_argument("--out", default="data/default", help="output folder")
+    ap.add_argument("--seed", type=int, default=0, help="domain seed")
+    args = ap.parse_args()
+    for split, exs in default_domain(args.seed).items():
+        write_jsonl(exs, Path(args.out) / f"{split}.jsonl")
+        print(f"{split}: {len(exs)} examples -> {args.out}/{split}.jsonl")
