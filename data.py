@@ -14,7 +14,8 @@ from pathlib import Path
 
 import tiktoken
 import torch
-from torch.nn import functional as F
+
+import scd
 
 # -----------------------------------------------------------------------------
 # tokenizer: GPT-2's byte-level BPE, built from the ranks file in assets/ (no download)
@@ -315,15 +316,6 @@ def batch_indices(lengths, batch_size, seed, step):
     return perm[order[k] * batch_size:(order[k] + 1) * batch_size]
 
 
-def answer_ce(logits, y, mask):
-    """Per-example mean cross-entropy over answer tokens. logits (N, V) are the head's
-    outputs at mask's True positions (row-major), y (B, T), mask (B, T) -> (B,)."""
-    ce = F.cross_entropy(logits.float(), y[mask], reduction="none")
-    rows = mask.nonzero()[:, 0]
-    total = torch.zeros(mask.size(0), device=ce.device).index_add_(0, rows, ce)
-    return total / mask.sum(1).clamp(min=1)
-
-
 # -----------------------------------------------------------------------------
 # evaluation: greedy answers, exact match per subdomain, entity F1 for NER
 
@@ -346,7 +338,7 @@ def evaluate(model, examples, tok, device="cpu", batch_size=256, ctx=None):
         idx = by_len[s:s + batch_size]
         x, y, mask = make_batch(enc, idx, tok.eot, device)
         with ctx:
-            losses = answer_ce(model(x, positions=mask), y, mask)
+            losses = scd.gold_ce(model(x, positions=mask), y, mask)
             prompts = [enc[i][0] for i in idx]
             P = torch.full((len(idx), max(map(len, prompts))), tok.eot, dtype=torch.long)
             for b, p in enumerate(prompts):

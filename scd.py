@@ -2,6 +2,81 @@
 The method's core as small pure functions: no I/O, no globals. Each docstring names the
 equation of METHOD.md it implements and maps its symbols to arguments.
 """
+import torch
+from torch.nn import functional as F
+
+
+# -----------------------------------------------------------------------------
+# METHOD.md section 2, step 4: the per-example loss
+
+def token_kl(p_logits, q_logits, temperature=1.0, n_real=None):
+    """KL(p || q) at each position: sum_v p(v) (log p(v) - log q(v)), in float32.
+
+    p_logits, q_logits: (N, V) logits at the N answer positions. n_real: the true vocabulary
+    size when V is padded for speed (padding rows are not tokens, so they are cut before
+    the softmax). Returns (N,).
+    """
+    p_logits, q_logits = p_logits[:, :n_real].float() / temperature, q_logits[:, :n_real].float() / temperature
+    log_p, log_q = F.log_softmax(p_logits, -1), F.log_softmax(q_logits, -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def distill_kl(teacher_logits, student_logits, direction="forward", temperature=1.0, n_real=None):
+    """KL(p_{c_k} || p_student) per answer token (forward, the default), or the reverse
+    KL(p_student || p_{c_k}). Scaled by temperature**2 so gradients keep their size (Hinton et al.)."""
+    p, q = (teacher_logits, student_logits) if direction == "forward" else (student_logits, teacher_logits)
+    return token_kl(p, q, temperature, n_real) * temperature ** 2
+
+
+def per_example(values, mask):
+    """Mean of per-token values (N,) over each example's answer tokens; mask (B, T) -> (B,)."""
+    rows = mask.nonzero()[:, 0]
+    return torch.zeros(mask.size(0), device=values.device).index_add_(0, rows, values) / mask.sum(1).clamp(min=1)
+
+
+def gold_ce(logits, y, mask):
+    """CE(gold y_i; p) per example: the mean over example i's answer tokens, in float32.
+    logits (N, V) at mask's True positions (row-major), y (B, T) targets -> (B,)."""
+    return per_example(F.cross_entropy(logits.float(), y[mask], reduction="none"), mask)
+
+
+def aw_weights(anchor_loss, ckpt_loss):
+    """Adaptive Weighting: w_i = sigmoid(log(l_S(x_i) / l_{c_k}(x_i))) = l_S / (l_S + l_c).
+
+    anchor_loss = l_S(x_i): the SFT student's stored loss on example i (fixed);
+    ckpt_loss = l_{c_k}(x_i): the chosen teacher checkpoint's gold CE on example i.
+    Returned detached: the weights are constants, gradients flow only through the student.
+    """
+    return torch.sigmoid(torch.log(anchor_loss) - torch.log(ckpt_loss)).detach()
+
+
+def scd_loss(kl, ce, w):
+    """L_i = w_i KL(p_{c_k} || p_student)_i + (1 - w_i) CE(y_i; p_student)_i, batch mean.
+    kl, ce: per-example means over answer tokens (B,); w: scalar alpha or (B,) AW weights."""
+    return (w * kl + (1 - w) * ce).mean()
+
+
+# -----------------------------------------------------------------------------
+# METHOD.md section 2, step 3: which teacher checkpoint each stage distils from
+
+def choose_checkpoint(policy, stage, n_stages, best, kl_best=None, kl_student=None, prev=None, monotone=False):
+    """The teacher checkpoint c_k for stage k (0-based), by index into the candidate pool.
+
+    scd: c_k = argmin_c KL(p_T* || p_c) + KL(p_student || p_c); kl_best[c] and kl_student[c]
+         are the two terms for each candidate c, averaged over the probe's answer tokens.
+         monotone=True: only candidates at or after prev (the previous stage's choice).
+    kd:  T* (best) at every stage.
+    cd:  a fixed order: stages walk evenly spaced checkpoints from the first to T*.
+    """
+    if policy == "kd":
+        return best
+    if policy == "cd":  # one stage has no room to walk: it distils from T*
+        return best if n_stages == 1 else round(stage * best / (n_stages - 1))
+    assert policy == "scd", f"unknown schedule policy {policy!r}"
+    score = torch.as_tensor(kl_best) + torch.as_tensor(kl_student)
+    if monotone and prev is not None:
+        score[:prev] = float("inf")
+    return int(score.argmin())
 
 
 # -----------------------------------------------------------------------------

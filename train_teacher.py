@@ -37,9 +37,9 @@ class TrainConfig:
     data: str = arg("default", "'default' (the embedded domain) or a folder with train/val/test.jsonl")
     preset: str = arg("teacher", f"model preset: {', '.join(PRESETS)}")
     out_dir: str = arg("runs/teacher", "output folder; rerunning the same command resumes it")
-    epochs: int = arg(5, "passes over the training set")
-    batch_size: int = arg(32, "examples per step")
-    lr: float = arg(2e-3, "peak learning rate")
+    epochs: int = arg(8, "passes over the training set")
+    batch_size: int = arg(16, "examples per step")
+    lr: float = arg(3e-3, "peak learning rate")
     weight_decay: float = arg(0.1, "AdamW weight decay on matrices")
     warmup_frac: float = arg(0.1, "share of steps with linear LR warm-up, then cosine decay to 0")
     grad_clip: float = arg(1.0, "clip the gradient norm to this (0: off)")
@@ -65,7 +65,7 @@ def parse_config(cls):
 # pieces distill.py shares
 
 def setup_device(device, dtype):
-    """-> (device, autocast context, GradScaler or None). fp16 needs a scaler, bf16 does not."""
+    """-> (device, dtype name, autocast context, GradScaler or None). fp16 needs a scaler, bf16 does not."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     dev_type = "cuda" if device.startswith("cuda") else "cpu"
     if dtype == "auto":
@@ -75,7 +75,7 @@ def setup_device(device, dtype):
     ptdtype = dict(float32=torch.float32, bfloat16=torch.bfloat16, float16=torch.float16)[dtype]
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(dev_type, dtype=ptdtype)
     scaler = torch.amp.GradScaler(dev_type) if ptdtype == torch.float16 else None
-    return device, ctx, scaler
+    return device, dtype, ctx, scaler
 
 
 def lr_at(step, total, peak, warmup_frac):
@@ -134,7 +134,7 @@ def progress(step, total, t0, start_step, msg):
 def train(cfg):
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device, ctx, scaler = setup_device(cfg.device, cfg.dtype)
+    device, dtype, ctx, scaler = setup_device(cfg.device, cfg.dtype)
     splits, tok, model = prepare(cfg.data, cfg.preset, cfg.seed)
     model.to(device)
     train_enc = data.encode(splits["train"], tok, model.config.block_size)
@@ -147,7 +147,7 @@ def train(cfg):
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, 0.95), device.split(":")[0])
     print(f"{cfg.preset}: {model.num_params() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, "
           f"context {model.config.block_size} | {len(train_enc)} train examples, {total} steps, "
-          f"{len(ckpt_steps)} checkpoints | {device}, {cfg.dtype}")
+          f"{len(ckpt_steps)} checkpoints | {device}, {dtype}")
 
     # resume: the same config continues from its last full state, a different one is refused
     config = dict(asdict(cfg), stop_at_step=0)
@@ -179,7 +179,7 @@ def train(cfg):
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, total, cfg.lr, cfg.warmup_frac)
         with ctx:
-            loss = data.answer_ce(model(x, positions=mask), y, mask).mean()  # SFT: CE on answer tokens
+            loss = scd.gold_ce(model(x, positions=mask), y, mask).mean()  # SFT: CE on answer tokens
         (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
             scaler.unscale_(optimizer)
@@ -235,7 +235,7 @@ def finish(cfg, out, manifest, splits, device, ctx):
     with torch.no_grad(), ctx:
         for s in range(0, len(enc), 256):
             x, y, mask = data.make_batch(enc, range(s, min(s + 256, len(enc))), tok.eot, device)
-            losses += data.answer_ce(model(x, positions=mask), y, mask).tolist()
+            losses += scd.gold_ce(model(x, positions=mask), y, mask).tolist()
     atomic_save(dict(fingerprint=manifest["fingerprint"], checkpoint=best["file"], loss=losses), out / "train_losses.json")
     manifest["test"] = {k: round(v, 4) for k, v in summary.items()}
     atomic_save(manifest, out / "manifest.json")

@@ -5,6 +5,7 @@ import torch
 from torch.nn import functional as F
 
 import data
+import scd
 
 # ids from tiktoken.get_encoding("gpt2")'s rules built from OpenAI's original encoder.json and
 # vocab.bpe (checked against tiktoken's own sha256 for them), not from the file we ship
@@ -75,10 +76,10 @@ def test_prompt_and_padding_tokens_do_not_change_the_answer_loss():
     logits_fn = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 50))  # position-wise "model"
     enc = [([3, 4, 5], [6, 7]), ([3], [9])]
     x, y, mask = data.make_batch(enc, [0, 1], eot=0)
-    base = data.answer_ce(logits_fn(x)[mask], y, mask)
+    base = scd.gold_ce(logits_fn(x)[mask], y, mask)
     y2 = y.clone()
     y2[~mask] = torch.randint(1, 50, (int((~mask).sum()),))  # scramble every target outside the mask
-    torch.testing.assert_close(data.answer_ce(logits_fn(x)[mask], y2, mask), base)
+    torch.testing.assert_close(scd.gold_ce(logits_fn(x)[mask], y2, mask), base)
     # and the per-example value is the plain mean CE over that example's answer targets
     ref = F.cross_entropy(logits_fn(x)[0][mask[0]], y[0][mask[0]])
     torch.testing.assert_close(base[0], ref)
