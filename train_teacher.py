@@ -87,6 +87,21 @@ def lr_at(step, total, peak, warmup_frac):
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def optimizer_step(model, optimizer, scaler, loss, grad_clip):
+    """Backward, clip, step. With fp16 the scaler scales the loss and unscales before clipping."""
+    (scaler.scale(loss) if scaler else loss).backward()
+    if scaler:
+        scaler.unscale_(optimizer)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def atomic_save(obj, path):
     """Write to a temporary file, then rename: a kill never leaves a half-written file."""
     tmp = f"{path}.tmp"
@@ -180,17 +195,7 @@ def train(cfg):
             g["lr"] = lr_at(step, total, cfg.lr, cfg.warmup_frac)
         with ctx:
             loss = scd.gold_ce(model(x, positions=mask), y, mask).mean()  # SFT: CE on answer tokens
-        (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.unscale_(optimizer)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizer, scaler, loss, cfg.grad_clip)
         step += 1
         loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
 
