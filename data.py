@@ -9,6 +9,7 @@ import hashlib
 import json
 import random
 import re
+from contextlib import nullcontext
 from functools import lru_cache
 from pathlib import Path
 
@@ -326,7 +327,6 @@ def entities(answer):
 @torch.no_grad()
 def evaluate(model, examples, tok, device="cpu", batch_size=256, ctx=None):
     """-> (summary dict, per-example records). Records keep what SFS/TFS analysis needs."""
-    from contextlib import nullcontext
     ctx = ctx or nullcontext()
     was_training = model.training
     model.eval()
