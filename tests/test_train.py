@@ -89,3 +89,19 @@ def test_decomposition_by_hand():
     assert d["R_sft"] - d["R_teacher"] == pytest.approx(d["deficit"] - d["advantage"])  # the identity
     assert d["recovered"] == pytest.approx(0.5)  # 1 of the 2 TFS errors fixed
     assert d["kept"] == pytest.approx(1.0)       # the SFS example is still right
+
+
+def test_cpu_bf16_autocast_trains_with_finite_float32_losses(tiny_domain, tmp_path):
+    summary = tt.train(cfg(tiny_domain, tmp_path, dtype="bfloat16", epochs=1))
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert all(torch.isfinite(torch.tensor([c["train_loss"], c["val_loss"]])).all() for c in m["checkpoints"])
+    assert torch.isfinite(torch.tensor(summary["loss"]))
+    _, _, ctx, scaler = tt.setup_device("cpu", "bfloat16")
+    assert scaler is None  # only fp16 needs a gradient scaler
+    model, tok = tt.load_checkpoint(tmp_path / m["checkpoints"][-1]["file"])
+    x = torch.randint(0, 50, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    with ctx:
+        logits = model(x, positions=mask)
+        ce = scd.gold_ce(logits, x, mask)
+    assert logits.dtype == torch.bfloat16 and ce.dtype == torch.float32
