@@ -90,6 +90,7 @@ def main(cfg):
     t_model, t_tok = load_checkpoint(tdir / pool[best]["file"], device)
     if t_tok.ids != tok.ids or t_model.config.block_size != student.config.block_size:
         fail(f"{tdir} was trained with another vocabulary or context length than --data {cfg.data} gives the student")
+    del t_model  # at most one teacher checkpoint in memory at a time
 
     # AW's anchor: the SFT student's per-example training loss, for this very training set
     anchor = None
@@ -197,8 +198,7 @@ def main(cfg):
     for name in ("best", "final"):
         model, _ = load_checkpoint(out / f"{name}.pt", device)
         summary, records = data.evaluate(model, splits["test"], tok, device, ctx=ctx)
-        with open(out / f"test_records_{name}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        atomic_save(records, out / f"test_records_{name}.jsonl")
         results[name] = {k: round(v, 4) for k, v in summary.items()}
         print(f"{name} student on test: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
     wall = time.time() - t_start

@@ -105,8 +105,10 @@ def optimizer_step(model, optimizer, scaler, loss, grad_clip):
 def atomic_save(obj, path):
     """Write to a temporary file, then rename: a kill never leaves a half-written file."""
     tmp = f"{path}.tmp"
-    if str(path).endswith(".json"):
-        Path(tmp).write_text(json.dumps(obj, indent=1, ensure_ascii=False))
+    if str(path).endswith(".jsonl"):  # a list of records, one JSON object per line
+        Path(tmp).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in obj), encoding="utf-8")
+    elif str(path).endswith(".json"):
+        Path(tmp).write_text(json.dumps(obj, indent=1, ensure_ascii=False), encoding="utf-8")
     else:
         torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -232,9 +234,7 @@ def finish(cfg, out, manifest, splits, device, ctx):
     best = manifest["checkpoints"][manifest["best"]]
     model, tok = load_checkpoint(out / best["file"], device)
     summary, records = data.evaluate(model, splits["test"], tok, device, ctx=ctx)
-    with open(out / "test_records.jsonl.tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    os.replace(out / "test_records.jsonl.tmp", out / "test_records.jsonl")
+    atomic_save(records, out / "test_records.jsonl")
     enc = data.encode(splits["train"], tok, model.config.block_size)
     losses = []
     with torch.no_grad(), ctx:
