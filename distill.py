@@ -21,7 +21,7 @@ import torch
 import data
 import scd
 from train_teacher import (arg, atomic_save, load_checkpoint, lr_at, optimizer_step, parse_config, prepare,
-                           progress, setup_device)
+                           progress, resumable, setup_device)
 
 
 @dataclass
@@ -44,13 +44,15 @@ class DistillConfig:
     kl_direction: str = arg("forward", "distillation KL: forward KL(p_c || p_student) or reverse")
     temperature: float = arg(1.0, "softmax temperature of the distillation KL")
     probe_size: int = arg(256, "probe examples (a seeded subset of train) for choosing checkpoints")
-    student_term: str = arg("as_written", "schedule's student term: as_written KL(p_student || p_c) or flipped KL(p_c || p_student)")
+    student_term: str = arg("flipped", "schedule's student term: flipped KL(p_c || p_student) or as_written KL(p_student || p_c)")
     pool_start: float = arg(0.0, "candidate pool starts at this fraction of the teacher's training")
     monotone: bool = arg(False, "never choose a checkpoint earlier than the previous stage's")
+    init: str = arg("scratch", "student start: scratch (the SFT student's seeded init) or anchor (the SFT student's best weights)")
     seed: int = arg(0, "seed of the student init, the data order and the probe")
     device: str = arg("auto", "cpu, cuda, ... (auto: cuda if available)")
     dtype: str = arg("auto", "float32, bfloat16 or float16 autocast (auto: bf16/fp16 on CUDA, fp32 on CPU)")
     log_every: int = arg(40, "steps between progress lines")
+    stop_at_stage: int = arg(0, "stop after this many stages as if interrupted (to test resuming; 0: off)")
 
 
 def fail(msg):
@@ -58,11 +60,15 @@ def fail(msg):
 
 
 @torch.no_grad()
-def probe_logprobs(model, enc, eot, device, ctx):
-    """Log-probabilities at the probe's answer positions: (N answer tokens, V), float32."""
-    x, y, mask = data.make_batch(enc, range(len(enc)), eot, device)
-    with ctx:
-        return torch.log_softmax(model(x, positions=mask).float(), -1)
+def probe_logprobs(model, enc, eot, device, ctx, chunk=32):
+    """Log-probabilities at the probe's answer positions: (N answer tokens, V), float32.
+    The probe is sorted by length, so chunks of similar lengths waste little on padding."""
+    out = []
+    for s in range(0, len(enc), chunk):
+        x, y, mask = data.make_batch(enc, range(s, min(s + chunk, len(enc))), eot, device)
+        with ctx:
+            out.append(torch.log_softmax(model(x, positions=mask).float(), -1))
+    return torch.cat(out)
 
 
 def main(cfg):
@@ -103,11 +109,27 @@ def main(cfg):
             fail(f"{path} was made for other training data (fingerprint {a['fingerprint']})")
         anchor = torch.tensor(a["loss"], device=device)
 
+    config = dict(asdict(cfg), stop_at_stage=0, fingerprint=data.fingerprint(splits["train"]))
+    schedule, state_path, stage, best_val = [], out / "state.pt", 0, -1.0
+    if resumable(out, config):  # the stage-level state: each stage restarts its optimizer anyway
+        st = torch.load(state_path, map_location=device, weights_only=True)
+        if st["stage"] == cfg.stages and (out / "results.json").exists():
+            print(f"{out} holds this run, finished: nothing to do")
+            return json.loads((out / "results.json").read_text())
+        student.load_state_dict(st["model"])
+        stage, best_val = st["stage"], st["best_val"]
+        schedule = json.loads((out / "schedule.json").read_text())["stages"][:stage]
+        print(f"resuming {out} at stage {stage}")
+    elif cfg.init == "anchor":  # start from the SFT student's weights instead of its initialisation
+        a = json.loads((Path(cfg.anchor_dir) / "manifest.json").read_text())
+        student.load_state_dict(load_checkpoint(Path(cfg.anchor_dir) / a["checkpoints"][a["best"]]["file"], device)[0].state_dict())
+
     # the probe: KL(p_T* || p_c) is fixed, so each checkpoint's probe log-probs are computed
     # once and kept (memory: pool x probe answer tokens x vocab x 4 bytes)
     t_sched = time.time()
     g = torch.Generator().manual_seed(cfg.seed)
-    probe = [train_enc[i] for i in torch.randperm(len(train_enc), generator=g)[:cfg.probe_size].tolist()]
+    probe = sorted((train_enc[i] for i in torch.randperm(len(train_enc), generator=g)[:cfg.probe_size].tolist()),
+                   key=lambda e: len(e[0]) + len(e[1]))
     cache = []
     if cfg.method == "scd":
         for c in pool:
@@ -119,17 +141,10 @@ def main(cfg):
               f"= {sum(c.numel() for c in cache) * 4 / 2**20:.0f} MiB")
     t_sched = time.time() - t_sched
 
-    schedule, state_path, stage, best_val = [], out / "state.pt", 0, -1.0
-    if state_path.exists():
-        st = torch.load(state_path, map_location=device, weights_only=True)
-        student.load_state_dict(st["model"])
-        stage, best_val = st["stage"], st["best_val"]
-        schedule = json.loads((out / "schedule.json").read_text())["stages"][:stage]
-        print(f"resuming {out} at stage {stage}")
-    atomic_save(asdict(cfg), out / "config.json")
+    atomic_save(config, out / "config.json")
     log = open(out / "log.txt", "a")
     total = cfg.stages * cfg.steps_per_stage
-    t0, start_step = time.time(), stage * cfg.steps_per_stage
+    t0, start_step, tokens = time.time(), stage * cfg.steps_per_stage, 0
 
     # ------------------------------------------------------------------ the stages
     for stage in range(stage, cfg.stages):
@@ -138,8 +153,7 @@ def main(cfg):
         row = dict(stage=stage)
         if cfg.method == "scd":
             s_lp = probe_logprobs(student.eval(), probe, tok.eot, device, ctx)
-            kl_student = [(scd.token_kl(s_lp, lp) if cfg.student_term == "as_written" else scd.token_kl(lp, s_lp)).mean().item()
-                          for lp in cache]
+            kl_student = [scd.student_term(s_lp, lp, cfg.student_term) for lp in cache]
             row.update(kl_best=kl_best, kl_student=kl_student)
         prev = schedule[-1].get("ckpt") if schedule else None
         k = None if cfg.method == "sft" else scd.choose_checkpoint(
@@ -172,9 +186,10 @@ def main(cfg):
                     w = scd.aw_weights(anchor[idx], scd.gold_ce(t_logits, y, mask)) if cfg.aw else cfg.alpha
                 loss = scd.scd_loss(kl, ce, w)
             optimizer_step(student, optimizer, scaler, loss, cfg.grad_clip)
+            tokens += x.numel()
             if (step + 1) % cfg.log_every == 0:
                 w_mean = w.mean().item() if torch.is_tensor(w) else w
-                line = progress(step + 1, total, t0, start_step, f"ce {ce.mean().item():.4f} | kl {kl.mean().item():.4f} | "
+                line = progress(step + 1, total, t0, start_step, tokens, f"ce {ce.mean().item():.4f} | kl {kl.mean().item():.4f} | "
                                 f"w {w_mean:.3f} | ckpt {row.get('ckpt', '-')}")
                 print(line, flush=True)
                 log.write(line + "\n")
@@ -190,6 +205,9 @@ def main(cfg):
         atomic_save(dict(stages=schedule, pool=[c["file"] for c in pool], best=best), out / "schedule.json")
         atomic_save(dict(model=student.state_dict(), stage=stage + 1, best_val=best_val), state_path)
         print(f"stage {stage} done: val loss {summary['loss']:.4f}, val acc {summary['acc']:.3f}")
+        if stage + 1 == cfg.stop_at_stage:
+            print(f"stopping after stage {stage} as asked (--stop_at_stage); rerun to resume")
+            return None
     atomic_save(dict(model=student.state_dict(), model_config=asdict(student.config), vocab=tok.ids), out / "final.pt")
     log.close()
 

@@ -59,11 +59,21 @@ def scd_loss(kl, ce, w):
 # -----------------------------------------------------------------------------
 # METHOD.md section 2, step 3: which teacher checkpoint each stage distils from
 
+def student_term(student_lp, ckpt_lp, direction="flipped"):
+    """The schedule's second term on the probe, a mean over its answer tokens.
+    as_written: KL(p_student || p_c), as METHOD.md section 2.3 writes it;
+    flipped: KL(p_c || p_student), our default (the README says why).
+    Inputs are (N, V) log-probabilities; log_softmax leaves them unchanged inside token_kl."""
+    p, q = (student_lp, ckpt_lp) if direction == "as_written" else (ckpt_lp, student_lp)
+    return token_kl(p, q).mean().item()
+
+
 def choose_checkpoint(policy, stage, n_stages, best, kl_best=None, kl_student=None, prev=None, monotone=False):
     """The teacher checkpoint c_k for stage k (0-based), by index into the candidate pool.
 
     scd: c_k = argmin_c KL(p_T* || p_c) + KL(p_student || p_c); kl_best[c] and kl_student[c]
-         are the two terms for each candidate c, averaged over the probe's answer tokens.
+         are the two terms for each candidate c, averaged over the probe's answer tokens
+         (kl_student in either direction, see student_term).
          monotone=True: only candidates at or after prev (the previous stage's choice).
     kd:  T* (best) at every stage.
     cd:  a fixed order: stages walk evenly spaced checkpoints from the first to T*.

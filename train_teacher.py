@@ -139,11 +139,24 @@ def prepare(cfg_data, preset, seed):
     return splits, tok, GPT(GPTConfig(vocab_size=tok.vocab_size, **p))
 
 
-def progress(step, total, t0, start_step, msg):
-    """'step 120/900 | <msg> | 115 ms/step | eta 1m30s'"""
-    per = (time.time() - t0) / max(1, step - start_step)
+def resumable(out, config):
+    """True if out holds an unfinished run of this very config; a run of another config is refused."""
+    if not (out / "state.pt").exists():
+        return False
+    old = json.loads((out / "config.json").read_text())
+    if old != config:
+        diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
+        raise SystemExit(f"{out} holds a run with another config {diff}; use another --out_dir or delete it")
+    return True
+
+
+def progress(step, total, t0, start_step, tokens, msg):
+    """'step 120/900 | <msg> | 115 ms/step | 9,800 tok/s | eta 1m30s'; tokens: input tokens since t0."""
+    dt = time.time() - t0
+    per = dt / max(1, step - start_step)
     eta = per * (total - step)
-    return f"step {step:5d}/{total} | {msg} | {1000 * per:5.0f} ms/step | eta {int(eta // 60)}m{int(eta % 60):02d}s"
+    return (f"step {step:5d}/{total} | {msg} | {1000 * per:5.0f} ms/step | {tokens / dt:7,.0f} tok/s | "
+            f"eta {int(eta // 60)}m{int(eta % 60):02d}s")
 
 
 # -----------------------------------------------------------------------------
@@ -167,14 +180,10 @@ def train(cfg):
           f"{len(ckpt_steps)} checkpoints | {device}, {dtype}")
 
     # resume: the same config continues from its last full state, a different one is refused
-    config = dict(asdict(cfg), stop_at_step=0)
-    manifest = dict(config=config, fingerprint=data.fingerprint(splits["train"]), checkpoints=[], best=None)
+    config = dict(asdict(cfg), stop_at_step=0, fingerprint=data.fingerprint(splits["train"]))  # same data too
+    manifest = dict(config=config, fingerprint=config["fingerprint"], checkpoints=[], best=None)
     step = 0
-    if (out / "state.pt").exists():
-        old = json.loads((out / "config.json").read_text())
-        if old != config:
-            diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
-            raise SystemExit(f"{out} holds a run with another config {diff}; use another --out_dir or delete it")
+    if resumable(out, config):
         state = torch.load(out / "state.pt", map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -183,12 +192,15 @@ def train(cfg):
         torch.set_rng_state(state["rng"])
         step = state["step"]
         manifest = json.loads((out / "manifest.json").read_text())
+        if step == total and "test" in manifest:
+            print(f"{out} holds this run, finished: nothing to do")
+            return manifest["test"]
         manifest["checkpoints"] = [c for c in manifest["checkpoints"] if c["step"] <= step]
         print(f"resuming {out} from step {step}")
     atomic_save(config, out / "config.json")
 
     log = open(out / "log.txt", "a")
-    t0, start_step, loss_sum, loss_n = time.time(), step, 0.0, 0
+    t0, start_step, loss_sum, loss_n, tokens = time.time(), step, 0.0, 0, 0
     model.train()
     while step < total:
         x, y, mask = data.make_batch(train_enc, data.batch_indices(lengths, cfg.batch_size, cfg.seed, step),
@@ -199,10 +211,10 @@ def train(cfg):
             loss = scd.gold_ce(model(x, positions=mask), y, mask).mean()  # SFT: CE on answer tokens
         optimizer_step(model, optimizer, scaler, loss, cfg.grad_clip)
         step += 1
-        loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+        loss_sum, loss_n, tokens = loss_sum + loss.item(), loss_n + 1, tokens + x.numel()
 
         if step % cfg.log_every == 0 or step == total:
-            line = progress(step, total, t0, start_step, f"loss {loss.item():.4f} | lr {optimizer.param_groups[0]['lr']:.2e}")
+            line = progress(step, total, t0, start_step, tokens, f"loss {loss.item():.4f} | lr {optimizer.param_groups[0]['lr']:.2e}")
             print(line, flush=True)
             log.write(line + "\n")
         if step in ckpt_steps:  # a dense checkpoint: weights, a manifest row, the full state
@@ -235,12 +247,7 @@ def finish(cfg, out, manifest, splits, device, ctx):
     model, tok = load_checkpoint(out / best["file"], device)
     summary, records = data.evaluate(model, splits["test"], tok, device, ctx=ctx)
     atomic_save(records, out / "test_records.jsonl")
-    enc = data.encode(splits["train"], tok, model.config.block_size)
-    losses = []
-    with torch.no_grad(), ctx:
-        for s in range(0, len(enc), 256):
-            x, y, mask = data.make_batch(enc, range(s, min(s + 256, len(enc))), tok.eot, device)
-            losses += scd.gold_ce(model(x, positions=mask), y, mask).tolist()
+    losses = example_losses(model, data.encode(splits["train"], tok, model.config.block_size), tok.eot, device, ctx)
     atomic_save(dict(fingerprint=manifest["fingerprint"], checkpoint=best["file"], loss=losses), out / "train_losses.json")
     manifest["test"] = {k: round(v, 4) for k, v in summary.items()}
     atomic_save(manifest, out / "manifest.json")
@@ -250,6 +257,17 @@ def finish(cfg, out, manifest, splits, device, ctx):
         teacher = [json.loads(l) for l in open(Path(cfg.compare_to) / "test_records.jsonl", encoding="utf-8")]
         print(comparison_table(teacher, records))
     return summary
+
+
+@torch.no_grad()
+def example_losses(model, enc, eot, device, ctx, chunk=256):
+    """Per-example gold CE (mean over answer tokens) of model on encoded examples: a list."""
+    losses = []
+    for s in range(0, len(enc), chunk):
+        x, y, mask = data.make_batch(enc, range(s, min(s + chunk, len(enc))), eot, device)
+        with ctx:
+            losses += scd.gold_ce(model(x, positions=mask), y, mask).tolist()
+    return losses
 
 
 def comparison_table(teacher, sft):

@@ -86,3 +86,16 @@ def test_kd_and_cd_schedules():
     assert [scd.choose_checkpoint("kd", k, 4, best=6) for k in range(4)] == [6, 6, 6, 6]
     assert [scd.choose_checkpoint("cd", k, 4, best=6) for k in range(4)] == [0, 2, 4, 6]
     assert scd.choose_checkpoint("cd", 0, 1, best=6) == 6  # one stage: straight to T*
+
+
+def test_student_term_directions_by_hand():
+    """A uniform student and a sharp checkpoint over 4 tokens: the two directions differ, and
+    as written (KL(student || c)) punishes the sharp checkpoint more, which is how the
+    as-written schedule can stall on early, diffuse checkpoints (METHOD.md section 2)."""
+    student = torch.full((1, 4), 0.25).log()
+    sharp = torch.tensor([[0.97, 0.01, 0.01, 0.01]]).log()
+    as_written = 0.25 * math.log(0.25 / 0.97) + 0.75 * math.log(0.25 / 0.01)
+    flipped = math.log(4) + 0.97 * math.log(0.97) + 0.03 * math.log(0.01)  # log V - H(c)
+    assert scd.student_term(student, sharp, "as_written") == pytest.approx(as_written, rel=1e-5)
+    assert scd.student_term(student, sharp, "flipped") == pytest.approx(flipped, rel=1e-5)
+    assert as_written > flipped

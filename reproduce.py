@@ -1,0 +1,289 @@
+"""
+The paper's comparison end to end (METHOD.md sections 3 and 5): teacher SFT with dense
+checkpoints, the SFT student (the anchor), then KD, CD, SCD and SCD+AW students, all
+evaluated on test, with a report: results.md and five plots.
+
+    python reproduce.py                      # one seed, the README's main command
+    python reproduce.py --seeds 3            # mean +- std over seeds 0, 1, 2
+    python reproduce.py --grid true          # adds KD+AW and CD+AW (the full 3 x 2 grid)
+
+Every phase is an ordinary train_teacher.py or distill.py run in --out_dir/seed{s}/<name>;
+a phase that finished with the same config and data is reused, an interrupted one resumes.
+"""
+import json
+import os
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+import data  # noqa: E402
+import distill  # noqa: E402
+import scd  # noqa: E402
+import train_teacher as tt  # noqa: E402
+from train_teacher import arg, example_losses, load_checkpoint, parse_config  # noqa: E402
+
+METHODS = [("kd", False, "KD"), ("cd", False, "CD"), ("scd", False, "SCD"), ("scd", True, "SCD+AW")]
+GRID = [("kd", True, "KD+AW"), ("cd", True, "CD+AW")]
+
+
+@dataclass
+class ReproduceConfig:
+    data: str = arg("default", "'default' or a folder with train/val/test.jsonl")
+    out_dir: str = arg("runs/reproduce", "where the runs go, one folder per seed and phase")
+    report_dir: str = arg("report", "where results.md and the plots go")
+    seeds: int = arg(1, "repeat with seeds 0 .. seeds-1; the table shows mean +- std")
+    grid: bool = arg(False, "also run KD+AW and CD+AW")
+    teacher_epochs: int = arg(8, "teacher SFT epochs")
+    student_epochs: int = arg(8, "SFT student epochs (its steps = the distilled students' K x T by default)")
+    stages: int = arg(4, "K, distillation stages")
+    steps_per_stage: int = arg(480, "T, steps per stage")
+    probe_size: int = arg(256, "probe examples for the SCD schedule")
+    device: str = arg("auto", "cpu, cuda, ... (auto: cuda if available)")
+    dtype: str = arg("auto", "float32, bfloat16 or float16 autocast")
+
+
+def run_all(cfg):
+    """Every phase for every seed -> {seed: {row name: run folder}} and the wall time per phase."""
+    runs, wall = {}, {}
+    methods = METHODS + (GRID if cfg.grid else [])
+    common = dict(data=cfg.data, device=cfg.device, dtype=cfg.dtype)
+    for seed in range(cfg.seeds):
+        root = Path(cfg.out_dir) / f"seed{seed}"
+        r = runs[seed] = {"teacher": root / "teacher", "SFT student": root / "student_sft"}
+        phases = [("teacher", tt.train, tt.TrainConfig(**common, seed=seed, out_dir=str(r["teacher"]),
+                                                         epochs=cfg.teacher_epochs)),
+                  ("SFT student", tt.train, tt.TrainConfig(**common, seed=seed, preset="student", out_dir=str(r["SFT student"]),
+                                                             epochs=cfg.student_epochs, compare_to=str(r["teacher"])))]
+        for method, aw, name in methods:
+            r[name] = root / name.lower().replace("+", "_")
+            phases.append((name, distill.main, distill.DistillConfig(
+                **common, seed=seed, method=method, aw=aw, out_dir=str(r[name]), teacher_dir=str(r["teacher"]),
+                anchor_dir=str(r["SFT student"]), stages=cfg.stages, steps_per_stage=cfg.steps_per_stage,
+                probe_size=cfg.probe_size)))
+        for i, (name, fn, c) in enumerate(phases):
+            print(f"\n=== seed {seed}, phase {i + 1}/{len(phases)}: {name} -> {c.out_dir}", flush=True)
+            t = time.time()
+            fn(c)
+            wall[name] = wall.get(name, 0.0) + time.time() - t
+    return runs, wall
+
+
+# -----------------------------------------------------------------------------
+# reading the runs back
+
+def records(folder, which="best"):
+    name = "test_records.jsonl" if (folder / "test_records.jsonl").exists() else f"test_records_{which}.jsonl"
+    return [json.loads(line) for line in open(folder / name, encoding="utf-8")]
+
+
+def mean_std(values, digits=3):
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def accuracy_table(runs, which):
+    """Markdown: rows = models, columns = exact-match accuracy per subdomain and the macro average."""
+    first = runs[0]
+    subs = sorted({r["subdomain"] for r in records(first["teacher"])})
+    rows = [f"| model | {' | '.join(subs)} | average |", "| --- |" + " --- |" * (len(subs) + 1)]
+    for name in first:
+        per_seed = [data.summarize(records(r[name], which)) for r in runs.values()]
+        cells = [mean_std([s[f"acc/{sub}"] for s in per_seed]) for sub in subs]
+        rows.append(f"| {name} | {' | '.join(cells)} | **{mean_std([s['acc'] for s in per_seed])}** |")
+    return "\n".join(rows)
+
+
+def decompositions(runs, seed=0):
+    """{row name: scd.decompose_records(teacher, SFT student, that model)} on test, one seed."""
+    r = runs[seed]
+    t, s = records(r["teacher"]), records(r["SFT student"])
+    return {name: scd.decompose_records(t, s, records(folder)) for name, folder in r.items() if name not in ("teacher", "SFT student")}
+
+
+def aw_weights_by_stage(run, teacher_dir, anchor_dir, device="cpu"):
+    """AW's w_i on every training example for each stage's checkpoint, and which examples
+    are TFS-like (teacher's loss below the SFT student's) on train: (list of w tensors, bool mask)."""
+    sched = json.loads((run / "schedule.json").read_text())
+    l_s = torch.tensor(json.loads((anchor_dir / "train_losses.json").read_text())["loss"])
+    l_t = torch.tensor(json.loads((teacher_dir / "train_losses.json").read_text())["loss"])
+    train = data.load_domain(json.loads((run / "config.json").read_text())["data"])["train"]
+    ws = []
+    for st in sched["stages"]:
+        model, tok = load_checkpoint(teacher_dir / st["file"], device)
+        enc = data.encode(train, tok, model.config.block_size)
+        ws.append(scd.aw_weights(l_s, torch.tensor(example_losses(model, enc, tok.eot, device, nullcontext()))))
+    return ws, l_t < l_s
+
+
+# -----------------------------------------------------------------------------
+# the five plots
+
+def plot_teacher(teacher_dir, path):
+    m = json.loads((teacher_dir / "manifest.json").read_text())
+    steps = [c["step"] for c in m["checkpoints"]]
+    best = m["checkpoints"][m["best"]]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.plot(steps, [c["val_loss"] for c in m["checkpoints"]], "o-", ms=3, label="val loss", color="C0")
+    ax.plot(steps, [c["train_loss"] for c in m["checkpoints"]], "-", lw=1, label="train loss", color="C0", alpha=0.4)
+    ax.axvline(best["step"], color="k", ls=":", lw=1)
+    ax.set(xlabel="teacher step (each dot is a saved checkpoint)", ylabel="loss (answer tokens)")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [c["val_acc"] for c in m["checkpoints"]], "s-", ms=3, color="C3", label="val accuracy")
+    ax2.set_ylabel("val exact match", color="C3")
+    ax.set_title(f"Teacher trajectory: {len(steps)} checkpoints, best T* = step {best['step']} (dotted)")
+    fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.86), ncol=3, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_schedule(r, path):
+    names = [n for n in r if n not in ("teacher", "SFT student")]
+    scheds = {n: json.loads((r[n] / "schedule.json").read_text()) for n in names}
+    adaptive = [n for n in names if "kl_best" in scheds[n]["stages"][0]]
+    K = len(scheds[names[0]]["stages"])
+    fig = plt.figure(figsize=(3 + 2.4 * K, 3.2 * (1 + len(adaptive))))
+    ax = fig.add_subplot(1 + len(adaptive), 1, 1)
+    for i, n in enumerate(names):
+        ax.plot(range(K), [s["ckpt"] for s in scheds[n]["stages"]], "-", label=n, lw=2, alpha=0.8,
+                marker="os^dvx"[i % 6])
+    best = scheds[names[0]]["best"]
+    ax.axhline(best, color="k", ls=":", lw=1)
+    ax.set(xlabel="stage k", ylabel="chosen checkpoint c_k", xticks=range(K),
+           title=f"Chosen teacher checkpoint per stage (pool of {len(scheds[names[0]]['pool'])}; T* = {best}, dotted)")
+    ax.legend(fontsize=8, ncol=len(names))
+    for j, n in enumerate(adaptive):  # the two KL terms for every candidate at every stage
+        for k, st in enumerate(scheds[n]["stages"]):
+            a = fig.add_subplot(1 + len(adaptive), K, K * (j + 1) + k + 1)
+            score = [x + y for x, y in zip(st["kl_best"], st["kl_student"])]
+            a.plot(st["kl_best"], label="KL(T* || c)", color="C0")
+            a.plot(st["kl_student"], label="student term", color="C1")
+            a.plot(score, label="sum", color="k", lw=1.5)
+            a.axvline(st["ckpt"], color="C3", ls="--", lw=1)
+            a.set(title=f"{n}, stage {k}: c = {st['ckpt']}", xlabel="candidate c", yscale="log")
+            if k == 0:
+                a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_aw(ws, tfs, path):
+    fig, axes = plt.subplots(1, len(ws), figsize=(3 * len(ws), 3), sharey=True, squeeze=False)
+    bins = [i / 40 for i in range(41)]
+    for k, (w, a) in enumerate(zip(ws, axes[0])):
+        for part, name, color in ((tfs, "TFS-like", "C0"), (~tfs, "SFS-like", "C1")):
+            if part.any():
+                a.hist(w[part].tolist(), bins=bins, alpha=0.6, label=f"{name} ({int(part.sum())})", color=color, density=True)
+        a.set(title=f"stage {k}: mean w {w.mean():.2f}", xlabel="AW weight w_i on the KL")
+    axes[0][0].set_ylabel("density (training examples)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Adaptive Weighting: w = l_S / (l_S + l_c); TFS-like = teacher's train loss below the SFT student's", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_decomposition(decs, path):
+    names = list(decs)
+    subs = [s for s in decs[names[0]] if s != "all"] + ["all"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
+    for a, key, title in ((axes[0], "recovered", "TFS deficit recovered (1 = as good as the teacher on TFS)"),
+                          (axes[1], "kept", "SFS advantage kept (1 = as good as the SFT student on SFS)")):
+        width = 0.8 / len(names)
+        for i, n in enumerate(names):
+            a.bar([j + i * width for j in range(len(subs))], [decs[n][s][key] for s in subs], width, label=n)
+        a.axhline(0, color="k", lw=0.8)
+        a.axhline(1, color="k", lw=0.8, ls=":")
+        a.set(title=title, xticks=[j + 0.4 - width / 2 for j in range(len(subs))])
+        a.set_xticklabels(subs, fontsize=8)
+        a.title.set_fontsize(9)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_subdomains(runs, path):
+    names = list(runs[0])
+    subs = sorted({r["subdomain"] for r in records(runs[0]["teacher"])}) + ["average"]
+    fig, ax = plt.subplots(figsize=(11, 3.6))
+    width = 0.8 / len(names)
+    for i, n in enumerate(names):
+        per_seed = [data.summarize(records(r[n])) for r in runs.values()]
+        vals = [[s["acc" if sub == "average" else f"acc/{sub}"] for s in per_seed] for sub in subs]
+        ax.bar([j + i * width for j in range(len(subs))], [statistics.mean(v) for v in vals], width, label=n,
+               yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in vals], capsize=2)
+    ax.set(ylabel="test exact match", xticks=[j + 0.4 - width / 2 for j in range(len(subs))],
+           title=f"Accuracy per subdomain (best-on-validation students; {len(runs)} seed(s), bars = std)")
+    ax.set_xticklabels(subs)
+    ax.legend(fontsize=8, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+
+def report(cfg, runs, wall, command):
+    rep = Path(cfg.report_dir)
+    rep.mkdir(parents=True, exist_ok=True)
+    r0 = runs[0]
+    plot_teacher(r0["teacher"], rep / "teacher.png")
+    plot_schedule(r0, rep / "schedule.png")
+    aw_run = r0.get("SCD+AW")
+    ws, tfs = aw_weights_by_stage(aw_run, r0["teacher"], r0["SFT student"])
+    plot_aw(ws, tfs, rep / "aw_weights.png")
+    decs = decompositions(runs)
+    plot_decomposition(decs, rep / "decomposition.png")
+    plot_subdomains(runs, rep / "subdomains.png")
+
+    names = [n for n in r0 if n not in ("teacher", "SFT student")]
+    sched = {n: [" -> ".join(str(s.get("ckpt")) for s in json.loads((r[n] / "schedule.json").read_text())["stages"])
+                 for r in runs.values()] for n in names}
+    lines = [f"# Results: `{command}`", "",
+             f"Seeds: {cfg.seeds} (mean ± std over seeds where > 1). Data: {cfg.data}. "
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {cfg.device}. "
+             f"Wall time: {sum(wall.values()) / 60:.1f} min.", "",
+             "## Test exact match, best-on-validation students", "", accuracy_table(runs, "best"), "",
+             "## Test exact match, final students", "", accuracy_table(runs, "final"), "",
+             "## Why a student beats its teacher (METHOD.md section 1), seed 0, test", "",
+             "TFS deficit recovered (1 = the student matches the teacher where the teacher beat the SFT "
+             "student) and SFS advantage kept (1 = it matches the SFT student where that beat the teacher).", "",
+             "| model | " + " | ".join(s for s in decs[names[0]]) + " |", "| --- |" + " --- |" * len(decs[names[0]])]
+    for n in names:
+        lines.append(f"| {n} | " + " | ".join(f"{d['recovered']:.2f} / {d['kept']:.2f}" for d in decs[n].values()) + " |")
+    d = decs[names[0]]["all"]
+    lines += ["", f"Teacher vs SFT student overall: TFS share {d['p_tfs']:.3f}, SFS share {d['p_sfs']:.3f}, "
+              f"deficit {d['deficit']:.3f}, advantage {d['advantage']:.3f}.", "",
+              "## Schedules (chosen checkpoint per stage, per seed)", ""]
+    lines += [f"- {n}: " + "; ".join(sched[n]) for n in names]
+    lines += ["", "## Wall time per phase (all seeds)", "", "| phase | seconds |", "| --- | --- |"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in wall.items()]
+    lines += ["", "## Plots", ""] + [f"![{p}]({p}.png)" for p in ("teacher", "schedule", "aw_weights", "decomposition", "subdomains")]
+    (rep / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return rep / "results.md"
+
+
+def main(cfg, command="python reproduce.py"):
+    t = time.time()
+    runs, wall = run_all(cfg)
+    path = report(cfg, runs, wall, command)
+    print("\n" + path.read_text(encoding="utf-8").split("## Schedules")[0])
+    print("wall time per phase: " + ", ".join(f"{k} {v:.0f}s" for k, v in wall.items()) + f"; total {time.time() - t:.0f}s")
+    return path
+
+
+if __name__ == "__main__":
+    import sys
+    torch.set_num_threads(min(os.cpu_count() or 1, 8))
+    main(parse_config(ReproduceConfig), "python " + " ".join(sys.argv))
