@@ -20,8 +20,8 @@ import torch
 
 import data
 import scd
-from train_teacher import (arg, atomic_save, load_checkpoint, lr_at, optimizer_step, parse_config, prepare,
-                           progress, resumable, setup_device)
+from train_teacher import (DDP, arg, atomic_save, dist, global_mean, load_checkpoint, lr_at, optimizer_step,
+                           parse_config, prepare, progress, resumable, setup_device, shard)
 
 
 @dataclass
@@ -31,6 +31,7 @@ class DistillConfig:
     anchor_dir: str = arg("runs/student_sft", "the SFT student run whose train_losses.json is l_S (AW only)")
     out_dir: str = arg("runs/scd_aw", "output folder; rerunning the same command resumes it")
     preset: str = arg("student", "student model preset")
+    init_from: str = arg("", "'' (random init of --preset) or pretrained GPT-2 weights: gpt2, gpt2-medium, ...")
     method: str = arg("scd", "teacher schedule: sft (no teacher), kd (T* only), cd (fixed order), scd (adaptive)")
     aw: bool = arg(False, "Adaptive Weighting instead of the fixed alpha")
     alpha: float = arg(0.5, "fixed KL weight w when AW is off")
@@ -47,7 +48,7 @@ class DistillConfig:
     student_term: str = arg("flipped", "schedule's student term: flipped KL(p_c || p_student) or as_written KL(p_student || p_c)")
     pool_start: float = arg(0.0, "candidate pool starts at this fraction of the teacher's training")
     monotone: bool = arg(False, "never choose a checkpoint earlier than the previous stage's")
-    init: str = arg("scratch", "student start: scratch (the SFT student's seeded init) or anchor (the SFT student's best weights)")
+    start: str = arg("init", "student start: init (the SFT student's initialisation) or anchor (its trained weights)")
     seed: int = arg(0, "seed of the student init, the data order and the probe")
     device: str = arg("auto", "cpu, cuda, ... (auto: cuda if available)")
     dtype: str = arg("auto", "float32, bfloat16 or float16 autocast (auto: bf16/fp16 on CUDA, fp32 on CPU)")
@@ -75,8 +76,8 @@ def main(cfg):
     t_start = time.time()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device, dtype, ctx, scaler = setup_device(cfg.device, cfg.dtype)
-    splits, tok, student = prepare(cfg.data, cfg.preset, cfg.seed)
+    device, dtype, ctx, scaler, rank, world = setup_device(cfg.device, cfg.dtype)
+    splits, tok, student = prepare(cfg.data, cfg.preset, cfg.seed, cfg.init_from)
     student.to(device)
     train_enc = data.encode(splits["train"], tok, student.config.block_size)
     lengths = [len(p) + len(a) for p, a in train_enc]
@@ -120,7 +121,7 @@ def main(cfg):
         stage, best_val = st["stage"], st["best_val"]
         schedule = json.loads((out / "schedule.json").read_text())["stages"][:stage]
         print(f"resuming {out} at stage {stage}")
-    elif cfg.init == "anchor":  # start from the SFT student's weights instead of its initialisation
+    elif cfg.start == "anchor":  # start from the SFT student's weights instead of its initialisation
         a = json.loads((Path(cfg.anchor_dir) / "manifest.json").read_text())
         student.load_state_dict(load_checkpoint(Path(cfg.anchor_dir) / a["checkpoints"][a["best"]]["file"], device)[0].state_dict())
 
@@ -131,7 +132,7 @@ def main(cfg):
     probe = sorted((train_enc[i] for i in torch.randperm(len(train_enc), generator=g)[:cfg.probe_size].tolist()),
                    key=lambda e: len(e[0]) + len(e[1]))
     cache = []
-    if cfg.method == "scd":
+    if cfg.method == "scd" and rank == 0:  # under torchrun rank 0 chooses for everyone
         for c in pool:
             m, _ = load_checkpoint(tdir / c["file"], device)
             cache.append(probe_logprobs(m, probe, tok.eot, device, ctx))
@@ -142,7 +143,8 @@ def main(cfg):
     t_sched = time.time() - t_sched
 
     atomic_save(config, out / "config.json")
-    log = open(out / "log.txt", "a")
+    log = open(out / "log.txt" if rank == 0 else os.devnull, "a")
+    net = DDP(student) if world > 1 else student
     total = cfg.stages * cfg.steps_per_stage
     t0, start_step, tokens = time.time(), stage * cfg.steps_per_stage, 0
 
@@ -151,13 +153,17 @@ def main(cfg):
         # 1. choose this stage's teacher checkpoint c_k
         t = time.time()
         row = dict(stage=stage)
-        if cfg.method == "scd":
+        if cfg.method == "scd" and rank == 0:
             s_lp = probe_logprobs(student.eval(), probe, tok.eot, device, ctx)
             kl_student = [scd.student_term(s_lp, lp, cfg.student_term) for lp in cache]
             row.update(kl_best=kl_best, kl_student=kl_student)
         prev = schedule[-1].get("ckpt") if schedule else None
-        k = None if cfg.method == "sft" else scd.choose_checkpoint(
+        k = None if cfg.method == "sft" or rank > 0 else scd.choose_checkpoint(
             cfg.method, stage, cfg.stages, best, row.get("kl_best"), row.get("kl_student"), prev, cfg.monotone)
+        if world > 1:  # every process distils from rank 0's choice
+            k = [k]
+            dist.broadcast_object_list(k, src=0)
+            k = k[0]
         t_sched += time.time() - t
         teacher = None
         if k is not None:
@@ -170,12 +176,12 @@ def main(cfg):
         student.train()
         for i in range(cfg.steps_per_stage):
             step = stage * cfg.steps_per_stage + i
-            idx = data.batch_indices(lengths, cfg.batch_size, cfg.seed, step)
+            idx = shard(data.batch_indices(lengths, cfg.batch_size, cfg.seed, step), rank, world)
             x, y, mask = data.make_batch(train_enc, idx, tok.eot, device)
             for grp in optimizer.param_groups:
                 grp["lr"] = lr_at(i, cfg.steps_per_stage, cfg.lr, cfg.warmup_frac)
             with ctx:
-                s_logits = student(x, positions=mask)
+                s_logits = net(x, positions=mask)
                 ce = scd.gold_ce(s_logits, y, mask)                              # CE(y_i; p_student)
                 if teacher is None:
                     kl, w = torch.zeros_like(ce), 0.0                            # SFT: w = 0
@@ -186,11 +192,12 @@ def main(cfg):
                     w = scd.aw_weights(anchor[idx], scd.gold_ce(t_logits, y, mask)) if cfg.aw else cfg.alpha
                 loss = scd.scd_loss(kl, ce, w)
             optimizer_step(student, optimizer, scaler, loss, cfg.grad_clip)
-            tokens += x.numel()
-            if (step + 1) % cfg.log_every == 0:
-                w_mean = w.mean().item() if torch.is_tensor(w) else w
-                line = progress(step + 1, total, t0, start_step, tokens, f"ce {ce.mean().item():.4f} | kl {kl.mean().item():.4f} | "
-                                f"w {w_mean:.3f} | ckpt {row.get('ckpt', '-')}")
+            tokens += x.numel() * world
+            if (step + 1) % cfg.log_every == 0:  # the global batch's means
+                ce_, kl_, w_ = (global_mean(torch.as_tensor(v, dtype=torch.float, device=device).detach().mean(), world).item()
+                                for v in (ce, kl, w))
+                line = progress(step + 1, total, t0, start_step, tokens, f"ce {ce_:.4f} | kl {kl_:.4f} | "
+                                f"w {w_:.3f} | ckpt {row.get('ckpt', '-')}")
                 print(line, flush=True)
                 log.write(line + "\n")
 
@@ -210,6 +217,8 @@ def main(cfg):
             return None
     atomic_save(dict(model=student.state_dict(), model_config=asdict(student.config), vocab=tok.ids), out / "final.pt")
     log.close()
+    if rank > 0:  # the test pass is rank 0's
+        return None
 
     # ------------------------------------------------------------------ test, both students
     results = {}
@@ -230,3 +239,5 @@ def main(cfg):
 if __name__ == "__main__":
     torch.set_num_threads(min(os.cpu_count() or 1, 8))
     main(parse_config(DistillConfig))
+    if dist.is_initialized():
+        dist.destroy_process_group()

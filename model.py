@@ -79,6 +79,7 @@ PRESETS = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),          # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),  # 350M
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024),   # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024),      # 1558M
 }
 
 
@@ -128,6 +129,27 @@ class GPT(nn.Module):
         if positions is not None:
             x = x[positions]  # (N, C)
         return self.lm_head(x)
+
+    @classmethod
+    def from_hf(cls, state_dict, config):
+        """A Hugging Face GPT2LMHeadModel state dict -> GPT. The names are the same; HF keeps
+        the four projection matrices as Conv1D, stored (in, out), so those are transposed."""
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        sd = {k: (v.t() if k.endswith(conv1d) else v) for k, v in state_dict.items()
+              if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # causal-mask buffers of older versions
+        model = cls(config)
+        model.load_state_dict(sd)  # strict: a missing or unexpected name is an error
+        return model
+
+    @classmethod
+    def from_pretrained(cls, name):
+        """GPT-2 weights by Hugging Face name (gpt2, gpt2-medium, gpt2-large, gpt2-xl); needs the
+        optional extra (pip install transformers) and a download on first use."""
+        from transformers import GPT2LMHeadModel
+        hf = GPT2LMHeadModel.from_pretrained(name)
+        c = hf.config
+        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
+        return cls.from_hf(hf.state_dict(), config)
 
     def configure_optimizer(self, lr, weight_decay, betas, device_type):
         # decay the matrices of the blocks; no decay on biases, LayerNorms or the (tied)

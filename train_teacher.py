@@ -16,12 +16,15 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import scd
@@ -36,6 +39,7 @@ def arg(default, help):
 class TrainConfig:
     data: str = arg("default", "'default' (the embedded domain) or a folder with train/val/test.jsonl")
     preset: str = arg("teacher", f"model preset: {', '.join(PRESETS)}")
+    init_from: str = arg("", "'' (random init of --preset) or pretrained GPT-2 weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl")
     out_dir: str = arg("runs/teacher", "output folder; rerunning the same command resumes it")
     epochs: int = arg(8, "passes over the training set")
     batch_size: int = arg(16, "examples per step")
@@ -65,8 +69,22 @@ def parse_config(cls):
 # pieces distill.py shares
 
 def setup_device(device, dtype):
-    """-> (device, dtype name, autocast context, GradScaler or None). fp16 needs a scaler, bf16 does not."""
+    """-> (device, dtype name, autocast context, GradScaler or None, rank, world size).
+
+    fp16 needs a gradient scaler, bf16 does not. Under torchrun every process joins one
+    group (NCCL on CUDA, gloo on CPU), takes its GPU, and only rank 0 prints and writes.
+    """
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    rank, world = 0, 1
+    if "RANK" in os.environ:  # launched by torchrun
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.startswith("cuda"):
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(device)
+        if rank > 0:
+            sys.stdout = open(os.devnull, "w")
     dev_type = "cuda" if device.startswith("cuda") else "cpu"
     if dtype == "auto":
         dtype = "float32" if dev_type == "cpu" else ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
@@ -75,7 +93,13 @@ def setup_device(device, dtype):
     ptdtype = dict(float32=torch.float32, bfloat16=torch.bfloat16, float16=torch.float16)[dtype]
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(dev_type, dtype=ptdtype)
     scaler = torch.amp.GradScaler(dev_type) if ptdtype == torch.float16 else None
-    return device, dtype, ctx, scaler
+    return device, dtype, ctx, scaler, rank, world
+
+
+def shard(idx, rank, world):
+    """This process's share of a global batch: every world-th example (DDP averages the gradients)."""
+    assert len(idx) % world == 0, f"batch size {len(idx)} must be divisible by the {world} processes"
+    return idx[rank::world]
 
 
 def lr_at(step, total, peak, warmup_frac):
@@ -102,8 +126,20 @@ def optimizer_step(model, optimizer, scaler, loss, grad_clip):
     optimizer.zero_grad(set_to_none=True)
 
 
+def global_mean(t, world):
+    """The mean of a tensor over the processes (the global batch's value, for logs)."""
+    if world > 1:
+        t = t.clone()
+        dist.all_reduce(t)  # a sum: gloo has no average
+        t /= world
+    return t
+
+
 def atomic_save(obj, path):
-    """Write to a temporary file, then rename: a kill never leaves a half-written file."""
+    """Write to a temporary file, then rename: a kill never leaves a half-written file.
+    Under torchrun only rank 0 writes."""
+    if dist.is_initialized() and dist.get_rank() > 0:
+        return
     tmp = f"{path}.tmp"
     if str(path).endswith(".jsonl"):  # a list of records, one JSON object per line
         Path(tmp).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in obj), encoding="utf-8")
@@ -125,12 +161,15 @@ def load_checkpoint(path, device="cpu"):
     return model.to(device).eval(), data.Tokenizer(ck["vocab"])
 
 
-def prepare(cfg_data, preset, seed):
-    """Domain, tokenizer and a freshly initialised model; teacher and student built from
-    the same data get the same vocabulary and context length."""
+def prepare(cfg_data, preset, seed, init_from=""):
+    """Domain, tokenizer and a model: pretrained GPT-2 weights (init_from) with the full
+    vocabulary, or a freshly initialised preset with the domain's compact vocabulary. Teacher
+    and student built from the same data get the same vocabulary and context length."""
     splits = data.load_domain(cfg_data)
+    if init_from:
+        return splits, data.Tokenizer(None), GPT.from_pretrained(init_from)
     texts = [ex["prompt"] + ex["answer"] for s in splits.values() for ex in s]
-    tok = data.Tokenizer.compact(texts)  # TODO: the full GPT-2 vocabulary once GPT-2 weights load
+    tok = data.Tokenizer.compact(texts)
     p = dict(PRESETS[preset])
     if "block_size" not in p:  # CPU presets: the longest example, rounded up to a multiple of 16
         longest = max(len(tok.encode(ex["prompt"])) + len(tok.encode(ex["answer"])) for s in splits.values() for ex in s)
@@ -164,8 +203,8 @@ def progress(step, total, t0, start_step, tokens, msg):
 def train(cfg):
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device, dtype, ctx, scaler = setup_device(cfg.device, cfg.dtype)
-    splits, tok, model = prepare(cfg.data, cfg.preset, cfg.seed)
+    device, dtype, ctx, scaler, rank, world = setup_device(cfg.device, cfg.dtype)
+    splits, tok, model = prepare(cfg.data, cfg.preset, cfg.seed, cfg.init_from)
     model.to(device)
     train_enc = data.encode(splits["train"], tok, model.config.block_size)
     data.encode(splits["val"] + splits["test"], tok, model.config.block_size)  # fail early on bad data
@@ -199,19 +238,21 @@ def train(cfg):
         print(f"resuming {out} from step {step}")
     atomic_save(config, out / "config.json")
 
-    log = open(out / "log.txt", "a")
+    log = open(out / "log.txt" if rank == 0 else os.devnull, "a")
+    net = DDP(model) if world > 1 else model  # DDP: the same model, gradients averaged over processes
     t0, start_step, loss_sum, loss_n, tokens = time.time(), step, 0.0, 0, 0
     model.train()
     while step < total:
-        x, y, mask = data.make_batch(train_enc, data.batch_indices(lengths, cfg.batch_size, cfg.seed, step),
-                                     tok.eot, device)
+        idx = shard(data.batch_indices(lengths, cfg.batch_size, cfg.seed, step), rank, world)
+        x, y, mask = data.make_batch(train_enc, idx, tok.eot, device)
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, total, cfg.lr, cfg.warmup_frac)
         with ctx:
-            loss = scd.gold_ce(model(x, positions=mask), y, mask).mean()  # SFT: CE on answer tokens
+            loss = scd.gold_ce(net(x, positions=mask), y, mask).mean()  # SFT: CE on answer tokens
         optimizer_step(model, optimizer, scaler, loss, cfg.grad_clip)
         step += 1
-        loss_sum, loss_n, tokens = loss_sum + loss.item(), loss_n + 1, tokens + x.numel()
+        loss = global_mean(loss.detach(), world)
+        loss_sum, loss_n, tokens = loss_sum + loss.item(), loss_n + 1, tokens + x.numel() * world
 
         if step % cfg.log_every == 0 or step == total:
             line = progress(step, total, t0, start_step, tokens, f"loss {loss.item():.4f} | lr {optimizer.param_groups[0]['lr']:.2e}")
@@ -238,6 +279,8 @@ def train(cfg):
             print(f"stopping at step {step} as asked (--stop_at_step); rerun to resume")
             return None
     log.close()
+    if rank > 0:  # the test pass and the anchor file are rank 0's
+        return None
     return finish(cfg, out, manifest, splits, device, ctx)
 
 
@@ -285,3 +328,5 @@ if __name__ == "__main__":
     t = time.time()
     train(parse_config(TrainConfig))
     print(f"wall time {time.time() - t:.0f}s")
+    if dist.is_initialized():
+        dist.destroy_process_group()

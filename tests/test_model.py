@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from model import GPT, GPTConfig
@@ -65,3 +66,21 @@ def test_batched_generate_equals_one_row_at_a_time_greedy():
             seq.append(nxt)
             expect.append(nxt)
         assert out == expect
+
+
+def test_logits_equal_hugging_face_gpt2_on_random_weights():
+    """Parity with a reference we did not write: a randomly initialised transformers
+    GPT2LMHeadModel (no download), converted by the same path as pretrained weights."""
+    transformers = pytest.importorskip("transformers", reason="optional extra: pip install transformers")
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(vocab_size=101, n_positions=32, n_embd=48, n_layer=3, n_head=4,
+                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    for p in hf.parameters():  # HF zero-initialises biases and sets LayerNorms to 1: perturb them all
+        p.data += 0.02 * torch.randn_like(p)
+    ours = GPT.from_hf(hf.state_dict(), GPTConfig(block_size=32, vocab_size=101, n_layer=3, n_head=4, n_embd=48)).eval()
+    x = torch.randint(0, 101, (3, 20))
+    with torch.no_grad():
+        ref, got = hf(x).logits, ours(x)
+    assert got.shape == ref.shape == (3, 20, 101)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)  # fp32, same arithmetic up to op order

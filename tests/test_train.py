@@ -96,7 +96,7 @@ def test_cpu_bf16_autocast_trains_with_finite_float32_losses(tiny_domain, tmp_pa
     m = json.loads((tmp_path / "manifest.json").read_text())
     assert all(torch.isfinite(torch.tensor([c["train_loss"], c["val_loss"]])).all() for c in m["checkpoints"])
     assert torch.isfinite(torch.tensor(summary["loss"]))
-    _, _, ctx, scaler = tt.setup_device("cpu", "bfloat16")
+    _, _, ctx, scaler, _, _ = tt.setup_device("cpu", "bfloat16")
     assert scaler is None  # only fp16 needs a gradient scaler
     model, tok = tt.load_checkpoint(tmp_path / m["checkpoints"][-1]["file"])
     x = torch.randint(0, 50, (2, 8))
