@@ -200,12 +200,38 @@ def default_domain(seed=0, n_people=60, n_per_split=(720, 60, 60)):
     return splits
 
 
-# -----------------------------------------------------------------------------
-# user domains: JSONL with {"prompt", "answer", "subdomain"?} per line
-
 class DataError(ValueError):
     pass
 
+
+def parity_support(seed, n_bits, k):
+    """The hidden subset of bit positions whose XOR is the label."""
+    return sorted(random.Random(f"support-{seed}").sample(range(n_bits), k))
+
+
+def parity_domain(seed=0, n_bits=16, k=2, n_per_split=None):
+    """Sparse parity (Panigrahi et al., ICLR 2025): the prompt is n_bits random bits, the
+    answer the XOR of a hidden, seeded subset of k of them. No bit string is in two splits.
+    Default sizes: 1,000 val and test, train up to 32,000 (at most half of all strings)."""
+    n_per_split = n_per_split or (min(32000, 2 ** (n_bits - 1) - 2000), 1000, 1000)
+    if 2 ** n_bits < 2 * sum(n_per_split) or not 0 < k <= n_bits:
+        raise DataError(f"parity:{n_bits}:{k}: need 0 < k <= n and 2^n >= twice the {sum(n_per_split)} examples")
+    rng = random.Random(seed)
+    support = parity_support(seed, n_bits, k)
+    seen, splits = set(), {}
+    for split, n in zip(("train", "val", "test"), n_per_split):
+        splits[split] = []
+        while len(splits[split]) < n:
+            bits = tuple(rng.randint(0, 1) for _ in range(n_bits))
+            if bits not in seen:
+                seen.add(bits)
+                splits[split].append(dict(prompt=" ".join(map(str, bits)) + " =",  # " 0", " 1": one token per bit
+                                          answer=f" {sum(bits[i] for i in support) % 2}", subdomain="parity"))
+    return splits
+
+
+# -----------------------------------------------------------------------------
+# user domains: JSONL with {"prompt", "answer", "subdomain"?} per line
 
 def load_jsonl(path):
     path, examples = Path(path), []
@@ -239,12 +265,16 @@ def load_jsonl(path):
 
 
 def load_domain(data, seed=0):
-    """'default' -> the embedded domain; a folder -> its train/val/test.jsonl."""
+    """'default' -> the embedded domain; 'parity' or 'parity:N:K' -> sparse parity of K of N
+    bits; a folder -> its train/val/test.jsonl."""
     if data == "default":
         return default_domain(seed)
+    if data.startswith("parity"):
+        n_k = [int(v) for v in data.split(":")[1:]]
+        return parity_domain(seed, *n_k)
     folder = Path(data)
     if not folder.is_dir():
-        raise DataError(f"{data}: expected 'default' or a folder with train.jsonl, val.jsonl, test.jsonl")
+        raise DataError(f"{data}: expected 'default', 'parity[:N:K]' or a folder with train.jsonl, val.jsonl, test.jsonl")
     return {s: load_jsonl(folder / f"{s}.jsonl") for s in ("train", "val", "test")}
 
 
@@ -324,6 +354,7 @@ def entities(answer):
     return {tuple(s.strip() for s in part.split(":", 1)) for part in answer.split(";") if ":" in part}
 
 
+@torch.no_grad()
 @torch.no_grad()
 def evaluate(model, examples, tok, device="cpu", batch_size=256, ctx=None):
     """-> (summary dict, per-example records). Records keep what SFS/TFS analysis needs."""

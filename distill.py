@@ -53,6 +53,8 @@ class DistillConfig:
     device: str = arg("auto", "cpu, cuda, ... (auto: cuda if available)")
     dtype: str = arg("auto", "float32, bfloat16 or float16 autocast (auto: bf16/fp16 on CUDA, fp32 on CPU)")
     log_every: int = arg(40, "steps between progress lines")
+    compile: bool = arg(False, "torch.compile the trained model (CUDA; slow to start, faster per step)")
+    eval_every: int = arg(0, "steps between test-accuracy points of a learning curve in schedule.json (0: none)")
     stop_at_stage: int = arg(0, "stop after this many stages as if interrupted (to test resuming; 0: off)")
 
 
@@ -112,7 +114,7 @@ def main(cfg):
 
     config = dict(asdict(cfg), stop_at_stage=0, fingerprint=data.fingerprint(splits["train"]))
     schedule, state_path, stage, best_val = [], out / "state.pt", 0, -1.0
-    if resumable(out, config):  # the stage-level state: each stage restarts its optimizer anyway
+    if resumable(out, config, asdict(DistillConfig())):  # the stage-level state: each stage restarts its optimizer anyway
         st = torch.load(state_path, map_location=device, weights_only=True)
         if st["stage"] == cfg.stages and (out / "results.json").exists():
             print(f"{out} holds this run, finished: nothing to do")
@@ -145,6 +147,7 @@ def main(cfg):
     atomic_save(config, out / "config.json")
     log = open(out / "log.txt" if rank == 0 else os.devnull, "a")
     net = DDP(student) if world > 1 else student
+    net = torch.compile(net) if cfg.compile else net
     total = cfg.stages * cfg.steps_per_stage
     t0, start_step, tokens = time.time(), stage * cfg.steps_per_stage, 0
 
@@ -193,6 +196,8 @@ def main(cfg):
                 loss = scd.scd_loss(kl, ce, w)
             optimizer_step(student, optimizer, scaler, loss, cfg.grad_clip)
             tokens += x.numel() * world
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:  # a learning-curve point (test accuracy)
+                row.setdefault("curve", []).append([step + 1, data.evaluate(student, splits["test"], tok, device, ctx=ctx)[0]["acc"]])
             if (step + 1) % cfg.log_every == 0:  # the global batch's means
                 ce_, kl_, w_ = (global_mean(torch.as_tensor(v, dtype=torch.float, device=device).detach().mean(), world).item()
                                 for v in (ce, kl, w))

@@ -261,7 +261,8 @@ def report(cfg, runs, wall, command):
              "student) and SFS advantage kept (1 = it matches the SFT student where that beat the teacher).", "",
              "| model | " + " | ".join(s for s in decs[names[0]]) + " |", "| --- |" + " --- |" * len(decs[names[0]])]
     for n in names:
-        lines.append(f"| {n} | " + " | ".join(f"{d['recovered']:.2f} / {d['kept']:.2f}" for d in decs[n].values()) + " |")
+        fmt = lambda v: "–" if v != v else f"{v:.2f}"  # nan: nothing to recover (or keep) there
+        lines.append(f"| {n} | " + " | ".join(f"{fmt(d['recovered'])} / {fmt(d['kept'])}" for d in decs[n].values()) + " |")
     d = decs[names[0]]["all"]
     lines += ["", f"Teacher vs SFT student overall: TFS share {d['p_tfs']:.3f}, SFS share {d['p_sfs']:.3f}, "
               f"deficit {d['deficit']:.3f}, advantage {d['advantage']:.3f}.", "",

@@ -52,6 +52,7 @@ class TrainConfig:
     device: str = arg("auto", "cpu, cuda, cuda:1, ... (auto: cuda if available)")
     dtype: str = arg("auto", "float32, bfloat16 or float16 autocast (auto: bf16/fp16 on CUDA, fp32 on CPU)")
     log_every: int = arg(20, "steps between progress lines")
+    compile: bool = arg(False, "torch.compile the trained model (CUDA; slow to start, faster per step)")
     compare_to: str = arg("", "a teacher run folder: print the SFS/TFS table of that teacher vs this model")
     stop_at_step: int = arg(0, "stop after this step as if interrupted (to test resuming; 0: off)")
 
@@ -178,11 +179,12 @@ def prepare(cfg_data, preset, seed, init_from=""):
     return splits, tok, GPT(GPTConfig(vocab_size=tok.vocab_size, **p))
 
 
-def resumable(out, config):
-    """True if out holds an unfinished run of this very config; a run of another config is refused."""
+def resumable(out, config, defaults):
+    """True if out holds a run of this very config; a run of another config is refused. An
+    option missing from the stored config (added since) counts as its default value."""
     if not (out / "state.pt").exists():
         return False
-    old = json.loads((out / "config.json").read_text())
+    old = {**defaults, **json.loads((out / "config.json").read_text())}
     if old != config:
         diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
         raise SystemExit(f"{out} holds a run with another config {diff}; use another --out_dir or delete it")
@@ -222,7 +224,7 @@ def train(cfg):
     config = dict(asdict(cfg), stop_at_step=0, fingerprint=data.fingerprint(splits["train"]))  # same data too
     manifest = dict(config=config, fingerprint=config["fingerprint"], checkpoints=[], best=None)
     step = 0
-    if resumable(out, config):
+    if resumable(out, config, asdict(TrainConfig())):
         state = torch.load(out / "state.pt", map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -240,6 +242,7 @@ def train(cfg):
 
     log = open(out / "log.txt" if rank == 0 else os.devnull, "a")
     net = DDP(model) if world > 1 else model  # DDP: the same model, gradients averaged over processes
+    net = torch.compile(net) if cfg.compile else net
     t0, start_step, loss_sum, loss_n, tokens = time.time(), step, 0.0, 0, 0
     model.train()
     while step < total:

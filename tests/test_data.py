@@ -133,3 +133,18 @@ def test_summary_accuracy_per_subdomain_and_entity_f1_by_hand():
     assert s["acc/ner_en"] == 0.5 and s["acc/qa_en"] == 0.0
     assert s["acc"] == pytest.approx(0.25)  # the mean over subdomains, not over examples
     assert s["loss"] == pytest.approx(2.0)
+
+
+def test_parity_label_is_the_xor_of_the_hidden_support_and_splits_are_disjoint():
+    d = data.parity_domain(0, 12, 3, (1000, 200, 200))
+    support = data.parity_support(0, 12, 3)
+    bits = lambda ex: [int(b) for b in ex["prompt"].rstrip(" =").split()]
+    for split in d.values():
+        assert all(ex["answer"] == f" {sum(bits(ex)[i] for i in support) % 2}" for ex in split)
+    other = support[:-1] + [next(i for i in range(12) if i not in support)]  # one support bit swapped
+    agree = sum(ex["answer"] == f" {sum(bits(ex)[i] for i in other) % 2}" for ex in d["train"]) / len(d["train"])
+    assert 0.4 < agree < 0.6  # a wrong subset is no better than chance
+    prompts = [set(ex["prompt"] for ex in d[s]) for s in ("train", "val", "test")]
+    assert not (prompts[0] & prompts[1]) and not (prompts[0] & prompts[2]) and not (prompts[1] & prompts[2])
+    assert data.parity_domain(0, 12, 3, (1000, 200, 200)) == d != data.parity_domain(1, 12, 3, (1000, 200, 200))  # seeded
+    assert data.load_domain("parity:16:2")["test"] == data.parity_domain()["test"]  # --data parity:N:K, defaults
