@@ -40,6 +40,7 @@ class BenchConfig:
     stages: int = arg(4, "K stages ...")
     steps_per_stage: int = arg(480, "... of T steps: the run the schedule's share is taken of")
     compile: bool = arg(False, "torch.compile the student and the teacher")
+    estimate: bool = arg(False, "only print the estimated GPU memory of each GPT-2 size (no timing)")
     device: str = arg("auto", "cpu, cuda, ...")
     dtype: str = arg("auto", "float32, bfloat16 or float16 autocast")
 
@@ -56,7 +57,35 @@ def timed(fn, steps, device):
     return (time.perf_counter() - t) / steps
 
 
+def memory_estimate(preset, batch, seq, answer_len, vocab=50257):
+    """GiB for training one model with AdamW under bf16 autocast, from counts (an estimate):
+    fp32 weights, gradients and two Adam moments (16 bytes per parameter); activations kept
+    for backward about 34 * tokens * width bytes per layer (flash attention stores no
+    T x T matrix); answer-position logits in bf16 and their float32 copy (6 bytes each)."""
+    p = PRESETS[preset]
+    n = GPT(GPTConfig(**{**p, "vocab_size": vocab, "n_layer": 1})).num_params()  # embeddings + one block
+    block = 12 * p["n_embd"] ** 2 + 13 * p["n_embd"]
+    params = n + (p["n_layer"] - 1) * block
+    act = 34 * batch * seq * p["n_embd"] * p["n_layer"]
+    logits = 6 * batch * answer_len * vocab
+    return params, (16 * params + act + logits) / 2**30
+
+
+def estimates(cfg):
+    """A table: memory to train each GPT-2 size, and to hold it as a frozen bf16-autocast teacher."""
+    print(f"estimated GiB at batch {cfg.batch_size} x {cfg.seq_len} tokens, {cfg.answer_len} answer tokens per example")
+    print("| model | parameters | train (SFT / student), GiB | frozen teacher (fp32 weights + forward), GiB |\n| --- | --- | --- | --- |")
+    for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+        params, train = memory_estimate(name, cfg.batch_size, cfg.seq_len, cfg.answer_len)
+        p = PRESETS[name]
+        teacher = (4 * params + 2 * 4 * cfg.batch_size * cfg.seq_len * p["n_embd"]
+                   + 6 * cfg.batch_size * cfg.answer_len * 50257) / 2**30  # weights + a few live activations
+        print(f"| {name} | {params / 1e6:.0f}M | {train:.1f} | {teacher:.1f} |")
+
+
 def main(cfg):
+    if cfg.estimate:
+        return estimates(cfg)
     device, dtype, ctx, scaler, _, _ = setup_device(cfg.device, cfg.dtype)
     vocab = cfg.vocab_size or (50257 if cfg.student.startswith("gpt2") else 384)
     build = lambda name: GPT(GPTConfig(**{**dict(block_size=cfg.seq_len), **PRESETS[name], "vocab_size": vocab})).to(device)

@@ -105,3 +105,17 @@ def test_cpu_bf16_autocast_trains_with_finite_float32_losses(tiny_domain, tmp_pa
         logits = model(x, positions=mask)
         ce = scd.gold_ce(logits, x, mask)
     assert logits.dtype == torch.bfloat16 and ce.dtype == torch.float32
+
+
+def test_init_from_gpt2_weights_uses_the_full_vocabulary(tiny_domain, tmp_path, monkeypatch):  # noqa: F811
+    """--init_from with a stand-in for the download: a small random GPT-2 from transformers."""
+    transformers = pytest.importorskip("transformers", reason="optional extra: pip install transformers")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=128, n_embd=32, n_layer=1, n_head=2))
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", classmethod(lambda cls, name: hf))
+    tt.train(cfg(tiny_domain, tmp_path, init_from="gpt2", epochs=1, ckpt_per_epoch=1))
+    model, tok = tt.load_checkpoint(tmp_path / "ckpt_000006.pt")
+    assert tok.ids is None and tok.eot == 50256 and model.config.vocab_size == 50257
+    assert model.config.block_size == 128 and model.config.n_layer == 1
+    enc = data.encode(data.load_domain(str(tiny_domain))["test"][:1], tok, 128)
+    assert enc[0][0] == data.gpt2_encoding().encode_ordinary(data.load_domain(str(tiny_domain))["test"][0]["prompt"])
