@@ -234,7 +234,7 @@ def main(cfg):
         results[name] = {k: round(v, 4) for k, v in summary.items()}
         print(f"{name} student on test: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
     wall = time.time() - t_start
-    results.update(wall_s=round(wall, 1), schedule_s=round(t_sched, 1))
+    results.update(wall_s=round(wall, 1), schedule_s=round(t_sched, 1))  # of the sitting that finished the run
     atomic_save(results, out / "results.json")
     print("schedule: " + " -> ".join(str(r.get("ckpt", "-")) for r in schedule) + f" (pool of {len(pool)}, T* = {best})")
     print(f"choosing checkpoints took {t_sched:.1f}s of {wall:.0f}s ({100 * t_sched / wall:.1f}%)")

@@ -203,6 +203,7 @@ def progress(step, total, t0, start_step, tokens, msg):
 # -----------------------------------------------------------------------------
 
 def train(cfg):
+    t_start = time.time()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device, dtype, ctx, scaler, rank, world = setup_device(cfg.device, cfg.dtype)
@@ -284,6 +285,7 @@ def train(cfg):
     log.close()
     if rank > 0:  # the test pass and the anchor file are rank 0's
         return None
+    manifest["wall_s"] = round(time.time() - t_start, 1)  # of the sitting that finished the run
     return finish(cfg, out, manifest, splits, device, ctx)
 
 

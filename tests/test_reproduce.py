@@ -21,3 +21,4 @@ def test_one_command_writes_the_report_and_reuses_finished_phases(tiny_domain, t
     capsys.readouterr()
     reproduce.main(cfg)  # everything finished: every phase of both seeds is reused
     assert capsys.readouterr().out.count("finished: nothing to do") == 2 * 6
+    assert path.read_text() == text  # the same report, wall times included (each run keeps its own)
