@@ -8,7 +8,8 @@ each stage distils from one teacher checkpoint, chosen by the method's policy.
 Needs a teacher run (train_teacher.py) and, for AW, the SFT student run whose
 train_losses.json holds the anchor l_S. Writes schedule.json (the chosen checkpoint and
 both KL terms for every candidate, per stage), best.pt and final.pt, their test records,
-log.txt, and state.pt after each stage (rerun the same command to resume).
+log.txt, and state.pt after each stage (rerun the same command to resume). Under torchrun
+every process trains on its share of the batch and rank 0 chooses the checkpoints.
 """
 import json
 import os

@@ -5,7 +5,8 @@ loss l_S(x) anchors Adaptive Weighting.
 
     python train_teacher.py                                        # CPU teacher, embedded domain
     python train_teacher.py --preset student --out_dir runs/student_sft --compare_to runs/teacher
-    python train_teacher.py --preset gpt2 --data my_domain/ --batch_size 8 --dtype bfloat16
+    python train_teacher.py --init_from gpt2-large --data my_domain/ --batch_size 8 --lr 2e-5
+    torchrun --nproc_per_node=4 train_teacher.py ...               # data parallel, global batch
 
 Outputs in --out_dir: ckpt_{step:06d}.pt (weights only), manifest.json (one row per
 checkpoint, the best marked), config.json, log.txt, test_records.jsonl (best checkpoint on
