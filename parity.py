@@ -29,15 +29,16 @@ from train_teacher import arg, parse_config  # noqa: E402
 
 @dataclass
 class ParityConfig:
-    data: str = arg("parity:16:2", "parity:N:K, the XOR of K hidden bits out of N")
+    data: str = arg("parity:20:2", "parity:N:K, the XOR of K hidden bits out of N")
     seeds: int = arg(3, "seeds 0 .. seeds-1 (model init and data order; the hidden support stays)")
     methods: str = arg("sft,kd,cd,scd", "students to train, comma-separated")
-    teacher_preset: str = arg("teacher", "teacher model preset")
+    teacher_preset: str = arg("wide", "teacher model preset")
     student_preset: str = arg("student", "student model preset")
     teacher_epochs: int = arg(1, "teacher SFT epochs")
     ckpt_per_epoch: int = arg(32, "teacher checkpoints per epoch: dense, to catch the sudden rise")
     batch_size: int = arg(32, "examples per step, teacher and students")
-    lr: float = arg(3e-3, "peak learning rate, teacher and students")
+    lr: float = arg(1e-3, "peak learning rate, teacher and students")
+    teacher_warmup: float = arg(0.0, "teacher's LR warm-up share (with 0.1 the wide teacher stayed at chance)")
     stages: int = arg(4, "K, distillation stages")
     steps_per_stage: int = arg(400, "T, steps per stage")
     probe_size: int = arg(256, "probe examples for the SCD schedule")
@@ -53,7 +54,7 @@ def main(cfg):
         root = Path(cfg.out_dir) / f"seed{seed}"
         tcfg = tt.TrainConfig(data=cfg.data, preset=cfg.teacher_preset, out_dir=str(root / "teacher"), seed=seed,
                               epochs=cfg.teacher_epochs, ckpt_per_epoch=cfg.ckpt_per_epoch, batch_size=cfg.batch_size,
-                              lr=cfg.lr, log_every=100)
+                              lr=cfg.lr, warmup_frac=cfg.teacher_warmup, log_every=100)
         print(f"\n=== seed {seed}: teacher", flush=True)
         teachers.append(tt.train(tcfg)["acc"])
         for method in cfg.methods.split(","):
