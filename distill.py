@@ -84,6 +84,7 @@ def main(cfg):
     student.to(device)
     train_enc = data.encode(splits["train"], tok, student.config.block_size)
     lengths = [len(p) + len(a) for p, a in train_enc]
+    fingerprint = data.fingerprint(splits["train"])
 
     # the teacher's checkpoints: the candidate pool, T*, and a check that the models can talk
     tdir = Path(cfg.teacher_dir)
@@ -109,11 +110,11 @@ def main(cfg):
         if not path.exists():
             fail(f"{path}: missing; AW needs the SFT student's losses (python train_teacher.py --preset student --out_dir {cfg.anchor_dir})")
         a = json.loads(path.read_text())
-        if a["fingerprint"] != data.fingerprint(splits["train"]):
+        if a["fingerprint"] != fingerprint:
             fail(f"{path} was made for other training data (fingerprint {a['fingerprint']})")
         anchor = torch.tensor(a["loss"], device=device)
 
-    config = dict(asdict(cfg), stop_at_stage=0, fingerprint=data.fingerprint(splits["train"]))
+    config = dict(asdict(cfg), stop_at_stage=0, fingerprint=fingerprint)
     schedule, state_path, stage, best_val = [], out / "state.pt", 0, -1.0
     if resumable(out, config, asdict(DistillConfig())):  # the stage-level state: each stage restarts its optimizer anyway
         st = torch.load(state_path, map_location=device, weights_only=True)
