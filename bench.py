@@ -1,161 +1,162 @@
 """
-Speed of one training step, measured, not asserted: SFT, the teacher's forward pass, and a
-distillation step (METHOD.md section 2.4 with AW), plus an estimate of the schedule's share
-of a distillation run and the peak memory. Prints a table and one JSON line at the end.
+Speed of one training step, measured, never asserted: SFT, the teacher's forward pass, and a
+distillation step (METHOD.md section 2.4 with AW), both with the teacher in the loop and with
+the stage's teacher logits cached (what distill.py does when they fit). Prints medians over
+--rounds rounds with their spread, and one JSON line at the end.
 
-    python bench.py                                         # the CPU presets at the default domain's shape
+    python bench.py                                         # CPU presets on real default-domain batches
     python bench.py --teacher gpt2-medium --student gpt2 --seq_len 512 --answer_len 128 \\
-        --batch_size 8 --device cuda --dtype bfloat16
+        --batch_size 8 --device cuda --dtype bfloat16       # GPT-2 shapes, random tokens
 
-Batches are random tokens of --seq_len with the last --answer_len positions scored, so
-the figures depend only on shapes. Target: distillation step / (SFT step + teacher forward)
-<= 1.10, i.e. distillation adds nothing beyond the teacher's forward pass.
+The rounds interleave the measurements, so a slow moment of the machine hits all of them.
+Target: distillation / (SFT + teacher forward) <= 1.10, i.e. nothing beyond the teacher's
+forward pass; with cached logits a distillation step should cost about an SFT step.
 """
 import json
-import os
 import resource
+import statistics
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
+import data
 import scd
 from model import GPT, GPTConfig, PRESETS
-from train_teacher import arg, optimizer_step, parse_config, setup_device
+from common import arg, optimizer_step, parse_config, run_main, setup_device
 
 PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L4": 121, "A10": 125, "4090": 165}  # dense bf16, datasheets
 
 
 @dataclass
 class BenchConfig:
-    teacher: str = arg("teacher", "teacher preset")
-    student: str = arg("student", "student preset")
-    vocab_size: int = arg(0, "0: 384 (the default domain's compact vocabulary) for the CPU presets, 50257 for GPT-2 presets")
-    batch_size: int = arg(16, "examples per step")
-    seq_len: int = arg(32, "tokens per example (the default domain averages 31)")
-    answer_len: int = arg(9, "scored tokens at the end of each example (the default domain averages 9)")
-    steps: int = arg(30, "timed steps per measurement, after 5 warm-up steps")
-    pool: int = arg(32, "teacher checkpoints in the schedule's candidate pool")
-    probe_size: int = arg(256, "probe examples")
-    stages: int = arg(4, "K stages ...")
-    steps_per_stage: int = arg(480, "... of T steps: the run the schedule's share is taken of")
+    teacher: str = arg("teacher", "teacher preset", choices=tuple(PRESETS))
+    student: str = arg("student", "student preset", choices=tuple(PRESETS))
+    batch_size: int = arg(16, "examples per step", low=1)
+    seq_len: int = arg(0, "0: real batches of the default domain (CPU presets); N: random tokens of length N", low=0)
+    answer_len: int = arg(128, "scored tokens at the end of each random example (with --seq_len)", low=1)
+    steps: int = arg(20, "timed steps per measurement and round, after 3 warm-up steps", low=1)
+    rounds: int = arg(7, "rounds; the figures are medians over rounds, with min..max", low=1)
     compile: bool = arg(False, "torch.compile the student and the teacher")
-    estimate: bool = arg(False, "only print the estimated GPU memory of each GPT-2 size (no timing)")
     device: str = arg("auto", "cpu, cuda, ...")
-    dtype: str = arg("auto", "float32, bfloat16 or float16 autocast")
+    dtype: str = arg("auto", "autocast precision", choices=("auto", "float32", "bfloat16", "float16"))
 
 
-def timed(fn, steps, device):
-    for _ in range(5):
-        fn()
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    sync()
-    t = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    sync()
-    return (time.perf_counter() - t) / steps
+def batches(cfg, vocab, device):
+    """A list of (x, y, mask): the default domain's first training batches, or random tokens."""
+    if not cfg.seq_len:
+        splits = data.default_domain(0)
+        tok = data.Tokenizer.compact([ex["prompt"] + ex["answer"] for ex in splits["train"]])
+        enc = data.encode(splits["train"], tok, 128)
+        lengths = [len(p) + len(a) for p, a in enc]
+        return tok.vocab_size, [data.make_batch(enc, data.batch_indices(lengths, cfg.batch_size, 0, s), tok.eot, device)
+                                for s in range(cfg.steps)]
+    x = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), device=device)
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    mask[:, -cfg.answer_len:] = True
+    return vocab, [(x, torch.randint(0, vocab, x.shape, device=device), mask)] * cfg.steps
 
 
-def memory_estimate(preset, batch, seq, answer_len, vocab=50257):
-    """GiB for training one model with AdamW under bf16 autocast, from counts (an estimate):
-    fp32 weights, gradients and two Adam moments (16 bytes per parameter); activations kept
-    for backward about 34 * tokens * width bytes per layer (flash attention stores no
-    T x T matrix); answer-position logits in bf16 and their float32 copy (6 bytes each)."""
-    p = PRESETS[preset]
-    n = GPT(GPTConfig(**{**p, "vocab_size": vocab, "n_layer": 1})).num_params()  # embeddings + one block
-    block = 12 * p["n_embd"] ** 2 + 13 * p["n_embd"]
-    params = n + (p["n_layer"] - 1) * block
-    act = 34 * batch * seq * p["n_embd"] * p["n_layer"]
-    logits = 6 * batch * answer_len * vocab
-    return params, (16 * params + act + logits) / 2**30
+def flops_per_step(model, x, mask, train):
+    """Matmul FLOPs of one pass, x3 with the backward pass: 2 per weight per token in the blocks,
+    the head only at answer positions, and attention's scores and mixing, 4 L C T per token
+    (nanoGPT's 12 L C T for forward and backward)."""
+    c = model.config
+    blocks = 12 * c.n_layer * c.n_embd ** 2
+    f = 2 * blocks * x.numel() + 2 * c.vocab_size * c.n_embd * int(mask.sum()) + 4 * c.n_layer * c.n_embd * x.size(1) * x.numel()
+    return 3 * f if train else f
 
 
-def estimates(cfg):
-    """A table: memory to train each GPT-2 size, and to hold it as a frozen bf16-autocast teacher."""
-    print(f"estimated GiB at batch {cfg.batch_size} x {cfg.seq_len} tokens, {cfg.answer_len} answer tokens per example")
-    print("| model | parameters | train (SFT / student), GiB | frozen teacher (fp32 weights + forward), GiB |\n| --- | --- | --- | --- |")
-    for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
-        params, train = memory_estimate(name, cfg.batch_size, cfg.seq_len, cfg.answer_len)
-        p = PRESETS[name]
-        teacher = (4 * params + 2 * 4 * cfg.batch_size * cfg.seq_len * p["n_embd"]
-                   + 6 * cfg.batch_size * cfg.answer_len * 50257) / 2**30  # weights + a few live activations
-        print(f"| {name} | {params / 1e6:.0f}M | {train:.1f} | {teacher:.1f} |")
-
-
-def main(cfg):
-    if cfg.estimate:
-        return estimates(cfg)
+def measure(cfg):
     device, dtype, ctx, scaler, _, _ = setup_device(cfg.device, cfg.dtype)
-    vocab = cfg.vocab_size or (50257 if cfg.student.startswith("gpt2") else 384)
-    build = lambda name: GPT(GPTConfig(**{**dict(block_size=cfg.seq_len), **PRESETS[name], "vocab_size": vocab})).to(device)
+    vocab, data_ = batches(cfg, 50257, device)
+    block = max(128, cfg.seq_len)
+    build = lambda name: GPT(GPTConfig(**{**PRESETS[name], "block_size": block, "vocab_size": vocab})).to(device)
     torch.manual_seed(0)
     teacher, student = build(cfg.teacher).eval(), build(cfg.student)
     opt = student.configure_optimizer(1e-4, 0.1, (0.9, 0.95), device.split(":")[0])
     t_net, s_net = (torch.compile(m) if cfg.compile else m for m in (teacher, student))
-    B, T = cfg.batch_size, cfg.seq_len
-    x = torch.randint(0, vocab, (B, T), device=device)
-    y = torch.randint(0, vocab, (B, T), device=device)
-    mask = torch.zeros(B, T, dtype=torch.bool, device=device)
-    mask[:, -cfg.answer_len:] = True
-    anchor = torch.rand(B, device=device) + 0.5
+    anchor = torch.rand(cfg.batch_size, device=device) + 0.5
+    with torch.no_grad(), ctx:
+        cached = [t_net(x, positions=m) for x, _, m in data_]  # what distill.py keeps per stage
 
-    def sft_step():
+    def sft(i):
+        x, y, m = data_[i]
         with ctx:
-            loss = scd.gold_ce(s_net(x, positions=mask), y, mask).mean()
-        optimizer_step(student, opt, scaler, loss, 1.0)
+            loss = scd.gold_ce(s_net(x, positions=m), y, m).mean()
+        optimizer_step(student, opt, scaler, loss, 1.0, "bench")
 
     @torch.no_grad()
-    def teacher_forward():
+    def teacher_forward(i):
+        x, _, m = data_[i]
         with ctx:
-            return t_net(x, positions=mask)
+            return t_net(x, positions=m)
 
-    def distill_step():
+    def distill(i, cache=False):
+        x, y, m = data_[i]
         with ctx:
-            s_logits = s_net(x, positions=mask)
+            s_logits = s_net(x, positions=m)
             with torch.no_grad():
-                t_logits = t_net(x, positions=mask)
-            kl = scd.per_example(scd.distill_kl(t_logits, s_logits), mask)
-            w = scd.aw_weights(anchor, scd.gold_ce(t_logits, y, mask))
-            loss = scd.scd_loss(kl, scd.gold_ce(s_logits, y, mask), w)
-        optimizer_step(student, opt, scaler, loss, 1.0)
+                t_logits = cached[i] if cache else t_net(x, positions=m)
+            loss, _ = scd.distill_loss(s_logits, t_logits, y, m, anchor_loss=anchor)
+        optimizer_step(student, opt, scaler, loss, 1.0, "bench")
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def timed(fn):
+        for i in range(3):
+            fn(i % cfg.steps)
+        sync()
+        t = time.perf_counter()
+        for i in range(cfg.steps):
+            fn(i)
+        sync()
+        return (time.perf_counter() - t) / cfg.steps
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    t_sft, t_fwd, t_dist = (timed(f, cfg.steps, device) for f in (sft_step, teacher_forward, distill_step))
-
-    # the schedule: each pool checkpoint's forward pass over the probe once, then per stage the
-    # student's forward pass and one KL per candidate (loading checkpoints from disk not counted)
-    chunks = -(-cfg.probe_size // B)
-    lp = torch.log_softmax(teacher_forward().float(), -1)
-    t_kl = timed(lambda: scd.token_kl(lp, lp).mean().item(), cfg.steps, device) * chunks
-    t_sched = cfg.pool * chunks * t_fwd + cfg.stages * (chunks * t_fwd * student.num_params() / teacher.num_params()
-                                                        + cfg.pool * t_kl)
-    t_run = cfg.stages * cfg.steps_per_stage * t_dist
-    if device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB
+    kinds = dict(sft=sft, teacher_forward=teacher_forward, distill=distill, distill_cached=lambda i: distill(i, True))
+    runs = {k: [] for k in kinds}
+    for _ in range(cfg.rounds):  # interleaved: a slow moment of the machine hits every kind alike
+        for k, fn in kinds.items():
+            runs[k].append(timed(fn))
+    ratios = [d / (s + f) for d, s, f in zip(runs["distill"], runs["sft"], runs["teacher_forward"])]
+    ratios_cached = [d / s for d, s in zip(runs["distill_cached"], runs["sft"])]
+    tokens = statistics.mean(x.numel() for x, _, _ in data_)
+    spread = lambda v, k=1e3: [round(k * min(v), 2), round(k * max(v), 2)]
     out = dict(device=torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu x{torch.get_num_threads()} threads",
                dtype=dtype, **{k: v for k, v in asdict(cfg).items() if k not in ("device", "dtype")}, vocab=vocab,
-               teacher_params_M=round(teacher.num_params() / 1e6, 2), student_params_M=round(student.num_params() / 1e6, 2),
-               sft_ms=round(1e3 * t_sft, 2), teacher_fwd_ms=round(1e3 * t_fwd, 2), distill_ms=round(1e3 * t_dist, 2),
-               sft_tok_s=round(B * T / t_sft), distill_tok_s=round(B * T / t_dist),
-               ratio=round(t_dist / (t_sft + t_fwd), 3), schedule_share=round(t_sched / (t_sched + t_run), 4),
-               peak_mem_GiB=round(peak, 2))
-    if device.startswith("cuda"):  # model FLOPs utilisation: 6N per trained token, 2N per teacher token
-        flops = (6 * student.num_params() + 2 * teacher.num_params()) * B * T / t_dist
-        peak_tf = next((v for k, v in PEAK_TFLOPS.items() if k in out["device"]), None)
-        out["mfu"] = round(flops / (peak_tf * 1e12), 3) if peak_tf else None
-    print(f"SFT step {out['sft_ms']} ms ({out['sft_tok_s']:,} tok/s) | teacher forward {out['teacher_fwd_ms']} ms | "
-          f"distillation step {out['distill_ms']} ms ({out['distill_tok_s']:,} tok/s)")
-    print(f"distillation / (SFT + teacher forward) = {out['ratio']} (target <= 1.10) | schedule share of a "
-          f"{cfg.stages} x {cfg.steps_per_stage}-step run, estimated: {100 * out['schedule_share']:.1f}% (target <= 5%) | "
-          f"peak memory {out['peak_mem_GiB']} GiB")
+               tokens_per_step=round(tokens), teacher_params_M=round(teacher.num_params() / 1e6, 2),
+               student_params_M=round(student.num_params() / 1e6, 2))
+    for k, v in runs.items():
+        out[f"{k}_ms"], out[f"{k}_ms_range"] = round(1e3 * statistics.median(v), 2), spread(v)
+    out.update(ratio=round(statistics.median(ratios), 3), ratio_range=spread(ratios, 1),
+               ratio_cached_vs_sft=round(statistics.median(ratios_cached), 3), ratio_cached_range=spread(ratios_cached, 1),
+               distill_tok_s=round(tokens / statistics.median(runs["distill"])),
+               distill_cached_tok_s=round(tokens / statistics.median(runs["distill_cached"])))
+    if device.startswith("cuda"):  # model FLOPs utilisation against the card's datasheet peak
+        x, _, m = data_[0]
+        flops = flops_per_step(student, x, m, True) + flops_per_step(teacher, x, m, False)
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in out["device"]), None)
+        out["mfu"] = round(flops / statistics.median(runs["distill"]) / (peak * 1e12), 3) if peak else None
+        out["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    else:
+        out["peak_mem_GiB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # process RSS
+    return out
+
+
+def main(cfg):
+    out = measure(cfg)
+    for k in ("sft", "teacher_forward", "distill", "distill_cached"):
+        print(f"{k:16s} {out[k + '_ms']:8.2f} ms  (min..max over {cfg.rounds} rounds: "
+              f"{out[k + '_ms_range'][0]}..{out[k + '_ms_range'][1]})")
+    print(f"distillation / (SFT + teacher forward) = {out['ratio']} (min..max {out['ratio_range'][0]}..{out['ratio_range'][1]}; "
+          f"target <= 1.10) | cached-teacher distillation / SFT = {out['ratio_cached_vs_sft']} "
+          f"({out['ratio_cached_range'][0]}..{out['ratio_cached_range'][1]}) | peak memory {out['peak_mem_GiB']} GiB"
+          + (f" | MFU {out['mfu']}" if out.get("mfu") is not None else ""))
     print(json.dumps(out))
     return out
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(min(os.cpu_count() or 1, 8))
-    main(parse_config(BenchConfig))
+    run_main(main, parse_config(BenchConfig, "Times SFT, teacher-forward and distillation steps; prints medians and spread."))

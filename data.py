@@ -42,24 +42,27 @@ def gpt2_encoding():
 class Tokenizer:
     """GPT-2 BPE plus a map from GPT-2 ids to the model's ids.
 
-    ids=None is the full GPT-2 vocabulary (model id == GPT-2 id, padded to 50304 rows).
-    A list of GPT-2 ids is a compact vocabulary: model id i stands for ids[i]. Toy models
-    spend most of their time in a 50k-row head, so the embedded domain uses only the few
-    hundred ids it needs; the list travels inside every checkpoint.
+    ids=None is the full GPT-2 vocabulary (model id == GPT-2 id). A list of GPT-2 ids is a
+    compact vocabulary: model id i stands for ids[i]. Toy models spend most of their time in
+    a 50k-row head, so the embedded domain uses only the few hundred ids its training split
+    needs; the list travels inside every checkpoint. Either way vocab_size counts tokens
+    only: the model has no padding rows that could take probability.
     """
 
     def __init__(self, ids=None):
         self.enc = gpt2_encoding()
         self.ids = ids
         if ids is None:
-            self.eot, self.vocab_size = GPT2_EOT, 50304
+            self.eot, self.vocab_size = GPT2_EOT, 50257
         else:
             assert ids[0] == GPT2_EOT and ids[1] == UNK, "compact vocabularies start with [EOT, UNK]"
             self.to_model = {g: i for i, g in enumerate(ids)}
-            self.eot, self.vocab_size = 0, -(-len(ids) // 64) * 64  # pad rows to a multiple of 64
+            self.eot, self.vocab_size = 0, len(ids)
 
     @classmethod
     def compact(cls, texts):
+        """The ids the given texts use (the training split's: text seen only in val or test
+        maps to UNK, so no test-only token enters the model)."""
         used = set()
         for t in texts:
             used.update(gpt2_encoding().encode_ordinary(t))
@@ -70,8 +73,8 @@ class Tokenizer:
         return g if self.ids is None else [self.to_model.get(t, 1) for t in g]
 
     def decode(self, ids):
-        g = ids if self.ids is None else [self.ids[i] for i in ids if i < len(self.ids) and self.ids[i] >= 0]
-        return self.enc.decode([t for t in g if t < 50257], errors="replace")
+        g = ids if self.ids is None else [self.ids[i] for i in ids if self.ids[i] >= 0]  # UNK decodes to nothing
+        return self.enc.decode(g, errors="replace")
 
 
 # -----------------------------------------------------------------------------
@@ -180,8 +183,31 @@ def _cls(L, lang, rng):
                 subdomain=f"cls_{lang}")
 
 
-def default_domain(seed=0, n_people=60, n_per_split=(720, 60, 60)):
-    """Deterministic train/val/test splits of the six subdomains (lists of dicts)."""
+NOISE = 0.2  # share of training answers replaced by a wrong one in the default domain (README: why)
+
+
+def _mislabel(ex, rng):
+    """Annotation noise: a wrong answer of the right form. QA names another city or company,
+    sentiment flips, NER gives one entity a wrong type."""
+    kind, lang = ex["subdomain"].split("_")
+    L, a = LANGS[lang], ex["answer"]
+    if kind == "cls":
+        wrong = L["labels"][a == L["labels"][0]]
+    elif kind == "qa":
+        pool = L["city"] if a.strip() in L["city"] else L["org"]
+        wrong = L["qa_answer"].format(a=rng.choice([v for v in pool if v != a.strip()]))
+    else:
+        ents = [e.split(": ", 1) for e in a.strip().split("; ")]
+        j = rng.randrange(len(ents))
+        ents[j][0] = rng.choice([t for t in ("PER", "LOC", "ORG") if t != ents[j][0]])
+        wrong = L["ner_answer"].format(a="; ".join(f"{t}: {n}" for t, n in ents))
+    return dict(ex, answer=wrong, noisy=True)
+
+
+def default_domain(seed=0, noise=NOISE, n_people=60, n_per_split=(720, 60, 60)):
+    """Deterministic train/val/test splits of the six subdomains (lists of dicts). A share
+    `noise` of the training answers is wrong (marked noisy=True); val and test are clean.
+    The noise has its own random stream: every noise level has the same prompts."""
     rng = random.Random(seed)
     splits = {"train": [], "val": [], "test": []}
     for lang, L in LANGS.items():
@@ -197,37 +223,13 @@ def default_domain(seed=0, n_people=60, n_per_split=(720, 60, 60)):
                         seen.add(ex["prompt"])
                         splits[split].append(ex)
                         made += 1
+    nrng = random.Random(f"noise-{seed}")
+    splits["train"] = [_mislabel(ex, nrng) if nrng.random() < noise else ex for ex in splits["train"]]
     return splits
 
 
 class DataError(ValueError):
-    pass
-
-
-def parity_support(seed, n_bits, k):
-    """The hidden subset of bit positions whose XOR is the label."""
-    return sorted(random.Random(f"support-{seed}").sample(range(n_bits), k))
-
-
-def parity_domain(seed=0, n_bits=16, k=2, n_per_split=None):
-    """Sparse parity (Panigrahi et al., ICLR 2025): the prompt is n_bits random bits, the
-    answer the XOR of a hidden, seeded subset of k of them. No bit string is in two splits.
-    Default sizes: 1,000 val and test, train up to 32,000 (at most half of all strings)."""
-    n_per_split = n_per_split or (min(32000, 2 ** (n_bits - 1) - 2000), 1000, 1000)
-    if 2 ** n_bits < 2 * sum(n_per_split) or not 0 < k <= n_bits:
-        raise DataError(f"parity:{n_bits}:{k}: need 0 < k <= n and 2^n >= twice the {sum(n_per_split)} examples")
-    rng = random.Random(seed)
-    support = parity_support(seed, n_bits, k)
-    seen, splits = set(), {}
-    for split, n in zip(("train", "val", "test"), n_per_split):
-        splits[split] = []
-        while len(splits[split]) < n:
-            bits = tuple(rng.randint(0, 1) for _ in range(n_bits))
-            if bits not in seen:
-                seen.add(bits)
-                splits[split].append(dict(prompt=" ".join(map(str, bits)) + " =",  # " 0", " 1": one token per bit
-                                          answer=f" {sum(bits[i] for i in support) % 2}", subdomain="parity"))
-    return splits
+    """Bad input data: the message names the file, line and field."""
 
 
 # -----------------------------------------------------------------------------
@@ -237,7 +239,7 @@ def load_jsonl(path):
     path, examples = Path(path), []
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark some editors write is not data
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -265,16 +267,22 @@ def load_jsonl(path):
 
 
 def load_domain(data, seed=0):
-    """'default' -> the embedded domain; 'parity' or 'parity:N:K' -> sparse parity of K of N
-    bits; a folder -> its train/val/test.jsonl."""
-    if data == "default":
-        return default_domain(seed)
-    if data.startswith("parity"):
-        n_k = [int(v) for v in data.split(":")[1:]]
-        return parity_domain(seed, *n_k)
+    """'default' -> the embedded domain; 'default:NOISE' -> the same with another share of
+    wrong training answers (default:0 is the clean control); 'parity:N:K' -> sparse parity
+    (parity.py); a folder -> its train/val/test.jsonl."""
+    name, *args = data.split(":")
+    try:
+        if name == "default" and len(args) <= 1:
+            return default_domain(seed, *map(float, args))
+        if name == "parity" and len(args) in (0, 2):
+            from parity import parity_domain
+            return parity_domain(seed, *map(int, args))
+    except ValueError as e:
+        raise DataError(f"--data {data}: {e}") from None
     folder = Path(data)
     if not folder.is_dir():
-        raise DataError(f"{data}: expected 'default', 'parity[:N:K]' or a folder with train.jsonl, val.jsonl, test.jsonl")
+        raise DataError(f"--data {data}: expected 'default[:NOISE]', 'parity[:N:K]' or a folder with train.jsonl, "
+                        "val.jsonl and test.jsonl")
     return {s: load_jsonl(folder / f"{s}.jsonl") for s in ("train", "val", "test")}
 
 
@@ -297,13 +305,15 @@ def fingerprint(examples):
 # batching: prompt + answer + EOT, loss on the answer and its EOT only, right padding
 
 def encode(examples, tok, block_size):
+    """-> [(prompt ids, answer ids)]. An example longer than the model's context is an error
+    naming its file and line: never a silent truncation."""
     out = []
     for i, ex in enumerate(examples):
         p, a = tok.encode(ex["prompt"]), tok.encode(ex["answer"])
         if len(p) + len(a) > block_size:  # the input drops the last token (EOT), so this is the limit
             where = ex.get("src", f"example {i}")
             raise DataError(f"{where}: field 'prompt'+'answer' is {len(p) + len(a)} tokens, more than the "
-                            f"model's context of {block_size}; shorten it or use a larger block_size")
+                            f"model's context of {block_size}; shorten it or use a model with a longer context")
         out.append((p, a))
     return out
 
@@ -348,50 +358,68 @@ def batch_indices(lengths, batch_size, seed, step):
 
 
 # -----------------------------------------------------------------------------
-# evaluation: greedy answers, exact match per subdomain, entity F1 for NER
-
-def entities(answer):
-    return {tuple(s.strip() for s in part.split(":", 1)) for part in answer.split(";") if ":" in part}
-
+# evaluation: exact match per subdomain (from one forward pass, or by greedy decoding),
+# entity F1 where answers are entity lists, per-example records
 
 @torch.no_grad()
-@torch.no_grad()
-def evaluate(model, examples, tok, device="cpu", batch_size=256, ctx=None):
-    """-> (summary dict, per-example records). Records keep what SFS/TFS analysis needs."""
+def evaluate(model, examples, tok, device="cpu", ctx=None, decode=False, batch_size=256):
+    """-> (summary dict, per-example records). Records keep what SFS/TFS analysis needs.
+
+    decode=False: exact match without generating. Greedy decoding reproduces the gold answer
+    token for token (then stops) exactly when, with the gold answer fed in, the argmax at
+    every answer position, its EOT included, is the gold token: so one forward pass gives
+    both the loss and the exact match. decode=True generates and compares strings
+    (stripped), which also accepts another tokenisation of the same text; the tests show
+    both agree on trained checkpoints.
+    """
     ctx = ctx or nullcontext()
     was_training = model.training
     model.eval()
     enc = encode(examples, tok, model.config.block_size)
-    max_new = max(len(a) for _, a in enc) + 1  # a longer output cannot match any gold answer
     records = []
-    by_len = sorted(range(len(enc)), key=lambda i: len(enc[i][0]))  # less padding
+    by_len = sorted(range(len(enc)), key=lambda i: len(enc[i][0]) + len(enc[i][1]))  # less padding
     for s in range(0, len(enc), batch_size):
         idx = by_len[s:s + batch_size]
         x, y, mask = make_batch(enc, idx, tok.eot, device)
         with ctx:
-            losses = scd.gold_ce(model(x, positions=mask), y, mask)
-            prompts = [enc[i][0] for i in idx]
-            P = torch.full((len(idx), max(map(len, prompts))), tok.eot, dtype=torch.long)
-            for b, p in enumerate(prompts):
-                P[b, :len(p)] = torch.tensor(p)
-            lengths = torch.tensor([len(p) for p in prompts])
-            outs = model.generate(P.to(device), lengths.to(device), max_new, tok.eot)
+            logits = model(x, positions=mask)
+            losses = scd.gold_ce(logits, y, mask)
+            right = scd.per_example((logits.argmax(-1) != y[mask]).float(), mask) == 0
+            if decode:
+                outs = model.generate(*prompt_batch([enc[i][0] for i in idx], tok.eot, device),
+                                      max(len(enc[i][1]) for i in idx) + 1, tok.eot)
         for b, i in enumerate(idx):
-            pred, gold = tok.decode(outs[b]).strip(), examples[i]["answer"].strip()
-            records.append(dict(i=i, subdomain=examples[i]["subdomain"], prediction=pred, answer=gold,
-                                correct=pred == gold, loss=round(losses[b].item(), 5)))
+            gold = examples[i]["answer"].strip()
+            pred = tok.decode(outs[b]).strip() if decode else None
+            records.append(dict(i=i, subdomain=examples[i]["subdomain"], answer=gold, loss=round(losses[b].item(), 5),
+                                correct=pred == gold if decode else bool(right[b]), **({"prediction": pred} if decode else {})))
     model.train(was_training)
     records.sort(key=lambda r: r["i"])
     return summarize(records), records
 
 
+def prompt_batch(prompts, eot, device):
+    """Right-padded prompts and their lengths, for generate()."""
+    P = torch.full((len(prompts), max(map(len, prompts))), eot, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        P[b, :len(p)] = torch.tensor(p)
+    return P.to(device), torch.tensor([len(p) for p in prompts], device=device)
+
+
+def entities(answer):
+    return {tuple(s.strip() for s in part.split(":", 1)) for part in answer.split(";") if ":" in part}
+
+
 def summarize(records):
+    """Exact match per subdomain and its macro average; entity-level micro F1 for each
+    subdomain whose gold answers are all 'TYPE: name; ...' lists (elsewhere it does not apply
+    and is left out, never printed as 0)."""
     subs = sorted({r["subdomain"] for r in records})
     out = {}
     for s in subs:
         rs = [r for r in records if r["subdomain"] == s]
         out[f"acc/{s}"] = sum(r["correct"] for r in rs) / len(rs)
-        if s.startswith("ner"):  # entity-level micro F1
+        if all("prediction" in r and entities(r["answer"]) for r in rs):
             tp = fp = fn = 0
             for r in rs:
                 p, g = entities(r["prediction"]), entities(r["answer"])
@@ -407,7 +435,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="write the embedded default domain as JSONL")
     ap.add_argument("--out", default="data/default", help="output folder")
     ap.add_argument("--seed", type=int, default=0, help="domain seed")
+    ap.add_argument("--noise", type=float, default=NOISE, help="share of wrong training answers")
     args = ap.parse_args()
-    for split, exs in default_domain(args.seed).items():
+    for split, exs in default_domain(args.seed, args.noise).items():
         write_jsonl(exs, Path(args.out) / f"{split}.jsonl")
         print(f"{split}: {len(exs)} examples -> {args.out}/{split}.jsonl")

@@ -8,10 +8,8 @@ each stage distils from one teacher checkpoint, chosen by the method's policy.
 Needs a teacher run (train_teacher.py) and, for AW, the SFT student run whose
 train_losses.json holds the anchor l_S. Writes schedule.json (the chosen checkpoint and
 both KL terms for every candidate, per stage), best.pt and final.pt, their test records,
-log.txt, and state.pt after each stage (rerun the same command to resume). Under torchrun
-every process trains on its share of the batch and rank 0 chooses the checkpoints.
+log.txt, and state.pt after each stage (rerun the same command to resume).
 """
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -21,158 +19,191 @@ import torch
 
 import data
 import scd
-from train_teacher import (DDP, arg, atomic_save, dist, global_mean, load_checkpoint, lr_at, optimizer_step,
-                           parse_config, prepare, progress, resumable, setup_device, shard)
+from common import (RunError, arg, atomic_save, check_finite, dist, global_mean, optimizer_step, out_folder, parse_config,
+                    progress, read_json, resumable, run_main, setup_device, shard)
+from train_teacher import (DDP, GPT2_NAMES, PRESETS, fingerprints, load_checkpoint, lr_at, prepare, probe_examples,
+                           probe_file, probe_logprobs)
 
 
 @dataclass
 class DistillConfig:
-    data: str = arg("default", "'default' or a folder with train/val/test.jsonl (the teacher's data)")
+    data: str = arg("default", "the teacher's data: 'default', 'default:NOISE', 'parity:N:K' or a folder")
     teacher_dir: str = arg("runs/teacher", "the teacher run: manifest.json and its checkpoints")
-    anchor_dir: str = arg("runs/student_sft", "the SFT student run whose train_losses.json is l_S (AW only)")
+    anchor_dir: str = arg("runs/student_sft", "the SFT student run: its train_losses.json is l_S (AW), its config the init")
     out_dir: str = arg("runs/scd_aw", "output folder; rerunning the same command resumes it")
-    preset: str = arg("student", "student model preset")
-    init_from: str = arg("", "'' (random init of --preset) or pretrained GPT-2 weights: gpt2, gpt2-medium, ...")
-    method: str = arg("scd", "teacher schedule: sft (no teacher), kd (T* only), cd (fixed order), scd (adaptive)")
+    preset: str = arg("student", "student model preset", choices=tuple(PRESETS))
+    init_from: str = arg("", "'' (random init of --preset) or pretrained GPT-2 weights", choices=("",) + GPT2_NAMES)
+    method: str = arg("scd", "teacher schedule: sft (no teacher), kd (T* only), cd (fixed order), scd (adaptive)",
+                      choices=("sft", "kd", "cd", "scd"))
     aw: bool = arg(False, "Adaptive Weighting instead of the fixed alpha")
-    alpha: float = arg(0.5, "fixed KL weight w when AW is off")
-    stages: int = arg(4, "K, the number of stages")
-    steps_per_stage: int = arg(480, "T, steps per stage (K x T = the SFT student's 1,920 steps by default)")
-    batch_size: int = arg(16, "examples per step")
-    lr: float = arg(3e-3, "peak learning rate of each stage")
-    weight_decay: float = arg(0.1, "AdamW weight decay on matrices")
-    warmup_frac: float = arg(0.1, "warm-up share of each stage; the cosine restarts every stage")
-    grad_clip: float = arg(1.0, "clip the gradient norm to this (0: off)")
-    kl_direction: str = arg("forward", "distillation KL: forward KL(p_c || p_student) or reverse")
-    temperature: float = arg(1.0, "softmax temperature of the distillation KL")
-    probe_size: int = arg(256, "probe examples (a seeded subset of train) for choosing checkpoints")
-    student_term: str = arg("flipped", "schedule's student term: flipped KL(p_c || p_student) or as_written KL(p_student || p_c)")
-    pool_start: float = arg(0.0, "candidate pool starts at this fraction of the teacher's training")
+    alpha: float = arg(0.5, "fixed KL weight w when AW is off", low=0)
+    stages: int = arg(4, "K, the number of stages", low=1)
+    steps_per_stage: int = arg(480, "T, steps per stage", low=1)
+    batch_size: int = arg(16, "examples per step", low=1)
+    lr: float = arg(3e-3, "peak learning rate of each stage", low=0)
+    weight_decay: float = arg(0.1, "AdamW weight decay on matrices", low=0)
+    warmup_frac: float = arg(0.1, "warm-up share of each stage; the cosine restarts every stage", low=0)
+    grad_clip: float = arg(1.0, "clip the gradient norm to this (0: off)", low=0)
+    kl_direction: str = arg("forward", "distillation KL: forward KL(p_c || p_student) or reverse", choices=("forward", "reverse"))
+    temperature: float = arg(1.0, "softmax temperature of the distillation KL", low=1e-3)
+    probe_size: int = arg(256, "probe examples (a seeded subset of train) for choosing checkpoints", low=1)
+    probe_topk: int = arg(64, "log-probs kept per probe token (the rest as one tail mass)", low=1)
+    student_term: str = arg("flipped", "schedule's student term: flipped KL(p_c || p_student) or as_written KL(p_student || p_c)",
+                            choices=("flipped", "as_written"))
+    pool_start: float = arg(0.0, "candidate pool starts at this fraction of the teacher's training", low=0)
     monotone: bool = arg(False, "never choose a checkpoint earlier than the previous stage's")
-    start: str = arg("init", "student start: init (the SFT student's initialisation) or anchor (its trained weights)")
+    start: str = arg("init", "student start: init (the SFT student's initialisation) or anchor (its trained weights)",
+                     choices=("init", "anchor"))
+    teacher_cache_gib: float = arg(2.0, "keep each stage's teacher logits on the training set if they fit in this many GiB (0: off)", low=0)
     seed: int = arg(0, "seed of the student init, the data order and the probe")
     device: str = arg("auto", "cpu, cuda, ... (auto: cuda if available)")
-    dtype: str = arg("auto", "float32, bfloat16 or float16 autocast (auto: bf16/fp16 on CUDA, fp32 on CPU)")
-    log_every: int = arg(40, "steps between progress lines")
+    dtype: str = arg("auto", "autocast precision (auto: bf16/fp16 on CUDA, fp32 on CPU)",
+                     choices=("auto", "float32", "bfloat16", "float16"))
+    log_every: int = arg(40, "steps between progress lines", low=1)
     compile: bool = arg(False, "torch.compile the trained model (CUDA; slow to start, faster per step)")
-    eval_every: int = arg(0, "steps between test-accuracy points of a learning curve in schedule.json (0: none)")
-    stop_at_stage: int = arg(0, "stop after this many stages as if interrupted (to test resuming; 0: off)")
+    eval_every: int = arg(0, "steps between validation-accuracy points of a learning curve in schedule.json (0: none)", low=0)
+    stop_at_stage: int = arg(0, "stop after this many stages as if interrupted (to test resuming; 0: off)", low=0)
 
 
-def fail(msg):
-    raise SystemExit(f"distill.py: {msg}")
+def probe_cache(cfg, tdir, pool, probe, tok, device, ctx, train_fp):
+    """Each pool checkpoint's compressed log-probs on the probe. The teacher run stores
+    them (every checkpoint was in memory there); for another probe they are computed once,
+    here, and stored in the teacher's folder for the next run."""
+    path = probe_file(tdir, cfg.seed, cfg.probe_size, cfg.probe_topk)
+    steps = [c["step"] for c in pool]
+    if path.exists():
+        stored = torch.load(path, map_location=device, weights_only=True)
+        if stored["fingerprint"] == train_fp and set(steps) <= set(stored["steps"]):
+            at = [stored["steps"].index(s) for s in steps]
+            return [(stored["values"][j], stored["indices"][j]) for j in at]
+    values, indices = [], []
+    for c in pool:
+        m, _ = load_checkpoint(tdir / c["file"], device)
+        v, i = scd.compress_logprobs(probe_logprobs(m, probe, tok.eot, device, ctx), cfg.probe_topk)
+        values.append(v), indices.append(i)
+    try:
+        atomic_save(dict(fingerprint=train_fp, steps=steps, values=values, indices=indices), path)
+    except OSError as e:
+        print(f"note: could not store the probe in {tdir} ({e.strerror}); the next run will compute it again")
+    return list(zip(values, indices))
 
 
 @torch.no_grad()
-def probe_logprobs(model, enc, eot, device, ctx, chunk=32):
-    """Log-probabilities at the probe's answer positions: (N answer tokens, V), float32.
-    The probe is sorted by length, so chunks of similar lengths waste little on padding."""
-    out = []
+def teacher_logits(teacher, enc, eot, device, ctx, max_gib, chunk=64):
+    """The stage's teacher logits at every training example's answer positions, one tensor
+    per example (each example is seen many times per stage; the checkpoint does not change
+    within it). None if they would take more than max_gib."""
+    n_tok = sum(len(a) + 1 for _, a in enc)
+    if n_tok * teacher.config.vocab_size * 4 > max_gib * 2**30:
+        return None
+    rows = [None] * len(enc)
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]) + len(enc[i][1]))
     for s in range(0, len(enc), chunk):
-        x, y, mask = data.make_batch(enc, range(s, min(s + chunk, len(enc))), eot, device)
+        idx = order[s:s + chunk]
+        x, _, mask = data.make_batch(enc, idx, eot, device)
         with ctx:
-            out.append(torch.log_softmax(model(x, positions=mask).float(), -1))
-    return torch.cat(out)
+            out = teacher(x, positions=mask).split(mask.sum(1).tolist())
+        for i, r in zip(idx, out):
+            rows[i] = r
+    return rows
 
 
 def main(cfg):
     t_start = time.time()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     device, dtype, ctx, scaler, rank, world = setup_device(cfg.device, cfg.dtype)
-    splits, tok, student = prepare(cfg.data, cfg.preset, cfg.seed, cfg.init_from)
+    splits, tok, student, enc = prepare(cfg.data, cfg.preset, cfg.seed, cfg.init_from)
     student.to(device)
-    train_enc = data.encode(splits["train"], tok, student.config.block_size)
+    train_enc = enc["train"]
+    if len(train_enc) < cfg.batch_size:
+        raise RunError(f"--batch_size {cfg.batch_size} is larger than the {len(train_enc)} training examples")
     lengths = [len(p) + len(a) for p, a in train_enc]
-    fingerprint = data.fingerprint(splits["train"])
+    fps = fingerprints(splits)
 
     # the teacher's checkpoints: the candidate pool, T*, and a check that the models can talk
     tdir = Path(cfg.teacher_dir)
     if not (tdir / "manifest.json").exists():
-        fail(f"{tdir}: no manifest.json; train a teacher first (python train_teacher.py --out_dir {tdir})")
-    manifest = json.loads((tdir / "manifest.json").read_text())
+        raise RunError(f"{tdir}: no manifest.json; train a teacher first (python train_teacher.py --out_dir {tdir})")
+    manifest = read_json(tdir / "manifest.json")
     ckpts = manifest["checkpoints"]
     if not ckpts:
-        fail(f"{tdir}/manifest.json lists no checkpoints")
-    last_step = ckpts[-1]["step"]
-    pool = [c for c in ckpts if c["step"] >= cfg.pool_start * last_step]
-    best = pool.index(ckpts[manifest["best"]]) if ckpts[manifest["best"]] in pool else fail(
-        f"--pool_start {cfg.pool_start} leaves the best checkpoint out of the pool")
+        raise RunError(f"{tdir}/manifest.json lists no checkpoints")
+    pool = [c for c in ckpts if c["step"] >= cfg.pool_start * ckpts[-1]["step"]]
+    if ckpts[manifest["best"]] not in pool:
+        raise RunError(f"--pool_start {cfg.pool_start} leaves the best checkpoint out of the pool")
+    best = pool.index(ckpts[manifest["best"]])
     t_model, t_tok = load_checkpoint(tdir / pool[best]["file"], device)
     if t_tok.ids != tok.ids or t_model.config.block_size != student.config.block_size:
-        fail(f"{tdir} was trained with another vocabulary or context length than --data {cfg.data} gives the student")
+        raise RunError(f"{tdir} was trained with another vocabulary or context length than --data {cfg.data} gives the student")
     del t_model  # at most one teacher checkpoint in memory at a time
 
-    # AW's anchor: the SFT student's per-example training loss, for this very training set
-    anchor = None
+    # the SFT student run: AW's anchor l_S for this very training set, and the init it used
+    anchor, adir = None, Path(cfg.anchor_dir)
     if cfg.aw:
-        path = Path(cfg.anchor_dir) / "train_losses.json"
-        if not path.exists():
-            fail(f"{path}: missing; AW needs the SFT student's losses (python train_teacher.py --preset student --out_dir {cfg.anchor_dir})")
-        a = json.loads(path.read_text())
-        if a["fingerprint"] != fingerprint:
-            fail(f"{path} was made for other training data (fingerprint {a['fingerprint']})")
+        a = read_json(adir / "train_losses.json")
+        if a["fingerprint"] != fps["train"] or len(a["loss"]) != len(train_enc):
+            raise RunError(f"{adir / 'train_losses.json'} was made for other training data (fingerprint {a['fingerprint']})")
         anchor = torch.tensor(a["loss"], device=device)
+    if cfg.start == "anchor" or cfg.aw or (adir / "config.json").exists():
+        a = read_json(adir / "config.json")
+        for k in ("seed", "preset", "init_from"):  # "the SFT student's initialisation" holds only if these match
+            if a.get(k) != getattr(cfg, k):
+                raise RunError(f"--{k} {getattr(cfg, k)!r} differs from the SFT student's ({a.get(k)!r} in {adir}): "
+                               "the student would not start where the SFT student did")
 
-    config = dict(asdict(cfg), stop_at_stage=0, fingerprint=fingerprint)
+    out = out_folder(cfg.out_dir)
+    config = dict(asdict(cfg), stop_at_stage=0, fingerprint=fps)
+    config.pop("out_dir")
     schedule, state_path, stage, best_val = [], out / "state.pt", 0, -1.0
     if resumable(out, config, asdict(DistillConfig())):  # the stage-level state: each stage restarts its optimizer anyway
         st = torch.load(state_path, map_location=device, weights_only=True)
         if st["stage"] == cfg.stages and (out / "results.json").exists():
             print(f"{out} holds this run, finished: nothing to do")
-            return json.loads((out / "results.json").read_text())
+            return read_json(out / "results.json")
         student.load_state_dict(st["model"])
         stage, best_val = st["stage"], st["best_val"]
-        schedule = json.loads((out / "schedule.json").read_text())["stages"][:stage]
+        schedule = read_json(out / "schedule.json")["stages"][:stage]
         print(f"resuming {out} at stage {stage}")
     elif cfg.start == "anchor":  # start from the SFT student's weights instead of its initialisation
-        a = json.loads((Path(cfg.anchor_dir) / "manifest.json").read_text())
-        student.load_state_dict(load_checkpoint(Path(cfg.anchor_dir) / a["checkpoints"][a["best"]]["file"], device)[0].state_dict())
+        a = read_json(adir / "manifest.json")
+        student.load_state_dict(load_checkpoint(adir / a["checkpoints"][a["best"]]["file"], device)[0].state_dict())
 
-    # the probe: KL(p_T* || p_c) is fixed, so each checkpoint's probe log-probs are computed
-    # once and kept (memory: pool x probe answer tokens x vocab x 4 bytes)
+    # the probe: every candidate's log-probs on it are fixed, so they are read (or made) once
     t_sched = time.time()
-    g = torch.Generator().manual_seed(cfg.seed)
-    probe = sorted((train_enc[i] for i in torch.randperm(len(train_enc), generator=g)[:cfg.probe_size].tolist()),
-                   key=lambda e: len(e[0]) + len(e[1]))
-    cache = []
-    if cfg.method == "scd" and rank == 0:  # under torchrun rank 0 chooses for everyone
-        for c in pool:
-            m, _ = load_checkpoint(tdir / c["file"], device)
-            cache.append(probe_logprobs(m, probe, tok.eot, device, ctx))
-        del m
-        kl_best = [scd.token_kl(cache[best], lp).mean().item() for lp in cache]
-        print(f"probe cache: {len(pool)} checkpoints x {cache[0].shape[0]} tokens x {cache[0].shape[1]} "
-              f"= {sum(c.numel() for c in cache) * 4 / 2**20:.0f} MiB")
+    probe = probe_examples(train_enc, cfg.probe_size, cfg.seed)
+    cache = probe_cache(cfg, tdir, pool, probe, tok, device, ctx, fps["train"]) if cfg.method == "scd" else None
+    V = student.config.vocab_size
     t_sched = time.time() - t_sched
 
-    atomic_save(config, out / "config.json")
+    atomic_save(dict(config, out_dir=str(out)), out / "config.json")
     log = open(out / "log.txt" if rank == 0 else os.devnull, "a")
     net = DDP(student) if world > 1 else student
     net = torch.compile(net) if cfg.compile else net
     total = cfg.stages * cfg.steps_per_stage
-    t0, start_step, tokens = time.time(), stage * cfg.steps_per_stage, 0
+    t0, start_step, tokens, skipped = time.time(), stage * cfg.steps_per_stage, 0, 0
 
     # ------------------------------------------------------------------ the stages
     for stage in range(stage, cfg.stages):
         # 1. choose this stage's teacher checkpoint c_k
         t = time.time()
-        row = dict(stage=stage)
-        if cfg.method == "scd" and rank == 0:
+        row, k = dict(stage=stage), None
+        if cfg.method == "scd":
             s_lp = probe_logprobs(student.eval(), probe, tok.eot, device, ctx)
-            kl_student = [scd.student_term(s_lp, lp, cfg.student_term) for lp in cache]
+            dense = (scd.dense_logprobs(v, i, V) for v, i in cache)
+            prev = schedule[-1]["ckpt"] if schedule else None
+            k, kl_best, kl_student = scd.scd_checkpoint(scd.dense_logprobs(*cache[best], V), dense, s_lp,
+                                                        cfg.student_term, prev, cfg.monotone)
             row.update(kl_best=kl_best, kl_student=kl_student)
-        prev = schedule[-1].get("ckpt") if schedule else None
-        k = None if cfg.method == "sft" or rank > 0 else scd.choose_checkpoint(
-            cfg.method, stage, cfg.stages, best, row.get("kl_best"), row.get("kl_student"), prev, cfg.monotone)
-        if world > 1:  # every process distils from rank 0's choice
+        elif cfg.method != "sft":
+            k = scd.fixed_checkpoint(cfg.method, stage, cfg.stages, best)
+        if world > 1:  # every process computed the same choice; rank 0's is the one used
             k = [k]
             dist.broadcast_object_list(k, src=0)
             k = k[0]
         t_sched += time.time() - t
-        teacher = None
+        teacher = rows = None
         if k is not None:
             teacher, _ = load_checkpoint(tdir / pool[k]["file"], device)  # one teacher in memory
+            rows = teacher_logits(teacher, train_enc, tok.eot, device, ctx, cfg.teacher_cache_gib)
             row.update(ckpt=k, file=pool[k]["file"], teacher_step=pool[k]["step"])
         print(f"stage {stage}: teacher {row.get('file', 'none (sft)')}")
 
@@ -187,26 +218,25 @@ def main(cfg):
                 grp["lr"] = lr_at(i, cfg.steps_per_stage, cfg.lr, cfg.warmup_frac)
             with ctx:
                 s_logits = net(x, positions=mask)
-                ce = scd.gold_ce(s_logits, y, mask)                              # CE(y_i; p_student)
-                if teacher is None:
-                    kl, w = torch.zeros_like(ce), 0.0                            # SFT: w = 0
-                else:
+                t_out = None
+                if teacher is not None:
                     with torch.no_grad():
-                        t_logits = teacher(x, positions=mask)
-                    kl = scd.per_example(scd.distill_kl(t_logits, s_logits, cfg.kl_direction, cfg.temperature), mask)
-                    w = scd.aw_weights(anchor[idx], scd.gold_ce(t_logits, y, mask)) if cfg.aw else cfg.alpha
-                loss = scd.scd_loss(kl, ce, w)
-            optimizer_step(student, optimizer, scaler, loss, cfg.grad_clip)
+                        t_out = torch.cat([rows[j] for j in idx]) if rows else teacher(x, positions=mask)
+                loss, terms = scd.distill_loss(s_logits, t_out, y, mask, cfg.alpha, None if anchor is None else anchor[idx],
+                                               cfg.kl_direction, cfg.temperature)
+            where = f"step {step + 1} (stage {stage})"
+            check_finite(where, **terms, loss=loss)
+            skipped += optimizer_step(student, optimizer, scaler, loss, cfg.grad_clip, where)
             tokens += x.numel() * world
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:  # a learning-curve point (test accuracy)
-                row.setdefault("curve", []).append([step + 1, data.evaluate(student, splits["test"], tok, device, ctx=ctx)[0]["acc"]])
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:  # a learning-curve point, on validation
+                row.setdefault("curve", []).append([step + 1, data.evaluate(student, splits["val"], tok, device, ctx=ctx)[0]["acc"]])
             if (step + 1) % cfg.log_every == 0:  # the global batch's means
-                ce_, kl_, w_ = (global_mean(torch.as_tensor(v, dtype=torch.float, device=device).detach().mean(), world).item()
-                                for v in (ce, kl, w))
-                line = progress(step + 1, total, t0, start_step, tokens, f"ce {ce_:.4f} | kl {kl_:.4f} | "
-                                f"w {w_:.3f} | ckpt {row.get('ckpt', '-')}")
+                ce_, kl_, w_ = (global_mean(terms[n].detach().mean(), world).item() for n in ("ce", "kl", "w"))
+                msg = f"ce {ce_:.4f} | kl {kl_:.4f} | w {w_:.3f} | ckpt {row.get('ckpt', '-')}"
+                line = progress(step + 1, total, t0, start_step, tokens, msg + (f" | fp16 skipped {skipped}" if scaler else ""))
                 print(line, flush=True)
                 log.write(line + "\n")
+        del teacher, rows
 
         # 3. validate; keep the best student and the stage's state
         summary, _ = data.evaluate(student, splits["val"], tok, device, ctx=ctx)
@@ -224,6 +254,8 @@ def main(cfg):
             return None
     atomic_save(dict(model=student.state_dict(), model_config=asdict(student.config), vocab=tok.ids), out / "final.pt")
     log.close()
+    if scaler:
+        print(f"fp16: the gradient scaler skipped {skipped} steps of this sitting (overflow)")
     if rank > 0:  # the test pass is rank 0's
         return None
 
@@ -231,12 +263,12 @@ def main(cfg):
     results = {}
     for name in ("best", "final"):
         model, _ = load_checkpoint(out / f"{name}.pt", device)
-        summary, records = data.evaluate(model, splits["test"], tok, device, ctx=ctx)
+        summary, records = data.evaluate(model, splits["test"], tok, device, ctx=ctx, decode=True)
         atomic_save(records, out / f"test_records_{name}.jsonl")
         results[name] = {k: round(v, 4) for k, v in summary.items()}
         print(f"{name} student on test: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
     wall = time.time() - t_start
-    results.update(wall_s=round(wall, 1), schedule_s=round(t_sched, 1))  # of the sitting that finished the run
+    results.update(wall_s=round(wall, 1), schedule_s=round(t_sched, 1), val_acc=[r["val_acc"] for r in schedule])
     atomic_save(results, out / "results.json")
     print("schedule: " + " -> ".join(str(r.get("ckpt", "-")) for r in schedule) + f" (pool of {len(pool)}, T* = {best})")
     print(f"choosing checkpoints took {t_sched:.1f}s of {wall:.0f}s ({100 * t_sched / wall:.1f}%)")
@@ -244,7 +276,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(min(os.cpu_count() or 1, 8))
-    main(parse_config(DistillConfig))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    run_main(main, parse_config(DistillConfig, "Staged distillation from a teacher's dense checkpoints (SFT, KD, CD, SCD; optional AW)."))

@@ -5,7 +5,6 @@ Read bottom-up: attention -> MLP -> block -> config -> GPT. Parameter names foll
 Hugging Face's GPT2LMHeadModel (transformer.wte, transformer.h.0.attn.c_attn, ...) so
 loading GPT-2 weights is a rename-free copy, apart from Conv1D's transposed matrices.
 """
-import math
 from dataclasses import dataclass
 
 import torch
@@ -62,7 +61,7 @@ class Block(nn.Module):
 @dataclass
 class GPTConfig:
     block_size: int = 64     # context length
-    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64; compact domains use fewer
+    vocab_size: int = 50257  # tokens only: rows that are not tokens would take probability mass
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -70,13 +69,15 @@ class GPTConfig:
     bias: bool = True
 
 
-# Named presets. The CPU pair is sized for the embedded domain on a 2-core laptop: the
-# student has half the layers and half the width (about 8x fewer transformer weights).
-# vocab_size and block_size of the CPU presets are set from the data at build time.
+# Named presets. The CPU pair is sized for the embedded domain on a 2-core laptop; their
+# vocab_size is set from the data at build time, their context is fixed (the longest
+# default example is 83 tokens), and longer data is an error, never a silent truncation.
 PRESETS = {
-    "teacher": dict(n_layer=4, n_head=4, n_embd=128),
-    "student": dict(n_layer=2, n_head=2, n_embd=64),
-    "wide": dict(n_layer=2, n_head=8, n_embd=256),  # the sparse-parity teacher: width learns parity fast
+    "teacher": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),
+    "student": dict(n_layer=2, n_head=2, n_embd=64, block_size=128),
+    "small": dict(n_layer=2, n_head=2, n_embd=32, block_size=128),
+    "tiny": dict(n_layer=1, n_head=2, n_embd=32, block_size=128),
+    "wide": dict(n_layer=2, n_head=8, n_embd=256, block_size=128),  # the sparse-parity teacher: width learns parity fast
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),          # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),  # 350M
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024),   # 774M
@@ -193,5 +194,5 @@ class GPT(nn.Module):
 
 if __name__ == "__main__":
     for name, p in PRESETS.items():
-        m = GPT(GPTConfig(**{**dict(vocab_size=50304), **p}))
+        m = GPT(GPTConfig(**p))
         print(f"{name:12s} {m.num_params() / 1e6:8.1f}M parameters")

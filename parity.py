@@ -6,12 +6,12 @@ bits faster than one trained on labels or distilled from the final teacher.
 
     python parity.py        # 3 seeds: teacher SFT, then SFT, KD, CD and SCD students -> report/parity.{png,md}
 
-Every student gets the same step budget; its test accuracy is measured every --eval_every
-steps. Runs are ordinary train_teacher.py / distill.py runs in --out_dir (finished ones are
+Every student gets the same step budget; its validation accuracy is measured every
+--eval_every steps (the learning curve), its test accuracy once at the end. Runs are ordinary train_teacher.py / distill.py runs in --out_dir (finished ones are
 reused, interrupted ones resume).
 """
 import json
-import os
+import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -20,11 +20,37 @@ from pathlib import Path
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+
 
 import distill  # noqa: E402
 import train_teacher as tt  # noqa: E402
-from train_teacher import arg, parse_config  # noqa: E402
+from common import arg, parse_config, run_main  # noqa: E402
+
+
+def parity_support(seed, n_bits, k):
+    """The hidden subset of bit positions whose XOR is the label."""
+    return sorted(random.Random(f"support-{seed}").sample(range(n_bits), k))
+
+
+def parity_domain(seed=0, n_bits=16, k=2, n_per_split=None):
+    """Sparse parity (Panigrahi et al., ICLR 2025): the prompt is n_bits random bits, the
+    answer the XOR of a hidden, seeded subset of k of them. No bit string is in two splits.
+    Default sizes: 1,000 val and test, train up to 32,000 (at most half of all strings)."""
+    n_per_split = n_per_split or (min(32000, 2 ** (n_bits - 1) - 2000), 1000, 1000)
+    if 2 ** n_bits < 2 * sum(n_per_split) or not 0 < k <= n_bits:
+        raise ValueError(f"parity:{n_bits}:{k}: need 0 < k <= n and 2^n >= twice the {sum(n_per_split)} examples")
+    rng = random.Random(seed)
+    support = parity_support(seed, n_bits, k)
+    seen, splits = set(), {}
+    for split, n in zip(("train", "val", "test"), n_per_split):
+        splits[split] = []
+        while len(splits[split]) < n:
+            bits = tuple(rng.randint(0, 1) for _ in range(n_bits))
+            if bits not in seen:
+                seen.add(bits)
+                splits[split].append(dict(prompt=" ".join(map(str, bits)) + " =",  # " 0", " 1": one token per bit
+                                          answer=f" {sum(bits[i] for i in support) % 2}", subdomain="parity"))
+    return splits
 
 
 @dataclass
@@ -42,7 +68,7 @@ class ParityConfig:
     stages: int = arg(4, "K, distillation stages")
     steps_per_stage: int = arg(400, "T, steps per stage")
     probe_size: int = arg(256, "probe examples for the SCD schedule")
-    eval_every: int = arg(100, "student steps between test-accuracy points")
+    eval_every: int = arg(100, "student steps between validation-accuracy points", low=1)
     out_dir: str = arg("runs/parity", "where the runs go")
     report_dir: str = arg("report", "where parity.png and parity.md go")
 
@@ -66,7 +92,8 @@ def main(cfg):
                 batch_size=cfg.batch_size, lr=cfg.lr, probe_size=cfg.probe_size, eval_every=cfg.eval_every, log_every=100))
             stages = json.loads((out / "schedule.json").read_text())["stages"]
             curves.setdefault(method, []).append(dict(
-                curve=[p for s in stages for p in s["curve"]], schedule=[s.get("ckpt") for s in stages]))
+                curve=[p for s in stages for p in s["curve"]], schedule=[s.get("ckpt", "-") for s in stages],
+                test=json.loads((out / "results.json").read_text())["final"]["acc"]))
     report(cfg, curves, teachers, time.time() - t0)
 
 
@@ -77,21 +104,21 @@ def report(cfg, curves, teachers, wall):
     lines = [f"# Sparse parity: `python parity.py` ({cfg.data}, {cfg.seeds} seeds, {wall / 60:.1f} min)", "",
              f"Teacher ({cfg.teacher_preset}, {cfg.teacher_epochs} epochs) test accuracy: "
              + ", ".join(f"{a:.3f}" for a in teachers) + ".", "",
-             "| student | final test acc | first step at acc >= 0.9 (per seed) | schedules |", "| --- | --- | --- | --- |"]
+             "| student | final test acc | first step at val acc >= 0.9 (per seed) | schedules |", "| --- | --- | --- | --- |"]
     for i, (method, runs) in enumerate(curves.items()):
         steps = [s for s, _ in runs[0]["curve"]]
         accs = [[a for _, a in r["curve"]] for r in runs]
         mean = [statistics.mean(col) for col in zip(*accs)]
         ax.plot(steps, mean, color=f"C{i}", label=method.upper())
         ax.fill_between(steps, [min(c) for c in zip(*accs)], [max(c) for c in zip(*accs)], color=f"C{i}", alpha=0.2)
-        first = [next((s for s, a in r["curve"] if a >= 0.9), None) for r in runs]
-        final = [a[-1] for a in accs]
+        first = [next((str(s) for s, a in r["curve"] if a >= 0.9), "never") for r in runs]
+        final = [r["test"] for r in runs]
         spread = f" ± {statistics.stdev(final):.3f}" if len(final) > 1 else ""
         lines.append(f"| {method.upper()} | {statistics.mean(final):.3f}{spread} | {', '.join(map(str, first))} | "
                      + "; ".join(" -> ".join(map(str, r["schedule"])) for r in runs) + " |")
     for k in range(1, cfg.stages):
         ax.axvline(k * cfg.steps_per_stage, color="k", lw=0.5, ls=":")
-    ax.set(xlabel="student step (dotted: stage boundaries)", ylabel="test accuracy",
+    ax.set(xlabel="student step (dotted: stage boundaries)", ylabel="validation accuracy",
            title=f"Sparse parity {cfg.data}: mean over {cfg.seeds} seeds, band = min..max")
     ax.legend()
     fig.tight_layout()
@@ -103,5 +130,4 @@ def report(cfg, curves, teachers, wall):
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(min(os.cpu_count() or 1, 8))
-    main(parse_config(ParityConfig))
+    run_main(main, parse_config(ParityConfig, "Sparse parity learning curves: SFT, KD, CD and SCD students of a wide teacher."))

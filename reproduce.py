@@ -1,7 +1,8 @@
 """
 The paper's comparison end to end (METHOD.md sections 3 and 5): teacher SFT with dense
-checkpoints, the SFT student (the anchor), then KD, CD, SCD and SCD+AW students, all
-evaluated on test, with a report: results.md and five plots.
+checkpoints, the SFT student (the anchor), the same SFT in stages (the restart control),
+then KD, CD, SCD and SCD+AW students, all evaluated on test, with a report: results.md
+and five plots in --report_dir.
 
     python reproduce.py                      # one seed, the README's main command
     python reproduce.py --seeds 3            # mean +- std over seeds 0, 1, 2
@@ -28,54 +29,78 @@ import data  # noqa: E402
 import distill  # noqa: E402
 import scd  # noqa: E402
 import train_teacher as tt  # noqa: E402
-from train_teacher import arg, example_losses, load_checkpoint, parse_config  # noqa: E402
+from model import PRESETS  # noqa: E402
+from common import arg, parse_config, run_main, setup_device  # noqa: E402
+from train_teacher import example_losses, load_checkpoint  # noqa: E402
 
-METHODS = [("kd", False, "KD"), ("cd", False, "CD"), ("scd", False, "SCD"), ("scd", True, "SCD+AW")]
+METHODS = [("sft", False, "SFT, stages"), ("kd", False, "KD"), ("cd", False, "CD"), ("scd", False, "SCD"),
+           ("scd", True, "SCD+AW")]
 GRID = [("kd", True, "KD+AW"), ("cd", True, "CD+AW")]
+COLORS = {name: f"C{i}" for i, name in enumerate(["teacher", "SFT student"] + [m[2] for m in METHODS + GRID])}
 
 
 @dataclass
 class ReproduceConfig:
-    data: str = arg("default", "'default' or a folder with train/val/test.jsonl")
+    data: str = arg("default", "'default', 'default:NOISE' or a folder with train/val/test.jsonl")
     out_dir: str = arg("runs/reproduce", "where the runs go, one folder per seed and phase")
-    report_dir: str = arg("report", "where results.md and the plots go")
-    seeds: int = arg(1, "repeat with seeds 0 .. seeds-1; the table shows mean +- std")
+    report_dir: str = arg("runs/reproduce/report", "where results.md and the plots go")
+    seeds: int = arg(1, "repeat with seeds 0 .. seeds-1; the table shows mean +- std", low=1)
     grid: bool = arg(False, "also run KD+AW and CD+AW")
-    teacher_epochs: int = arg(8, "teacher SFT epochs")
-    student_epochs: int = arg(8, "SFT student epochs (its steps = the distilled students' K x T by default)")
-    stages: int = arg(4, "K, distillation stages")
-    steps_per_stage: int = arg(480, "T, steps per stage")
-    probe_size: int = arg(256, "probe examples for the SCD schedule")
+    budgets: str = arg("1", "student budgets, as multiples of --student_epochs: SFT and KD at each (e.g. 1,2,4)")
+    teacher: str = arg("teacher", "teacher preset", choices=tuple(PRESETS))
+    student: str = arg("student", "student preset", choices=tuple(PRESETS))
+    teacher_epochs: int = arg(8, "teacher SFT epochs", low=1)
+    student_epochs: int = arg(8, "SFT student epochs; each distilled student gets the same number of steps", low=1)
+    stages: int = arg(4, "K, distillation stages (the student's steps are split evenly over them)", low=1)
+    probe_size: int = arg(256, "probe examples for the SCD schedule", low=1)
     device: str = arg("auto", "cpu, cuda, ... (auto: cuda if available)")
-    dtype: str = arg("auto", "float32, bfloat16 or float16 autocast")
+    dtype: str = arg("auto", "autocast precision", choices=("auto", "float32", "bfloat16", "float16"))
 
 
 def run_all(cfg):
-    """Every phase for every seed -> {seed: {row name: run folder}} and the wall time per phase."""
-    runs, wall = {}, {}
+    """Every phase for every seed -> ({seed: {row name: run folder}}, {seed: {(name, budget): folder}},
+    wall time per phase, number of finished phases reused)."""
+    runs, sweeps, wall, reused = {}, {}, {}, 0
     methods = METHODS + (GRID if cfg.grid else [])
     common = dict(data=cfg.data, device=cfg.device, dtype=cfg.dtype)
+    n_train = len(data.load_domain(cfg.data)["train"])
+    steps_per_stage = cfg.student_epochs * (n_train // 16) // cfg.stages  # the SFT student's steps, in K stages
+    budgets = sorted({int(b) for b in cfg.budgets.split(",")} - {1})
     for seed in range(cfg.seeds):
         root = Path(cfg.out_dir) / f"seed{seed}"
         r = runs[seed] = {"teacher": root / "teacher", "SFT student": root / "student_sft"}
-        phases = [("teacher", tt.train, tt.TrainConfig(**common, seed=seed, out_dir=str(r["teacher"]),
-                                                         epochs=cfg.teacher_epochs)),
-                  ("SFT student", tt.train, tt.TrainConfig(**common, seed=seed, preset="student", out_dir=str(r["SFT student"]),
-                                                             epochs=cfg.student_epochs, compare_to=str(r["teacher"])))]
+        sft = lambda name, folder, m=1: (name, tt.train, tt.TrainConfig(
+            **common, seed=seed, preset=cfg.student, out_dir=str(folder), epochs=m * cfg.student_epochs, compare_to=str(r["teacher"])))
+        dist = lambda name, folder, method, aw, m=1: (name, distill.main, distill.DistillConfig(
+            **common, seed=seed, preset=cfg.student, method=method, aw=aw, out_dir=str(folder), teacher_dir=str(r["teacher"]),
+            anchor_dir=str(r["SFT student"]), stages=cfg.stages, steps_per_stage=m * steps_per_stage, probe_size=cfg.probe_size))
+        phases = [("teacher", tt.train, tt.TrainConfig(**common, seed=seed, preset=cfg.teacher, out_dir=str(r["teacher"]),
+                                                         epochs=cfg.teacher_epochs)), sft("SFT student", r["SFT student"])]
         for method, aw, name in methods:
-            r[name] = root / name.lower().replace("+", "_")
-            phases.append((name, distill.main, distill.DistillConfig(
-                **common, seed=seed, method=method, aw=aw, out_dir=str(r[name]), teacher_dir=str(r["teacher"]),
-                anchor_dir=str(r["SFT student"]), stages=cfg.stages, steps_per_stage=cfg.steps_per_stage,
-                probe_size=cfg.probe_size)))
+            r[name] = root / name.lower().replace("+", "_").replace(", ", "_")
+            phases.append(dist(name, r[name], method, aw))
+        sw = sweeps[seed] = {}
+        for m in budgets:  # the capacity question: does more training close the gap to the teacher?
+            sw["SFT student", m], sw["KD", m] = root / f"student_sft_x{m}", root / f"kd_x{m}"
+            phases += [sft("SFT student", sw["SFT student", m], m), dist("KD", sw["KD", m], "kd", False, m)]
         for i, (name, fn, c) in enumerate(phases):
             print(f"\n=== seed {seed}, phase {i + 1}/{len(phases)}: {name} -> {c.out_dir}", flush=True)
+            reused += finished(Path(c.out_dir), name) is not None
             fn(c)
     for r in runs.values():  # each run records its own wall time, so a reused phase keeps its figure
         for name, folder in r.items():
-            done = json.loads((folder / ("manifest.json" if name in ("teacher", "SFT student") else "results.json")).read_text())
-            wall[name] = wall.get(name, 0.0) + done.get("wall_s", float("nan"))
-    return runs, wall
+            wall[name] = wall.get(name, 0.0) + finished(folder, name).get("wall_s", float("nan"))
+    for sw in sweeps.values():
+        for (name, m), folder in sw.items():
+            wall[f"{name} x{m}"] = wall.get(f"{name} x{m}", 0.0) + finished(folder, name).get("wall_s", float("nan"))
+    return runs, sweeps, wall, reused
+
+
+def finished(folder, name):
+    """What a finished phase recorded (manifest or results), or None."""
+    path = folder / ("manifest.json" if name in ("teacher", "SFT student") else "results.json")
+    done = json.loads(path.read_text()) if path.exists() else {}
+    return done if "test" in done or "final" in done else None
 
 
 # -----------------------------------------------------------------------------
@@ -104,11 +129,16 @@ def accuracy_table(runs, which):
     return "\n".join(rows)
 
 
-def decompositions(runs, seed=0):
-    """{row name: scd.decompose_records(teacher, SFT student, that model)} on test, one seed."""
-    r = runs[seed]
-    t, s = records(r["teacher"]), records(r["SFT student"])
-    return {name: scd.decompose_records(t, s, records(folder)) for name, folder in r.items() if name not in ("teacher", "SFT student")}
+def decompositions(runs):
+    """{row name: {subdomain: decomposition}} on test: scd.decompose_records(teacher, SFT
+    student, that model) for each seed, each figure averaged over the seeds (nan where no
+    seed has anything to recover or keep)."""
+    out = {}
+    for name in [n for n in runs[0] if n not in ("teacher", "SFT student")]:
+        per_seed = [scd.decompose_records(records(r["teacher"]), records(r["SFT student"]), records(r[name])) for r in runs.values()]
+        out[name] = {s: {k: statistics.mean(v for d in per_seed if (v := d[s][k]) == v) if any(d[s][k] == d[s][k] for d in per_seed)
+                         else float("nan") for k in per_seed[0][s]} for s in per_seed[0]}
+    return out
 
 
 def aw_weights_by_stage(run, teacher_dir, anchor_dir, device="cpu"):
@@ -156,8 +186,8 @@ def plot_schedule(r, path):
     fig = plt.figure(figsize=(3 + 2.4 * K, 3.2 * (1 + len(adaptive))))
     ax = fig.add_subplot(1 + len(adaptive), 1, 1)
     for i, n in enumerate(names):
-        ax.plot(range(K), [s["ckpt"] for s in scheds[n]["stages"]], "-", label=n, lw=2, alpha=0.8,
-                marker="os^dvx"[i % 6])
+        ax.plot(range(K), [s.get("ckpt") for s in scheds[n]["stages"]], "-", label=n, lw=2, alpha=0.8,
+                marker="os^dvx"[i % 6], color=COLORS.get(n))
     best = scheds[names[0]]["best"]
     ax.axhline(best, color="k", ls=":", lw=1)
     ax.set(xlabel="stage k", ylabel="chosen checkpoint c_k", xticks=range(K),
@@ -171,7 +201,8 @@ def plot_schedule(r, path):
             a.plot(st["kl_student"], label="student term", color="C1")
             a.plot(score, label="sum", color="k", lw=1.5)
             a.axvline(st["ckpt"], color="C3", ls="--", lw=1)
-            a.set(title=f"{n}, stage {k}: c = {st['ckpt']}", xlabel="candidate c", yscale="log")
+            a.set(title=f"{n}, stage {k}: c = {st['ckpt']}", xlabel="candidate c", yscale="log",
+                  ylabel="KL on the probe (nats)" if k == 0 else None)
             if k == 0:
                 a.legend(fontsize=7)
     fig.tight_layout()
@@ -203,10 +234,14 @@ def plot_decomposition(decs, path):
                           (axes[1], "kept", "SFS advantage kept (1 = as good as the SFT student on SFS)")):
         width = 0.8 / len(names)
         for i, n in enumerate(names):
-            a.bar([j + i * width for j in range(len(subs))], [decs[n][s][key] for s in subs], width, label=n)
+            xs, vals = [j + i * width for j in range(len(subs))], [decs[n][s][key] for s in subs]
+            a.bar(xs, [0 if v != v else v for v in vals], width, label=n, color=COLORS.get(n))
+            for x, v in zip(xs, vals):
+                if v != v:  # nan: the subdomain has no such example, which is not a 0
+                    a.text(x, 0.02, "n/a", rotation=90, ha="center", va="bottom", fontsize=6, color="0.4")
         a.axhline(0, color="k", lw=0.8)
         a.axhline(1, color="k", lw=0.8, ls=":")
-        a.set(title=title, xticks=[j + 0.4 - width / 2 for j in range(len(subs))])
+        a.set(title=title, xticks=[j + 0.4 - width / 2 for j in range(len(subs))], ylabel="share (n/a: none there)")
         a.set_xticklabels(subs, fontsize=8)
         a.title.set_fontsize(9)
     axes[0].legend(fontsize=8)
@@ -224,9 +259,10 @@ def plot_subdomains(runs, path):
         per_seed = [data.summarize(records(r[n])) for r in runs.values()]
         vals = [[s["acc" if sub == "average" else f"acc/{sub}"] for s in per_seed] for sub in subs]
         ax.bar([j + i * width for j in range(len(subs))], [statistics.mean(v) for v in vals], width, label=n,
-               yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in vals], capsize=2)
+               yerr=[statistics.stdev(v) for v in vals] if len(runs) > 1 else None, capsize=2, color=COLORS.get(n))
     ax.set(ylabel="test exact match", xticks=[j + 0.4 - width / 2 for j in range(len(subs))],
-           title=f"Accuracy per subdomain (best-on-validation students; {len(runs)} seed(s), bars = std)")
+           title=f"Test accuracy per subdomain (best-on-validation students; {len(runs)} seed(s)"
+                 + (", error bars = std)" if len(runs) > 1 else ")"))
     ax.set_xticklabels(subs)
     ax.legend(fontsize=8, ncol=4)
     fig.tight_layout()
@@ -236,58 +272,111 @@ def plot_subdomains(runs, path):
 
 # -----------------------------------------------------------------------------
 
-def report(cfg, runs, wall, command):
+def claims(runs):
+    """The paper's claims, each with the per-seed differences it rests on (test, best-on-validation)."""
+    acc = {n: [data.summarize(records(r[n]))["acc"] for r in runs.values()] for n in runs[0]}
+    diff = lambda a, b: [x - y for x, y in zip(acc[a], acc[b])]
+    verdict = lambda d: "holds" if min(d) > 0 else ("does not hold" if max(d) <= 0 else "mixed across seeds")
+    fmt = lambda d: f"{mean_std(d)} (per seed: {', '.join(f'{x:+.3f}' for x in d)})"
+    out = ["| claim | difference in test exact match | verdict |", "| --- | --- | --- |"]
+    distilled = [n for n in acc if n not in ("teacher", "SFT student", "SFT, stages")]
+    for n in distilled:
+        out.append(f"| (a) {n} > SFT student | {fmt(diff(n, 'SFT student'))} | {verdict(diff(n, 'SFT student'))} |")
+    for a, b in (("SCD+AW", "SCD"), ("SCD", "CD"), ("CD", "KD")):
+        out.append(f"| (b) {a} > {b} | {fmt(diff(a, b))} | {verdict(diff(a, b))} |")
+    subs = sorted({r["subdomain"] for r in records(runs[0]["teacher"])})
+    per_sub = {n: {s: statistics.mean(data.summarize(records(r[n]))[f"acc/{s}"] for r in runs.values()) for s in subs} for n in acc}
+    beats = [f"{n} on {s} ({per_sub[n][s]:.3f} vs {per_sub['teacher'][s]:.3f})" for n in distilled for s in subs
+             if per_sub[n][s] > per_sub["teacher"][s]]
+    out.append(f"| (c) a distilled student beats the teacher on some subdomain (means over seeds) | "
+               f"{'; '.join(beats) or 'none'} | {'holds' if beats else 'does not hold'} |")
+    return "\n".join(out)
+
+
+def plot_budget(runs, sweeps, budgets, path):
+    """Student test accuracy against training budget, SFT and KD, with the teacher as a line."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name in ("SFT student", "KD"):
+        pts = [[data.summarize(records(r[name] if m == 1 else sweeps[seed][name, m]))["acc"] for seed, r in runs.items()]
+               for m in budgets]
+        ax.errorbar(budgets, [statistics.mean(p) for p in pts], [statistics.stdev(p) if len(p) > 1 else 0 for p in pts],
+                    marker="o", capsize=3, label=name, color=COLORS[name])
+    t = [data.summarize(records(r["teacher"]))["acc"] for r in runs.values()]
+    ax.axhline(statistics.mean(t), color=COLORS["teacher"], ls="--", label="teacher")
+    ax.set(xscale="log", xticks=budgets, xticklabels=[f"{m}x" for m in budgets], xlabel="student training budget (steps, x the default)",
+           ylabel="test exact match", title=f"Does more training close the gap? ({len(runs)} seed(s))")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(cfg, runs, sweeps, wall, command):
     rep = Path(cfg.report_dir)
     rep.mkdir(parents=True, exist_ok=True)
     r0 = runs[0]
+    plots = ["teacher", "schedule", "aw_weights", "decomposition", "subdomains"]
     plot_teacher(r0["teacher"], rep / "teacher.png")
     plot_schedule(r0, rep / "schedule.png")
-    aw_run = r0.get("SCD+AW")
-    ws, tfs = aw_weights_by_stage(aw_run, r0["teacher"], r0["SFT student"])
+    ws, tfs = aw_weights_by_stage(r0["SCD+AW"], r0["teacher"], r0["SFT student"])
     plot_aw(ws, tfs, rep / "aw_weights.png")
     decs = decompositions(runs)
     plot_decomposition(decs, rep / "decomposition.png")
     plot_subdomains(runs, rep / "subdomains.png")
+    budgets = [1] + sorted({m for sw in sweeps.values() for _, m in sw})
+    if len(budgets) > 1:
+        plot_budget(runs, sweeps, budgets, rep / "budget.png")
+        plots.append("budget")
 
     names = [n for n in r0 if n not in ("teacher", "SFT student")]
-    sched = {n: [" -> ".join(str(s.get("ckpt")) for s in json.loads((r[n] / "schedule.json").read_text())["stages"])
+    sched = {n: [" -> ".join(str(s.get("ckpt", "-")) for s in json.loads((r[n] / "schedule.json").read_text())["stages"])
                  for r in runs.values()] for n in names}
     lines = [f"# Results: `{command}`", "",
              f"Seeds: {cfg.seeds} (mean ± std over seeds where > 1). Data: {cfg.data}. "
-             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {cfg.device}. "
-             f"Wall time of the phases, as each run recorded it: {sum(wall.values()) / 60:.1f} min.", "",
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {setup_device(cfg.device, cfg.dtype)[0]}. "
+             f"Wall time of the phases, as each run recorded it: {sum(wall.values()) / 60:.1f} min. "
+             "Every choice was made on validation; this report is the test split.", "",
              "## Test exact match, best-on-validation students", "", accuracy_table(runs, "best"), "",
              "## Test exact match, final students", "", accuracy_table(runs, "final"), "",
-             "## Why a student beats its teacher (METHOD.md section 1), seed 0, test", "",
+             "## The paper's claims, test", "", claims(runs), "",
+             f"## Why a student beats its teacher (METHOD.md section 1), test, mean over {len(runs)} seed(s)", "",
              "TFS deficit recovered (1 = the student matches the teacher where the teacher beat the SFT "
-             "student) and SFS advantage kept (1 = it matches the SFT student where that beat the teacher).", "",
+             "student) and SFS advantage kept (1 = it matches the SFT student where that beat the teacher); "
+             "– where there is nothing to recover or keep.", "",
              "| model | " + " | ".join(s for s in decs[names[0]]) + " |", "| --- |" + " --- |" * len(decs[names[0]])]
+    fmt = lambda v: "–" if v != v else f"{v:.2f}"  # nan: nothing to recover (or keep) there
     for n in names:
-        fmt = lambda v: "–" if v != v else f"{v:.2f}"  # nan: nothing to recover (or keep) there
         lines.append(f"| {n} | " + " | ".join(f"{fmt(d['recovered'])} / {fmt(d['kept'])}" for d in decs[n].values()) + " |")
-    d = decs[names[0]]["all"]
-    lines += ["", f"Teacher vs SFT student overall: TFS share {d['p_tfs']:.3f}, SFS share {d['p_sfs']:.3f}, "
-              f"deficit {d['deficit']:.3f}, advantage {d['advantage']:.3f}.", "",
-              "## Schedules (chosen checkpoint per stage, per seed)", ""]
+    lines += ["", "Teacher vs SFT student, share of test examples per subdomain (TFS / SFS): "
+              + ", ".join(f"{s} {d['p_tfs']:.3f} / {d['p_sfs']:.3f}" for s, d in decs[names[0]].items()) + ".", ""]
+    if len(budgets) > 1:
+        lines += ["## Student budget, test exact match (best-on-validation)", "", "| model | " + " | ".join(f"{m}x" for m in budgets)
+                  + " |", "| --- |" + " --- |" * len(budgets)]
+        for name in ("SFT student", "KD"):
+            cells = [mean_std([data.summarize(records(r[name] if m == 1 else sweeps[seed][name, m]))["acc"]
+                               for seed, r in runs.items()]) for m in budgets]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Schedules (chosen checkpoint per stage, per seed)", ""]
     lines += [f"- {n}: " + "; ".join(sched[n]) for n in names]
     lines += ["", "## Wall time per phase, summed over seeds (each run records its own)", "", "| phase | seconds |", "| --- | --- |"]
     lines += [f"| {k} | {v:.0f} |" for k, v in wall.items()]
-    lines += ["", "## Plots", ""] + [f"![{p}]({p}.png)" for p in ("teacher", "schedule", "aw_weights", "decomposition", "subdomains")]
+    lines += ["", "## Plots", ""] + [f"![{p}]({p}.png)" for p in plots]
     (rep / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return rep / "results.md"
 
 
 def main(cfg, command="python reproduce.py"):
     t = time.time()
-    runs, wall = run_all(cfg)
-    path = report(cfg, runs, wall, command)
+    runs, sweeps, wall, reused = run_all(cfg)
+    path = report(cfg, runs, sweeps, wall, command)
     print("\n" + path.read_text(encoding="utf-8").split("## Schedules")[0])
     print("wall time per phase, as each run recorded it: " + ", ".join(f"{k} {v:.0f}s" for k, v in wall.items())
-          + f"; this command took {time.time() - t:.0f}s (finished phases are reused)")
+          + f"; this command took {time.time() - t:.0f}s" + (f" ({reused} finished phases reused)" if reused else ""))
     return path
 
 
 if __name__ == "__main__":
     import sys
-    torch.set_num_threads(min(os.cpu_count() or 1, 8))
-    main(parse_config(ReproduceConfig), "python " + " ".join(sys.argv))
+    cfg = parse_config(ReproduceConfig, "The paper's comparison in one command: teacher, SFT student, distilled students, report.")
+    run_main(lambda c: main(c, "python " + " ".join(sys.argv)), cfg)

@@ -1,37 +1,35 @@
 """
 The method's core as small pure functions: no I/O, no globals. Each docstring names the
-equation of METHOD.md it implements and maps its symbols to arguments.
+equation of METHOD.md (this repository's description of the method) it implements and
+maps its symbols to arguments.
 """
 import torch
 from torch.nn import functional as F
 
 
 # -----------------------------------------------------------------------------
-# METHOD.md section 2, step 4: the per-example loss
+# METHOD.md section 2.4: the per-example loss
 
-def token_kl(p_logits, q_logits, temperature=1.0, n_real=None):
+def token_kl(p_logits, q_logits, temperature=1.0):
     """KL(p || q) at each position: sum_v p(v) (log p(v) - log q(v)), in float32.
-
-    p_logits, q_logits: (N, V) logits at the N answer positions. n_real: the true vocabulary
-    size when V is padded for speed (padding rows are not tokens, so they are cut before
-    the softmax). Returns (N,).
-    """
-    p_logits, q_logits = p_logits[:, :n_real].float() / temperature, q_logits[:, :n_real].float() / temperature
-    log_p, log_q = F.log_softmax(p_logits, -1), F.log_softmax(q_logits, -1)
+    p_logits, q_logits: (N, V) logits (or log-probabilities) at N answer positions -> (N,)."""
+    log_p = F.log_softmax(p_logits.float() / temperature, -1)
+    log_q = F.log_softmax(q_logits.float() / temperature, -1)
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
-def distill_kl(teacher_logits, student_logits, direction="forward", temperature=1.0, n_real=None):
+def distill_kl(teacher_logits, student_logits, direction="forward", temperature=1.0):
     """KL(p_{c_k} || p_student) per answer token (forward, the default), or the reverse
-    KL(p_student || p_{c_k}). Scaled by temperature**2 so gradients keep their size (Hinton et al.)."""
+    KL(p_student || p_{c_k}). Times temperature**2, so gradients keep their size as the
+    temperature changes (Hinton et al., 2015)."""
     p, q = (teacher_logits, student_logits) if direction == "forward" else (student_logits, teacher_logits)
-    return token_kl(p, q, temperature, n_real) * temperature ** 2
+    return token_kl(p, q, temperature) * temperature ** 2
 
 
 def per_example(values, mask):
     """Mean of per-token values (N,) over each example's answer tokens; mask (B, T) -> (B,)."""
     rows = mask.nonzero()[:, 0]
-    return torch.zeros(mask.size(0), device=values.device).index_add_(0, rows, values) / mask.sum(1).clamp(min=1)
+    return torch.zeros(mask.size(0), device=values.device).index_add_(0, rows, values.float()) / mask.sum(1).clamp(min=1)
 
 
 def gold_ce(logits, y, mask):
@@ -40,14 +38,18 @@ def gold_ce(logits, y, mask):
     return per_example(F.cross_entropy(logits.float(), y[mask], reduction="none"), mask)
 
 
-def aw_weights(anchor_loss, ckpt_loss):
+def aw_weights(anchor_loss, ckpt_loss, floor=1e-8):
     """Adaptive Weighting: w_i = sigmoid(log(l_S(x_i) / l_{c_k}(x_i))) = l_S / (l_S + l_c).
 
     anchor_loss = l_S(x_i): the SFT student's stored loss on example i (fixed);
     ckpt_loss = l_{c_k}(x_i): the chosen teacher checkpoint's gold CE on example i.
-    Returned detached: the weights are constants, gradients flow only through the student.
+    Converged models give losses of exactly 0 in float32, where the ratio is 0/0: both
+    losses are floored at `floor` first, so equal losses (two zeros included) give 0.5 and
+    a zero against a real loss gives the limit, 0 or 1. Returned detached: the weights are
+    constants, gradients flow only through the student.
     """
-    return torch.sigmoid(torch.log(anchor_loss) - torch.log(ckpt_loss)).detach()
+    l_s, l_c = anchor_loss.float().clamp_min(floor), ckpt_loss.float().clamp_min(floor)
+    return torch.sigmoid(torch.log(l_s) - torch.log(l_c)).detach()
 
 
 def scd_loss(kl, ce, w):
@@ -56,37 +58,78 @@ def scd_loss(kl, ce, w):
     return (w * kl + (1 - w) * ce).mean()
 
 
-# -----------------------------------------------------------------------------
-# METHOD.md section 2, step 3: which teacher checkpoint each stage distils from
+def distill_loss(student_logits, teacher_logits, y, mask, alpha=0.5, anchor_loss=None,
+                 direction="forward", temperature=1.0):
+    """One batch of section 2.4 -> (loss, terms). Logits (N, V) at mask's answer positions.
 
-def student_term(student_lp, ckpt_lp, direction="flipped"):
-    """The schedule's second term on the probe, a mean over its answer tokens.
-    as_written: KL(p_student || p_c), as METHOD.md section 2.3 writes it;
-    flipped: KL(p_c || p_student), our default (the README says why).
-    Inputs are (N, V) log-probabilities; log_softmax leaves them unchanged inside token_kl."""
-    p, q = (student_lp, ckpt_lp) if direction == "as_written" else (ckpt_lp, student_lp)
-    return token_kl(p, q).mean().item()
-
-
-def choose_checkpoint(policy, stage, n_stages, best, kl_best=None, kl_student=None, prev=None, monotone=False):
-    """The teacher checkpoint c_k for stage k (0-based), by index into the candidate pool.
-
-    scd: c_k = argmin_c KL(p_T* || p_c) + KL(p_student || p_c); kl_best[c] and kl_student[c]
-         are the two terms for each candidate c, averaged over the probe's answer tokens
-         (kl_student in either direction, see student_term).
-         monotone=True: only candidates at or after prev (the previous stage's choice).
-    kd:  T* (best) at every stage.
-    cd:  a fixed order: stages walk evenly spaced checkpoints from the first to T*.
+    teacher_logits=None is SFT (w = 0). anchor_loss: l_S of the batch's examples, (B,), for
+    AW; None uses the fixed w = alpha. terms holds the per-example ce, kl and w (for logs
+    and for naming the term that went bad).
     """
-    if policy == "kd":
-        return best
-    if policy == "cd":  # one stage has no room to walk: it distils from T*
-        return best if n_stages == 1 else round(stage * best / (n_stages - 1))
-    assert policy == "scd", f"unknown schedule policy {policy!r}"
-    score = torch.as_tensor(kl_best) + torch.as_tensor(kl_student)
+    ce = gold_ce(student_logits, y, mask)                          # CE(y_i; p_student)
+    if teacher_logits is None:
+        return ce.mean(), dict(ce=ce, kl=torch.zeros_like(ce), w=torch.zeros_like(ce))
+    teacher_logits = teacher_logits.detach()  # the target is a constant
+    kl = per_example(distill_kl(teacher_logits, student_logits, direction, temperature), mask)
+    w = alpha * torch.ones_like(ce) if anchor_loss is None else aw_weights(anchor_loss, gold_ce(teacher_logits, y, mask))
+    return scd_loss(kl, ce, w), dict(ce=ce, kl=kl, w=w)
+
+
+# -----------------------------------------------------------------------------
+# METHOD.md sections 2.1 and 2.3: the best teacher, and which checkpoint each stage distils from
+
+def best_checkpoint(val_losses):
+    """T*: the checkpoint with the lowest validation loss (the earliest on a tie)."""
+    return min(range(len(val_losses)), key=val_losses.__getitem__)
+
+
+def scd_checkpoint(best_lp, ckpt_lps, student_lp, student_term="flipped", prev=None, monotone=False):
+    """c_k = argmin_c KL(p_T* || p_c) + KL(p_student || p_c), both averaged over the probe's
+    answer tokens. -> (c_k, kl_best, kl_student), the two terms listed per candidate.
+
+    best_lp: log-probs of T* on the probe, (N, V); ckpt_lps: the candidates' log-probs, one
+    (N, V) tensor each (any iterable: they can be made one at a time); student_lp: the
+    current student's. student_term "as_written" is KL(p_student || p_c) as the paper
+    writes it; "flipped", our default, is KL(p_c || p_student) (METHOD.md section 2.3 and
+    the README say why). monotone: no candidate before prev, the previous stage's choice.
+    """
+    kl_best, kl_student = [], []
+    for lp in ckpt_lps:
+        kl_best.append(token_kl(best_lp, lp).mean().item())
+        p, q = (student_lp, lp) if student_term == "as_written" else (lp, student_lp)
+        kl_student.append(token_kl(p, q).mean().item())
+    score = torch.tensor(kl_best) + torch.tensor(kl_student)
     if monotone and prev is not None:
         score[:prev] = float("inf")
-    return int(score.argmin())
+    return int(score.argmin()), kl_best, kl_student
+
+
+def fixed_checkpoint(policy, stage, n_stages, best):
+    """The fixed schedules, by index into the pool. kd: T* (best) at every stage. cd: stages
+    walk evenly spaced checkpoints from the first to T*, rounded to the nearest; a single
+    stage has no room to walk and distils from T*."""
+    if policy == "kd" or n_stages == 1:
+        return best
+    assert policy == "cd", f"unknown fixed schedule {policy!r}"
+    return round(stage * best / (n_stages - 1))
+
+
+def compress_logprobs(lp, k):
+    """Keep a checkpoint's probe log-probs (N, V) small: the k largest per token, and the
+    rest of the mass, which dense_logprobs spreads evenly over the other V - k tokens.
+    -> (values (N, k), indices (N, k)). At GPT-2's vocabulary this stores k/50257 of the
+    dense array; the KL error it causes is measured in the tests and the README."""
+    values, indices = lp.float().topk(min(k, lp.size(-1)), dim=-1)
+    return values, indices.int()
+
+
+def dense_logprobs(values, indices, vocab_size):
+    """The inverse of compress_logprobs: (N, V) log-probs, the tail mass spread evenly."""
+    N, k = values.shape
+    if k == vocab_size:
+        return torch.empty(N, vocab_size, device=values.device).scatter_(1, indices.long(), values)
+    tail = (1 - values.exp().sum(-1, keepdim=True)).clamp_min(1e-12) / (vocab_size - k)  # (N, 1)
+    return tail.log().expand(N, vocab_size).clone().scatter_(1, indices.long(), values)
 
 
 # -----------------------------------------------------------------------------

@@ -1,7 +1,20 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's top-level modules
 torch.set_num_threads(2)
+
+import data  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_domain(tmp_path_factory):
+    """A folder of JSONL cut from the default domain: small enough for seconds of training."""
+    folder = tmp_path_factory.mktemp("domain")
+    d = data.default_domain(0)
+    for split, n in (("train", 96), ("val", 24), ("test", 24)):
+        data.write_jsonl(d[split][::len(d[split]) // n][:n], folder / f"{split}.jsonl")
+    return folder

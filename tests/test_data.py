@@ -29,15 +29,32 @@ def test_end_of_text_in_user_text_is_not_a_special_token():
     assert data.GPT2_EOT not in data.Tokenizer().encode("a <|endoftext|> b")
 
 
-def test_compact_vocabulary_round_trips_and_maps_unknown_ids():
+def test_compact_vocabulary_round_trips_maps_unknown_ids_and_has_no_padding_rows():
     texts = ["Question: Where does Wendy Clark live?", "問: 田中彩の勤務先は?"]
     tok = data.Tokenizer.compact(texts)
-    assert tok.eot == 0 and tok.vocab_size % 64 == 0 and tok.vocab_size >= len(tok.ids)
+    assert tok.eot == 0 and tok.vocab_size == len(tok.ids), "every row of the model's vocabulary must be a token"
     for t in texts:
         assert tok.decode(tok.encode(t)) == t
         assert max(tok.encode(t)) < len(tok.ids)
-    assert tok.encode(" London") == [1]  # one GPT-2 token (3576) outside the domain: unknown
+    assert tok.encode(" London") == [1]  # one GPT-2 token (3576) outside the vocabulary: unknown
+    assert tok.decode([1]) == ""
     assert data.Tokenizer(tok.ids).encode(texts[0]) == tok.encode(texts[0])  # rebuilt from the saved list
+    assert data.Tokenizer().vocab_size == 50257
+
+
+def test_noisy_default_domain_has_the_same_prompts_and_clean_held_out_splits():
+    clean, noisy = data.default_domain(0, noise=0.0), data.default_domain(0)
+    assert [e["prompt"] for e in clean["train"]] == [e["prompt"] for e in noisy["train"]]
+    assert clean["val"] == noisy["val"] and clean["test"] == noisy["test"]
+    wrong = [(c, n) for c, n in zip(clean["train"], noisy["train"]) if c["answer"] != n["answer"]]
+    assert abs(len(wrong) / len(clean["train"]) - data.NOISE) < 0.02
+    assert all(n.get("noisy") for _, n in wrong) and sum(e.get("noisy", False) for e in noisy["train"]) == len(wrong)
+    for c, n in wrong:  # a wrong answer of the right form
+        if c["subdomain"].startswith("cls"):
+            assert {c["answer"], n["answer"]} in ({" positive", " negative"}, {"良", "悪"})
+        elif c["subdomain"].startswith("ner"):
+            assert [x.split(": ")[1] for x in c["answer"].split("; ")] == [x.split(": ")[1] for x in n["answer"].split("; ")]
+    assert data.load_domain("default:0")["train"] == clean["train"]
 
 
 def test_default_domain_is_deterministic_with_disjoint_splits():
@@ -123,6 +140,20 @@ def test_example_longer_than_the_context_is_an_error_naming_its_line(tmp_path):
         data.encode(exs, data.Tokenizer(), block_size=32)
 
 
+def test_byte_order_mark_is_accepted(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes("\ufeff".encode("utf-8") + b'{"prompt": "a", "answer": "b"}\n')
+    assert data.load_jsonl(p)[0]["prompt"] == "a"
+
+
+def test_entity_f1_only_where_answers_are_entity_lists():
+    recs = [dict(subdomain="qa", prediction="London", answer="Paris", correct=False, loss=1.0),
+            dict(subdomain="ner", prediction="PER: A", answer="PER: A", correct=True, loss=1.0)]
+    s = data.summarize(recs)
+    assert "f1/ner" in s and "f1/qa" not in s  # not a 0.000 that means nothing
+    assert "f1/ner" not in data.summarize([{k: v for k, v in recs[1].items() if k != "prediction"}])  # nothing decoded
+
+
 def test_summary_accuracy_per_subdomain_and_entity_f1_by_hand():
     recs = [dict(subdomain="ner_en", prediction="PER: A; LOC: B", answer="PER: A; LOC: B", correct=True, loss=1.0),
             dict(subdomain="ner_en", prediction="PER: A; ORG: C", answer="PER: A; LOC: C", correct=False, loss=2.0),
@@ -136,8 +167,9 @@ def test_summary_accuracy_per_subdomain_and_entity_f1_by_hand():
 
 
 def test_parity_label_is_the_xor_of_the_hidden_support_and_splits_are_disjoint():
-    d = data.parity_domain(0, 12, 3, (1000, 200, 200))
-    support = data.parity_support(0, 12, 3)
+    from parity import parity_domain, parity_support
+    d = parity_domain(0, 12, 3, (1000, 200, 200))
+    support = parity_support(0, 12, 3)
     bits = lambda ex: [int(b) for b in ex["prompt"].rstrip(" =").split()]
     for split in d.values():
         assert all(ex["answer"] == f" {sum(bits(ex)[i] for i in support) % 2}" for ex in split)
@@ -146,5 +178,5 @@ def test_parity_label_is_the_xor_of_the_hidden_support_and_splits_are_disjoint()
     assert 0.4 < agree < 0.6  # a wrong subset is no better than chance
     prompts = [set(ex["prompt"] for ex in d[s]) for s in ("train", "val", "test")]
     assert not (prompts[0] & prompts[1]) and not (prompts[0] & prompts[2]) and not (prompts[1] & prompts[2])
-    assert data.parity_domain(0, 12, 3, (1000, 200, 200)) == d != data.parity_domain(1, 12, 3, (1000, 200, 200))  # seeded
-    assert data.load_domain("parity:16:2")["test"] == data.parity_domain()["test"]  # --data parity:N:K, defaults
+    assert parity_domain(0, 12, 3, (1000, 200, 200)) == d != parity_domain(1, 12, 3, (1000, 200, 200))  # seeded
+    assert data.load_domain("parity:16:2")["test"] == parity_domain()["test"]  # --data parity:N:K, defaults

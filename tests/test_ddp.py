@@ -9,7 +9,7 @@ import torch
 
 import distill
 import train_teacher as tt
-from test_train import cfg, tiny_domain  # noqa: F401 (fixture)
+from test_train import cfg
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +27,7 @@ def max_diff(a, b):
     return max((wa[k] - wb[k]).abs().max().item() for k in wa)
 
 
-def test_two_processes_train_and_distil_like_one(tiny_domain, tmp_path):  # noqa: F811
+def test_two_processes_train_and_distil_like_one(tiny_domain, tmp_path):
     # teacher SFT: 2 epochs of 6 steps, 16 examples per step = 8 per process
     one, two = tmp_path / "one", tmp_path / "two"
     tt.train(cfg(tiny_domain, one, ckpt_per_epoch=1))

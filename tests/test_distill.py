@@ -1,56 +1,116 @@
 import json
+import math
+import re
 import shutil
 
 import pytest
 import torch
 
+import common
+import data
 import distill
 import train_teacher as tt
-from test_train import cfg, tiny_domain  # noqa: F401 (fixture)
+from test_train import cfg
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_domain, tmp_path_factory):  # noqa: F811
+def runs(tiny_domain, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     tt.train(cfg(tiny_domain, root / "teacher", preset="teacher"))
     tt.train(cfg(tiny_domain, root / "sft"))
     return root
 
 
-def dcfg(tiny_domain, runs, name, **kw):  # noqa: F811
+def dcfg(tiny_domain, runs, name, **kw):
     return distill.DistillConfig(**{**dict(data=str(tiny_domain), teacher_dir=str(runs / "teacher"),
                                            anchor_dir=str(runs / "sft"), out_dir=str(runs / name), stages=2,
                                            steps_per_stage=4, probe_size=16, log_every=1000), **kw})
 
 
 @pytest.mark.parametrize("method, aw", [("sft", False), ("kd", False), ("cd", False), ("scd", False), ("scd", True)])
-def test_each_method_writes_its_schedule_and_two_students(tiny_domain, runs, method, aw):  # noqa: F811
-    distill.main(dcfg(tiny_domain, runs, f"{method}{aw}", method=method, aw=aw))
+def test_each_method_writes_its_schedule_and_two_students(tiny_domain, runs, method, aw):
+    distill.main(dcfg(tiny_domain, runs, f"{method}{aw}", method=method, aw=aw, stages=3))
     out = runs / f"{method}{aw}"
     sched = json.loads((out / "schedule.json").read_text())
     chosen = [s.get("ckpt") for s in sched["stages"]]
-    assert len(chosen) == 2 and (out / "best.pt").exists() and (out / "final.pt").exists()
+    assert len(chosen) == 3 and (out / "best.pt").exists() and (out / "final.pt").exists()
     best = sched["best"]
-    assert chosen == {"sft": [None, None], "kd": [best, best], "cd": [0, best]}.get(method, chosen)
-    if method == "scd":  # both KL terms logged for every candidate, and the choice is their argmin
-        for s in sched["stages"]:
-            score = [a + b for a, b in zip(s["kl_best"], s["kl_student"])]
-            assert len(score) == len(sched["pool"]) and s["ckpt"] == score.index(min(score))
+    assert best == 3  # 4 checkpoints, the last has the lowest validation loss in this tiny run
+    if method != "scd":
+        assert chosen == {"sft": [None] * 3, "kd": [best] * 3, "cd": [0, 2, 3]}[method]  # cd: round(0, 1.5, 3)
     assert len((out / "test_records_best.jsonl").read_text().splitlines()) == 24
+    assert "prediction" in json.loads((out / "test_records_best.jsonl").read_text().splitlines()[0])  # decoded on test
 
 
-def test_clear_errors_for_missing_teacher_and_anchor(tiny_domain, runs, tmp_path):  # noqa: F811
-    with pytest.raises(SystemExit, match="no manifest.json"):
+def test_scd_schedule_terms_match_an_independent_computation(tiny_domain, runs):
+    """Stage 0's logged KL terms, recomputed here from the checkpoint files, the probe and the
+    student's seeded initialisation, without the probe cache or scd.scd_checkpoint."""
+    distill.main(dcfg(tiny_domain, runs, "scd_exact", method="scd", stages=1, probe_topk=10_000))
+    st = json.loads((runs / "scd_exact" / "schedule.json").read_text())["stages"][0]
+    splits, tok, student, enc = tt.prepare(str(tiny_domain), "student", seed=0)
+    probe = tt.probe_examples(enc["train"], 16, seed=0)
+    x, y, mask = data.make_batch(probe, range(len(probe)), tok.eot)
+    lp = lambda m: torch.log_softmax(m.eval()(x, positions=mask), -1).detach()
+    m = json.loads((runs / "teacher" / "manifest.json").read_text())
+    cands = [lp(tt.load_checkpoint(runs / "teacher" / c["file"])[0]) for c in m["checkpoints"]]
+    best, s_lp = cands[m["best"]], lp(student)
+    kl = lambda p, q: (p.exp() * (p - q)).sum(-1).mean().item()
+    assert st["kl_best"] == pytest.approx([kl(best, c) for c in cands], rel=1e-4, abs=1e-6)
+    assert st["kl_student"] == pytest.approx([kl(c, s_lp) for c in cands], rel=1e-4, abs=1e-6)
+    score = [a + b for a, b in zip(st["kl_best"], st["kl_student"])]
+    assert st["ckpt"] == score.index(min(score))
+
+
+def test_aw_reads_each_examples_own_anchor_loss(tiny_domain, runs, tmp_path):
+    """An anchor of 1e6 on even-numbered training examples and 1e-6 on odd ones makes w about 1
+    on even and 0 on odd examples, so the mean w logged at each step is the share of even
+    indices in that step's batch."""
+    anchor = tmp_path / "anchor"
+    anchor.mkdir()
+    shutil.copy(runs / "sft" / "config.json", anchor)
+    fp = json.loads((runs / "sft" / "train_losses.json").read_text())["fingerprint"]
+    (anchor / "train_losses.json").write_text(json.dumps(dict(fingerprint=fp, loss=[1e6 if i % 2 == 0 else 1e-6 for i in range(96)])))
+    distill.main(dcfg(tiny_domain, runs, "aw_lookup", method="kd", aw=True, stages=1, steps_per_stage=6, log_every=1,
+                      anchor_dir=str(anchor)))
+    logged = [float(re.search(r"\| w (\S+) \|", line).group(1)) for line in (runs / "aw_lookup" / "log.txt").read_text().splitlines()]
+    _, _, _, enc = tt.prepare(str(tiny_domain), "student", seed=0)
+    lengths = [len(p) + len(a) for p, a in enc["train"]]
+    want = [sum(i % 2 == 0 for i in data.batch_indices(lengths, 16, 0, step)) / 16 for step in range(6)]
+    assert len(set(want)) > 1, "the check needs batches with different shares"
+    assert logged == pytest.approx(want, abs=2e-3), f"mean w per step: expected {want}, got {logged}"
+
+
+def test_zero_anchor_losses_train_and_a_nan_stops_the_run_loudly(tiny_domain, runs, tmp_path):
+    anchor = tmp_path / "anchor"
+    anchor.mkdir()
+    shutil.copy(runs / "sft" / "config.json", anchor)
+    fp = json.loads((runs / "sft" / "train_losses.json").read_text())["fingerprint"]
+    (anchor / "train_losses.json").write_text(json.dumps(dict(fingerprint=fp, loss=[0.0] * 96)))
+    res = distill.main(dcfg(tiny_domain, runs, "zeros", method="scd", aw=True, anchor_dir=str(anchor)))
+    assert math.isfinite(res["final"]["loss"])
+    (anchor / "train_losses.json").write_text(json.dumps(dict(fingerprint=fp, loss=[0.0, float("nan")] * 48)))
+    with pytest.raises(common.RunError, match=r"non-finite w, loss at step \d+ \(stage 0\)"):
+        distill.main(dcfg(tiny_domain, runs, "nan", method="scd", aw=True, anchor_dir=str(anchor)))
+    assert not (runs / "nan" / "state.pt").exists()  # nothing saved after a bad step
+
+
+def test_start_init_must_match_the_sft_students_init(tiny_domain, runs):
+    with pytest.raises(common.RunError, match=r"--seed 1 differs from the SFT student's \(0"):
+        distill.main(dcfg(tiny_domain, runs, "seed1", method="kd", seed=1))
+
+
+def test_clear_errors_for_missing_teacher_and_anchor(tiny_domain, runs, tmp_path):
+    with pytest.raises(common.RunError, match="no manifest.json"):
         distill.main(dcfg(tiny_domain, runs, "x", teacher_dir=str(tmp_path)))
-    with pytest.raises(SystemExit, match="train_losses.json: missing"):
+    with pytest.raises(common.RunError, match="train_losses.json: missing"):
         distill.main(dcfg(tiny_domain, runs, "y", aw=True, anchor_dir=str(tmp_path)))
     bad = tmp_path / "train_losses.json"
     bad.write_text(json.dumps(dict(fingerprint="0" * 16, loss=[1.0] * 96)))
-    with pytest.raises(SystemExit, match="made for other training data"):
+    with pytest.raises(common.RunError, match="made for other training data"):
         distill.main(dcfg(tiny_domain, runs, "z", aw=True, anchor_dir=str(tmp_path)))
 
 
-def test_interrupted_run_resumes_to_the_same_students(tiny_domain, runs):  # noqa: F811
+def test_interrupted_run_resumes_to_the_same_students(tiny_domain, runs):
     kw = dict(method="scd", aw=True, stages=3)
     distill.main(dcfg(tiny_domain, runs, "whole", **kw))
     assert distill.main(dcfg(tiny_domain, runs, "cut", stop_at_stage=1, **kw)) is None
@@ -61,11 +121,11 @@ def test_interrupted_run_resumes_to_the_same_students(tiny_domain, runs):  # noq
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert (json.loads((runs / "whole" / "schedule.json").read_text())
             == json.loads((runs / "cut" / "schedule.json").read_text()))
-    with pytest.raises(SystemExit, match="another config"):  # a changed command is refused, not mixed in
+    with pytest.raises(common.RunError, match="another config"):  # a changed command is refused, not mixed in
         distill.main(dcfg(tiny_domain, runs, "cut", **{**kw, "lr": 1e-3}))
 
 
-def test_clear_errors_for_bad_teacher_folders(tiny_domain, runs, tmp_path):  # noqa: F811
+def test_clear_errors_for_bad_teacher_folders(tiny_domain, runs, tmp_path):
     def teacher_copy(name):
         d = tmp_path / name
         shutil.copytree(runs / "teacher", d)
@@ -73,13 +133,13 @@ def test_clear_errors_for_bad_teacher_folders(tiny_domain, runs, tmp_path):  # n
 
     d, m = teacher_copy("empty")
     (d / "manifest.json").write_text(json.dumps({**m, "checkpoints": []}))
-    with pytest.raises(SystemExit, match="lists no checkpoints"):
+    with pytest.raises(common.RunError, match="lists no checkpoints"):
         distill.main(dcfg(tiny_domain, runs, "e", teacher_dir=str(d)))
 
     d, m = teacher_copy("corrupt")  # a truncated checkpoint file is named in the error
     bad = d / m["checkpoints"][0]["file"]
     bad.write_bytes(bad.read_bytes()[:1000])
-    with pytest.raises(RuntimeError, match=f"{bad.name}: not a readable checkpoint"):
+    with pytest.raises(common.RunError, match=f"{bad.name}: not a readable checkpoint"):
         distill.main(dcfg(tiny_domain, runs, "c", teacher_dir=str(d)))
 
     for field, change in (("vocab", lambda ck: ck["vocab"][:-1] + [99999]),
@@ -92,5 +152,5 @@ def test_clear_errors_for_bad_teacher_folders(tiny_domain, runs, tmp_path):  # n
             wpe = ck["model"]["transformer.wpe.weight"]
             ck["model"]["transformer.wpe.weight"] = torch.cat([wpe, wpe])
         torch.save(ck, path)
-        with pytest.raises(SystemExit, match="another vocabulary or context length"):
+        with pytest.raises(common.RunError, match="another vocabulary or context length"):
             distill.main(dcfg(tiny_domain, runs, "v", teacher_dir=str(d)))

@@ -1,24 +1,52 @@
 import json
+import subprocess
+import sys
+from pathlib import Path
 
+import gpu_check
 import reproduce
-from test_train import tiny_domain  # noqa: F401 (fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_one_command_writes_the_report_and_reuses_finished_phases(tiny_domain, tmp_path, capsys):  # noqa: F811
+def test_one_command_writes_the_report_and_reuses_finished_phases(tiny_domain, tmp_path, capsys):
     cfg = reproduce.ReproduceConfig(data=str(tiny_domain), out_dir=str(tmp_path / "runs"), report_dir=str(tmp_path / "rep"),
-                                    seeds=2, teacher_epochs=2, student_epochs=2, stages=2, steps_per_stage=3, probe_size=16)
+                                    seeds=2, teacher_epochs=2, student_epochs=2, stages=2, probe_size=16, budgets="1,2")
     path = reproduce.main(cfg)
     text = path.read_text()
-    for row in ("teacher", "SFT student", "KD", "CD", "SCD", "SCD+AW"):
+    for row in ("teacher", "SFT student", "SFT, stages", "KD", "CD", "SCD", "SCD+AW"):
         assert f"| {row} |" in text
-    for png in ("teacher", "schedule", "aw_weights", "decomposition", "subdomains"):
+    for png in ("teacher", "schedule", "aw_weights", "decomposition", "subdomains", "budget"):
         assert (tmp_path / "rep" / f"{png}.png").stat().st_size > 10_000
     # the table's teacher average is the mean over seeds of what each teacher run measured on test
     accs = [json.loads((tmp_path / "runs" / f"seed{s}" / "teacher" / "manifest.json").read_text())["test"]["acc"]
             for s in (0, 1)]
     row = next(line for line in text.splitlines() if line.startswith("| teacher |"))
     assert row.split("**")[1].startswith(f"{(accs[0] + accs[1]) / 2:.3f} ± ")
-    capsys.readouterr()
+    # a claim row carries each seed's difference, and the verdict follows from them
+    kd = [json.loads((tmp_path / "runs" / f"seed{s}" / "kd" / "results.json").read_text())["best"]["acc"] for s in (0, 1)]
+    sft = [json.loads((tmp_path / "runs" / f"seed{s}" / "student_sft" / "manifest.json").read_text())["test"]["acc"] for s in (0, 1)]
+    claim = next(line for line in text.splitlines() if line.startswith("| (a) KD > SFT student |"))
+    assert f"per seed: {kd[0] - sft[0]:+.3f}, {kd[1] - sft[1]:+.3f}" in claim
+    # each distilled student got the SFT student's steps: 2 epochs of 96 // 16 = 6 steps, in 2 stages
+    assert json.loads((tmp_path / "runs" / "seed0" / "kd" / "config.json").read_text())["steps_per_stage"] == 6
+    assert "finished phases reused" not in capsys.readouterr().out
     reproduce.main(cfg)  # everything finished: every phase of both seeds is reused
-    assert capsys.readouterr().out.count("finished: nothing to do") == 2 * 6
+    out = capsys.readouterr().out
+    assert out.count("finished: nothing to do") == 2 * 9 and "(18 finished phases reused)" in out
     assert path.read_text() == text  # the same report, wall times included (each run keeps its own)
+
+
+def test_gpu_check_runs_on_cpu_at_small_shapes(tiny_domain, tmp_path):
+    summary = gpu_check.main(gpu_check.GpuCheckConfig(out_dir=str(tmp_path), small=True, data=str(tiny_domain), device="cpu"))
+    assert [r["dtype"] for r in summary["steps"]] == ["bfloat16", "float16"]
+    assert all(r["distill_ms"] > 0 and r["peak_mem_GiB"] > 0 for r in summary["steps"])
+    assert "| bfloat16 |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_bench_prints_medians_and_spread():
+    r = subprocess.run([sys.executable, "bench.py", "--steps", "2", "--rounds", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-2])  # the JSON line, before the wall time
+    lo, hi = out["ratio_range"]
+    assert lo <= out["ratio"] <= hi and out["vocab"] == 378 and out["tokens_per_step"] > 0

@@ -1,3 +1,7 @@
+"""The method's equations (METHOD.md), each checked on a case small enough to verify by hand.
+Expected values come from plain-Python formulas here, never from the code under test, so a
+plausible one-line bug (a swapped direction, an inverted ratio, a missing factor) fails
+with the expected and the computed value side by side."""
 import math
 
 import pytest
@@ -7,7 +11,22 @@ from torch.nn import functional as F
 import scd
 
 
-def test_token_kl_matches_torch_kl_div():
+def kl(p, q):
+    """KL(p || q) of two probability lists, by the textbook formula."""
+    return sum(a * math.log(a / b) for a, b in zip(p, q))
+
+
+def logits(*rows):
+    """Probability rows -> logits whose softmax gives them back."""
+    return torch.tensor(rows, dtype=torch.float64).log().float()
+
+
+TEACHER, STUDENT = [0.9, 0.1], [0.5, 0.5]
+
+
+# --- section 2.4: the distillation KL -------------------------------------------------
+
+def test_token_kl_matches_torch_kl_div_and_is_zero_on_itself():
     torch.manual_seed(0)
     p, q = torch.randn(7, 11), torch.randn(7, 11)
     ref = F.kl_div(F.log_softmax(q, -1), F.log_softmax(p, -1), log_target=True, reduction="none").sum(-1)
@@ -15,87 +34,205 @@ def test_token_kl_matches_torch_kl_div():
     torch.testing.assert_close(scd.token_kl(p, p), torch.zeros(7), atol=1e-6, rtol=0)
 
 
-def test_kl_ignores_padded_vocabulary_rows_and_runs_in_float32():
+def test_forward_kl_is_teacher_to_student_and_reverse_the_other_way():
+    t, s = logits(TEACHER), logits(STUDENT)
+    # forward KL(p_c || p_student) = 0.9 ln 1.8 + 0.1 ln 0.2 = 0.3681; reverse = 0.5108
+    assert scd.distill_kl(t, s).item() == pytest.approx(kl(TEACHER, STUDENT), abs=1e-5)
+    assert scd.distill_kl(t, s, "reverse").item() == pytest.approx(kl(STUDENT, TEACHER), abs=1e-5)
+
+
+def test_temperature_softens_both_and_scales_by_its_square():
+    t, s, T = logits(TEACHER), logits(STUDENT), 2.0
+    soft = lambda p: [x ** (1 / T) / sum(y ** (1 / T) for y in p) for x in p]  # softmax(log p / T)
+    assert scd.distill_kl(t, s, temperature=T).item() == pytest.approx(T ** 2 * kl(soft(TEACHER), soft(STUDENT)), abs=1e-5)
+    # at T = 1 nothing changes
+    assert scd.distill_kl(t, s, temperature=1.0).item() == pytest.approx(kl(TEACHER, STUDENT), abs=1e-5)
+
+
+def test_kl_runs_in_float32_for_low_precision_logits():
     torch.manual_seed(0)
     p, q = torch.randn(5, 10), torch.randn(5, 10)
-    pad_p = torch.cat([p, torch.full((5, 6), 30.0)], 1)  # huge logits in 6 padding columns
-    pad_q = torch.cat([q, torch.full((5, 6), -30.0)], 1)
-    torch.testing.assert_close(scd.token_kl(pad_p.bfloat16(), pad_q.bfloat16(), n_real=10),
-                               scd.token_kl(p.bfloat16().float(), q.bfloat16().float()))
     assert scd.token_kl(p.bfloat16(), q.bfloat16()).dtype == torch.float32
+    torch.testing.assert_close(scd.token_kl(p.bfloat16(), q.bfloat16()), scd.token_kl(p.bfloat16().float(), q.bfloat16().float()))
 
 
-def test_directions_and_temperature():
-    torch.manual_seed(0)
-    t, s = torch.randn(4, 9), torch.randn(4, 9)
-    torch.testing.assert_close(scd.distill_kl(t, s), scd.token_kl(t, s))
-    torch.testing.assert_close(scd.distill_kl(t, s, "reverse"), scd.token_kl(s, t))
-    torch.testing.assert_close(scd.distill_kl(t, s, temperature=2.0), 4 * scd.token_kl(t / 2, s / 2))
-
+# --- section 2.4: per-example means, gold CE, AW, the mixed loss ------------------------
 
 def test_per_example_mean_ignores_positions_outside_the_mask():
     mask = torch.tensor([[False, True, True, False], [True, False, False, False]])
     # values exist only at the 3 masked positions (row-major): example 0 gets 1 and 3, example 1 gets 5
-    torch.testing.assert_close(scd.per_example(torch.tensor([1.0, 3.0, 5.0]), mask), torch.tensor([2.0, 5.0]))
+    got = scd.per_example(torch.tensor([1.0, 3.0, 5.0]), mask)
+    assert got.tolist() == [2.0, 5.0], f"expected [2.0, 5.0] (example 0: mean of 1 and 3; example 1: 5), got {got.tolist()}"
 
 
-def test_aw_weights_by_hand_and_constant():
+def test_gold_ce_is_the_mean_over_each_examples_answer_tokens():
+    mask = torch.tensor([[True, True], [True, False]])
+    y = torch.tensor([[0, 1], [1, 0]])
+    lg = logits([0.5, 0.5], [0.25, 0.75], [0.8, 0.2])  # the three answer positions, in row-major order
+    want = [(-math.log(0.5) - math.log(0.75)) / 2, -math.log(0.2)]
+    torch.testing.assert_close(scd.gold_ce(lg, y, mask), torch.tensor(want), atol=1e-5, rtol=0)
+
+
+def test_aw_weight_by_hand_and_constant():
     l_s = torch.tensor([1.0, 3.0, 1.0], requires_grad=True)
     l_c = torch.tensor([1.0, 1.0, 3.0], requires_grad=True)
     w = scd.aw_weights(l_s, l_c)
-    torch.testing.assert_close(w, torch.tensor([0.5, 0.75, 0.25]))
+    # w = l_S / (l_S + l_c): equal losses 0.5; the SFT student worse (3 vs 1): 0.75, imitate the teacher
+    assert w.tolist() == pytest.approx([0.5, 0.75, 0.25]), f"expected l_S / (l_S + l_c) = [0.5, 0.75, 0.25], got {w.tolist()}"
     assert not w.requires_grad  # weights are constants
 
 
-def test_scd_loss_gradient_reaches_the_student_only():
+def test_aw_weight_is_defined_at_zero_and_tiny_losses():
+    # converged models give losses of exactly 0: equal losses (zeros too) mean 0.5; a zero
+    # against a real loss is the limit of l_S / (l_S + l_c)
+    l_s = torch.tensor([0.0, 0.0, 0.5, 1e-30, 1e-7, 0.0])
+    l_c = torch.tensor([0.0, 0.5, 0.0, 1e-30, 1e-7, float.fromhex("0x1p-149")])  # the last: the smallest float32
+    w = scd.aw_weights(l_s, l_c)
+    assert torch.isfinite(w).all(), f"AW weights must be finite, got {w.tolist()}"
+    assert w.tolist() == pytest.approx([0.5, 0.0, 1.0, 0.5, 0.5, 0.5], abs=1e-6)
+
+
+def test_mixed_loss_weights_the_kl_by_w_and_the_ce_by_one_minus_w():
+    kl_, ce = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 4.0])
+    # example 0: 0.75 * 2 = 1.5; example 1: (1 - 0.25) * 4 = 3; mean 2.25
+    got = scd.scd_loss(kl_, ce, torch.tensor([0.75, 0.25])).item()
+    assert got == pytest.approx(2.25), f"expected mean(0.75*2 + 0.25*0, 0.25*0 + 0.75*4) = 2.25, got {got}"
+    assert scd.scd_loss(kl_, ce, 0.5).item() == pytest.approx(1.5)
+
+
+def test_distill_loss_by_hand_for_sft_fixed_alpha_and_aw():
+    mask = torch.tensor([[True], [True]])
+    y = torch.tensor([[0], [0]])
+    s, t = logits(STUDENT, STUDENT), logits(TEACHER, [0.5, 0.5])
+    ce, kl0 = -math.log(0.5), kl(TEACHER, STUDENT)  # the student's CE on either example; example 0's KL (example 1's is 0)
+    loss, terms = scd.distill_loss(s, None, y, mask)
+    assert loss.item() == pytest.approx(ce, abs=1e-5) and terms["w"].tolist() == [0.0, 0.0]  # SFT: w = 0
+    loss, terms = scd.distill_loss(s, t, y, mask, alpha=0.2)
+    assert loss.item() == pytest.approx((0.2 * kl0 + 0.8 * ce + 0.8 * ce) / 2, abs=1e-5)
+    # AW: the checkpoint's gold CE is -ln 0.9 on example 0 and -ln 0.5 on example 1
+    anchor = torch.tensor([0.3, 0.1])
+    loss, terms = scd.distill_loss(s, t, y, mask, anchor_loss=anchor)
+    w = [0.3 / (0.3 - math.log(0.9)), 0.1 / (0.1 - math.log(0.5))]
+    assert terms["w"].tolist() == pytest.approx(w, abs=1e-5), f"expected w = l_S / (l_S + l_c) = {w}, got {terms['w'].tolist()}"
+    assert loss.item() == pytest.approx((w[0] * kl0 + (1 - w[0]) * ce + (1 - w[1]) * ce) / 2, abs=1e-5)
+
+
+def test_a_distillation_step_stays_finite_with_zero_and_tiny_losses():
+    """The failure seen on converged runs: anchor losses of exactly 0 and a teacher whose gold
+    CE is 0 in float32 made w = 0/0 = NaN, and the run trained on NaN."""
     torch.manual_seed(0)
-    teacher = torch.randn(6, 8, requires_grad=True)
-    student = torch.randn(6, 8, requires_grad=True)
-    y = torch.randint(0, 8, (6,))
-    mask = torch.tensor([[True, True, True], [True, True, True]])
-    kl = scd.per_example(scd.distill_kl(teacher.detach(), student), mask)
-    ce = scd.per_example(F.cross_entropy(student, y, reduction="none"), mask)
-    l_c = scd.per_example(F.cross_entropy(teacher, y, reduction="none"), mask)
-    w = scd.aw_weights(torch.tensor([2.0, 0.5]), l_c)
-    scd.scd_loss(kl, ce, w).backward()
+    student = torch.nn.Linear(4, 6)
+    h = torch.randn(5, 4)
+    y = torch.tensor([[1], [2], [3], [4], [5]])
+    mask = torch.ones(5, 1, dtype=torch.bool)
+    teacher = torch.full((5, 6), -200.0).scatter(1, y, 200.0)  # a converged teacher: CE exactly 0 in float32
+    assert (scd.gold_ce(teacher, y, mask) == 0).all()
+    for anchor in (torch.zeros(5), torch.full((5,), 1e-30), torch.tensor([0, 1e-30, 1e-7, 0.5, 0])):
+        loss, terms = scd.distill_loss(student(h), teacher, y, mask, anchor_loss=anchor)
+        loss.backward()
+        assert torch.isfinite(loss) and all(torch.isfinite(v).all() for v in terms.values())
+        assert all(torch.isfinite(p.grad).all() for p in student.parameters())
+        student.zero_grad()
+
+
+def test_only_the_student_gets_gradients():
+    torch.manual_seed(0)
+    teacher, student = torch.randn(6, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True)
+    y, mask = torch.randint(0, 8, (2, 3)), torch.ones(2, 3, dtype=torch.bool)
+    loss, _ = scd.distill_loss(student, teacher, y, mask, anchor_loss=torch.tensor([2.0, 0.5]))
+    loss.backward()
     assert teacher.grad is None and student.grad.abs().sum() > 0
-    # and it is the weighted mean of the two terms, by hand
-    expect = ((w * kl + (1 - w) * ce).sum() / 2).item()
-    assert scd.scd_loss(kl, ce, w).item() == pytest.approx(expect)
 
 
-def logits(probs):
-    return torch.tensor([probs]).log()
+# --- sections 2.1 and 2.3: the best teacher and the schedule ---------------------------
+
+def test_best_teacher_is_the_lowest_validation_loss_earliest_on_ties():
+    assert scd.best_checkpoint([0.9, 0.31, 0.4, 0.31, 0.5]) == 1
 
 
-def test_scd_argmin_on_a_pool_with_a_known_answer():
-    # student A = uniform over 4 tokens, best teacher B = peaked. Pool: [C (far), A, B].
-    A, B, C = logits([0.25] * 4), logits([0.97, 0.01, 0.01, 0.01]), logits([0.01, 0.01, 0.01, 0.97])
-    pool = [C, A, B]
-    kl_best = [scd.token_kl(B, c).mean().item() for c in pool]
-    kl_student = [scd.token_kl(A, c).mean().item() for c in pool]
-    # by hand: c=A scores KL(B||A) = log 4 - H(B) = 1.2184; c=B scores KL(A||B) = 2.0805
-    assert kl_best[1] + kl_student[1] == pytest.approx(math.log(4) + (0.97 * math.log(0.97) + 0.03 * math.log(0.01)), abs=1e-4)
-    assert kl_best[2] + kl_student[2] == pytest.approx(0.25 * math.log(0.25 / 0.97) + 0.75 * math.log(25), abs=1e-4)
-    assert scd.choose_checkpoint("scd", 0, 3, best=2, kl_best=kl_best, kl_student=kl_student) == 1
-    # monotone: never back before the previous stage's choice
-    assert scd.choose_checkpoint("scd", 1, 3, best=2, kl_best=kl_best, kl_student=kl_student, prev=2, monotone=True) == 2
+# a pool built so that each plausible error picks another candidate: T* is candidate 1
+U, B, M, X = [0.34, 0.33, 0.33], [0.9, 0.05, 0.05], [0.5, 0.4, 0.1], [0.7, 0.28, 0.02]
+POOL, S = [U, B, M, X], [0.4, 0.3, 0.3]
+
+
+def test_schedule_terms_and_argmin_by_hand():
+    k, kl_best, kl_student = scd.scd_checkpoint(logits(B), [logits(c) for c in POOL], logits(S))
+    want_best = [kl(B, c) for c in POOL]      # KL(p_T* || p_c)
+    want_student = [kl(c, S) for c in POOL]   # flipped: KL(p_c || p_student)
+    assert kl_best == pytest.approx(want_best, abs=1e-5), f"KL(p_T* || p_c): expected {want_best}, got {kl_best}"
+    assert kl_student == pytest.approx(want_student, abs=1e-5), f"KL(p_c || p_student): expected {want_student}, got {kl_student}"
+    # the sums: U 0.695, B 0.551, M 0.484, X 0.438 -> X. KL(p_c || p_T*) instead would choose B,
+    # KL(p_T* || p_c) alone B, the student term alone U
+    assert k == 3, f"expected candidate 3 (the smallest sum), got {k}"
+
+
+def test_schedule_student_term_as_written():
+    k, _, kl_student = scd.scd_checkpoint(logits(B), [logits(c) for c in POOL], logits(S), "as_written")
+    want = [kl(S, c) for c in POOL]  # KL(p_student || p_c)
+    assert kl_student == pytest.approx(want, abs=1e-5), f"KL(p_student || p_c): expected {want}, got {kl_student}"
+    assert k == 2, f"expected candidate 2 as written (sums 0.695, 0.751, 0.470, 0.491), got {k}"
+
+
+def test_schedule_monotone_never_goes_back():
+    assert scd.scd_checkpoint(logits(B), [logits(c) for c in POOL], logits(S), monotone=True, prev=3)[0] == 3
+    assert scd.scd_checkpoint(logits(B), [logits(c) for c in POOL], logits(S), monotone=False, prev=3)[0] == 3
+    k, _, _ = scd.scd_checkpoint(logits(B), [logits(c) for c in POOL[:3]] + [logits(U)], logits(S), monotone=True, prev=3)
+    assert k == 3  # only candidate 3 is allowed, however bad
+
+
+def test_student_term_directions_on_a_sharp_checkpoint():
+    """A uniform student and a sharp checkpoint: as written, KL(p_student || p_c) charges the
+    sharp checkpoint log(0.25/0.01) on each of the student's three wrong tokens, far more than
+    the flipped direction: how the as-written schedule can stall on early, diffuse checkpoints."""
+    uniform, sharp = [0.25] * 4, [0.97, 0.01, 0.01, 0.01]
+    _, _, as_written = scd.scd_checkpoint(logits(sharp), [logits(sharp)], logits(uniform), "as_written")
+    _, _, flipped = scd.scd_checkpoint(logits(sharp), [logits(sharp)], logits(uniform), "flipped")
+    assert as_written[0] == pytest.approx(kl(uniform, sharp), abs=1e-5) and flipped[0] == pytest.approx(kl(sharp, uniform), abs=1e-5)
+    assert as_written[0] > 1.5 * flipped[0]  # 2.08 vs 1.22
 
 
 def test_kd_and_cd_schedules():
-    assert [scd.choose_checkpoint("kd", k, 4, best=6) for k in range(4)] == [6, 6, 6, 6]
-    assert [scd.choose_checkpoint("cd", k, 4, best=6) for k in range(4)] == [0, 2, 4, 6]
-    assert scd.choose_checkpoint("cd", 0, 1, best=6) == 6  # one stage: straight to T*
+    assert [scd.fixed_checkpoint("kd", k, 4, best=6) for k in range(4)] == [6, 6, 6, 6]
+    assert [scd.fixed_checkpoint("cd", k, 4, best=6) for k in range(4)] == [0, 2, 4, 6]
+    got = [scd.fixed_checkpoint("cd", k, 4, best=5) for k in range(4)]
+    assert got == [0, 2, 3, 5], f"evenly spaced from 0 to T* = 5, rounded to the nearest (0, 1.67, 3.33, 5): expected [0, 2, 3, 5], got {got}"
+    assert scd.fixed_checkpoint("cd", 0, 1, best=6) == 6  # one stage: straight to T*
 
 
-def test_student_term_directions_by_hand():
-    """A uniform student and a sharp checkpoint over 4 tokens: the two directions differ, and
-    as written (KL(student || c)) punishes the sharp checkpoint more, which is how the
-    as-written schedule can stall on early, diffuse checkpoints (METHOD.md section 2)."""
-    student = torch.full((1, 4), 0.25).log()
-    sharp = torch.tensor([[0.97, 0.01, 0.01, 0.01]]).log()
-    as_written = 0.25 * math.log(0.25 / 0.97) + 0.75 * math.log(0.25 / 0.01)
-    flipped = math.log(4) + 0.97 * math.log(0.97) + 0.03 * math.log(0.01)  # log V - H(c)
-    assert scd.student_term(student, sharp, "as_written") == pytest.approx(as_written, rel=1e-5)
-    assert scd.student_term(student, sharp, "flipped") == pytest.approx(flipped, rel=1e-5)
-    assert as_written > flipped
+def test_compressed_probe_is_exact_when_it_keeps_everything_and_close_when_it_keeps_the_top():
+    torch.manual_seed(0)
+    lp = torch.log_softmax(3 * torch.randn(50, 40), -1)
+    v, i = scd.compress_logprobs(lp, 40)
+    torch.testing.assert_close(scd.dense_logprobs(v, i, 40), lp)
+    v, i = scd.compress_logprobs(lp, 8)
+    approx = scd.dense_logprobs(v, i, 40)
+    torch.testing.assert_close(approx.logsumexp(-1), torch.zeros(50), atol=1e-5, rtol=0)  # still sums to 1
+    torch.testing.assert_close(approx.gather(1, i.long()), lp.gather(1, i.long()))  # the kept log-probs are exact
+    other = torch.log_softmax(3 * torch.randn(50, 40), -1)
+    exact, got = scd.token_kl(lp, other).mean(), scd.token_kl(approx, other).mean()
+    assert abs(got - exact) < 0.02 * exact, f"top-8 of 40 changed a KL of {exact:.4f} to {got:.4f}"
+
+
+# --- section 1: the SFS/TFS decomposition ----------------------------------------------
+
+def test_decomposition_by_hand():
+    # 6 examples, 0/1 errors.      TFS = {0, 1} (teacher right, SFT wrong); SFS = {2}; ties {3, 4, 5}
+    r_t = [0, 0, 1, 0, 1, 0]
+    r_s = [1, 1, 0, 0, 1, 0]
+    r_d = [0, 1, 0, 1, 1, 0]  # a distilled student: fixes example 0, keeps SFS example 2
+    d = scd.decompose(r_t, r_s, r_d)
+    assert d["p_tfs"] == pytest.approx(2 / 6) and d["p_sfs"] == pytest.approx(1 / 6)
+    assert d["deficit"] == pytest.approx(2 / 6) and d["advantage"] == pytest.approx(1 / 6)
+    assert d["R_sft"] - d["R_teacher"] == pytest.approx(d["deficit"] - d["advantage"])  # the identity
+    assert d["recovered"] == pytest.approx(0.5)  # 1 of the 2 TFS errors fixed
+    assert d["kept"] == pytest.approx(1.0)       # the SFS example is still right
+
+
+def test_decomposition_per_subdomain_and_nothing_to_recover():
+    rec = lambda sub, c: dict(subdomain=sub, correct=c)
+    t = [rec("a", True), rec("a", False), rec("b", True)]
+    s = [rec("a", False), rec("a", True), rec("b", True)]
+    d = scd.decompose_records(t, s, [rec("a", True), rec("a", True), rec("b", False)])
+    assert d["a"]["recovered"] == 1.0 and d["a"]["kept"] == 1.0
+    assert math.isnan(d["b"]["recovered"]) and math.isnan(d["b"]["kept"])  # no TFS or SFS example in b
+    assert d["all"]["n"] == 3 and d["all"]["p_tfs"] == pytest.approx(1 / 3)

@@ -1,21 +1,18 @@
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import common
 import data
 import scd
 import train_teacher as tt
 
-
-@pytest.fixture(scope="module")
-def tiny_domain(tmp_path_factory):
-    """A folder of JSONL cut from the default domain: small enough for seconds of training."""
-    folder = tmp_path_factory.mktemp("domain")
-    d = data.default_domain(0)
-    for split, n in (("train", 96), ("val", 24), ("test", 24)):
-        data.write_jsonl(d[split][::len(d[split]) // n][:n], folder / f"{split}.jsonl")
-    return folder
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def cfg(tiny_domain, out, **kw):
@@ -68,27 +65,14 @@ def test_interrupted_run_resumes_to_identical_weights(tiny_domain, tmp_path):
 
 def test_resume_refuses_a_different_config(tiny_domain, tmp_path):
     tt.train(cfg(tiny_domain, tmp_path, stop_at_step=3))
-    with pytest.raises(SystemExit, match="another config"):
+    with pytest.raises(common.RunError, match="another config"):
         tt.train(cfg(tiny_domain, tmp_path, lr=1e-4))
 
 
 def test_corrupt_checkpoint_is_named_in_the_error(tmp_path):
     (tmp_path / "ckpt_000001.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="ckpt_000001.pt: not a readable checkpoint"):
+    with pytest.raises(common.RunError, match="ckpt_000001.pt: not a readable checkpoint"):
         tt.load_checkpoint(tmp_path / "ckpt_000001.pt")
-
-
-def test_decomposition_by_hand():
-    # 6 examples, 0/1 errors.      TFS = {0, 1} (teacher right, SFT wrong); SFS = {2}; ties {3, 4, 5}
-    r_t = [0, 0, 1, 0, 1, 0]
-    r_s = [1, 1, 0, 0, 1, 0]
-    r_d = [0, 1, 0, 1, 1, 0]  # a distilled student: fixes example 0, keeps SFS example 2
-    d = scd.decompose(r_t, r_s, r_d)
-    assert d["p_tfs"] == pytest.approx(2 / 6) and d["p_sfs"] == pytest.approx(1 / 6)
-    assert d["deficit"] == pytest.approx(2 / 6) and d["advantage"] == pytest.approx(1 / 6)
-    assert d["R_sft"] - d["R_teacher"] == pytest.approx(d["deficit"] - d["advantage"])  # the identity
-    assert d["recovered"] == pytest.approx(0.5)  # 1 of the 2 TFS errors fixed
-    assert d["kept"] == pytest.approx(1.0)       # the SFS example is still right
 
 
 def test_cpu_bf16_autocast_trains_with_finite_float32_losses(tiny_domain, tmp_path):
@@ -96,7 +80,7 @@ def test_cpu_bf16_autocast_trains_with_finite_float32_losses(tiny_domain, tmp_pa
     m = json.loads((tmp_path / "manifest.json").read_text())
     assert all(torch.isfinite(torch.tensor([c["train_loss"], c["val_loss"]])).all() for c in m["checkpoints"])
     assert torch.isfinite(torch.tensor(summary["loss"]))
-    _, _, ctx, scaler, _, _ = tt.setup_device("cpu", "bfloat16")
+    _, _, ctx, scaler, _, _ = common.setup_device("cpu", "bfloat16")
     assert scaler is None  # only fp16 needs a gradient scaler
     model, tok = tt.load_checkpoint(tmp_path / m["checkpoints"][-1]["file"])
     x = torch.randint(0, 50, (2, 8))
@@ -107,7 +91,7 @@ def test_cpu_bf16_autocast_trains_with_finite_float32_losses(tiny_domain, tmp_pa
     assert logits.dtype == torch.bfloat16 and ce.dtype == torch.float32
 
 
-def test_init_from_gpt2_weights_uses_the_full_vocabulary(tiny_domain, tmp_path, monkeypatch):  # noqa: F811
+def test_init_from_gpt2_weights_uses_the_full_vocabulary(tiny_domain, tmp_path, monkeypatch):
     """--init_from with a stand-in for the download: a small random GPT-2 from transformers."""
     transformers = pytest.importorskip("transformers", reason="optional extra: pip install transformers")
     torch.manual_seed(0)
@@ -119,3 +103,143 @@ def test_init_from_gpt2_weights_uses_the_full_vocabulary(tiny_domain, tmp_path, 
     assert model.config.block_size == 128 and model.config.n_layer == 1
     enc = data.encode(data.load_domain(str(tiny_domain))["test"][:1], tok, 128)
     assert enc[0][0] == data.gpt2_encoding().encode_ordinary(data.load_domain(str(tiny_domain))["test"][0]["prompt"])
+
+
+def test_exact_match_from_one_forward_pass_equals_greedy_decoding(tmp_path):
+    """Two ways to score exact match, on real checkpoints: the argmax at every answer position
+    with the gold answer fed in (what validation uses), and greedy generation. They can only
+    differ where another token sequence decodes to the same text; here they never do."""
+    d = data.default_domain(0, noise=0.0)
+    pick = lambda split, sub, n: [e for e in d[split] if e["subdomain"] == sub][:n]
+    for split, n in (("train", 48), ("val", 12), ("test", 12)):  # short answers: learnt in seconds
+        data.write_jsonl(pick(split, "cls_en", n) + pick(split, "qa_en", n), tmp_path / "dom" / f"{split}.jsonl")
+    tt.train(cfg(tmp_path / "dom", tmp_path / "run", preset="teacher", epochs=12, ckpt_per_epoch=1, lr=1e-2))
+    m = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    splits = data.load_domain(str(tmp_path / "dom"))
+    both = []
+    for c in m["checkpoints"][::3]:
+        model, tok = tt.load_checkpoint(tmp_path / "run" / c["file"])
+        for split in ("train", "val"):
+            forced = [r["correct"] for r in data.evaluate(model, splits[split], tok)[1]]
+            decoded = [r["correct"] for r in data.evaluate(model, splits[split], tok, decode=True)[1]]
+            assert forced == decoded, f"{c['file']} on {split}: forced and decoded exact match differ"
+            both += forced
+    assert 0.2 < sum(both) / len(both) < 0.9, "the check needs checkpoints that get some answers right and some wrong"
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_state(tiny_domain, tmp_path, monkeypatch):
+    calls, real = [0], scd.gold_ce
+
+    def nan_at_call_9(*a):  # steps 1-3, validation, steps 4-6, validation, then step 7
+        calls[0] += 1
+        out = real(*a)
+        return out * float("nan") if calls[0] == 9 else out
+    monkeypatch.setattr(tt.scd, "gold_ce", nan_at_call_9)
+    with pytest.raises(common.RunError, match=r"non-finite loss at step 7"):
+        tt.train(cfg(tiny_domain, tmp_path, ckpt_per_epoch=2))
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert state["step"] == 6  # the checkpoint before the bad step; nothing after it was written
+    assert [c["step"] for c in json.loads((tmp_path / "manifest.json").read_text())["checkpoints"]] == [3, 6]
+
+
+def test_fp16_autocast_with_gradient_scaler_skips_and_counts_an_overflowing_step():
+    _, dtype, ctx, scaler, _, _ = common.setup_device("cpu", "float16")
+    assert scaler is not None and dtype == "float16"
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(16, 8)
+    with ctx:
+        loss = model(x).float().pow(2).mean()
+    assert model(x).dtype == torch.float32 and loss.dtype == torch.float32
+    with ctx:
+        assert model(x).dtype == torch.float16  # autocast runs the matmul in fp16
+    before = [p.detach().clone() for p in model.parameters()]
+    assert common.optimizer_step(model, opt, scaler, loss, 1.0, "step 1") is False
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # a normal step moves the weights
+    scale, before = scaler.get_scale(), [p.detach().clone() for p in model.parameters()]
+    with ctx:
+        huge = model(x).float().pow(2).mean() * 3e38  # its gradients overflow in the scaled backward
+    assert common.optimizer_step(model, opt, scaler, huge, 1.0, "step 2") is True
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # skipped: the weights stay
+    assert scaler.get_scale() == scale / 2
+
+
+def test_fp16_run_trains_and_reports_skipped_steps(tiny_domain, tmp_path, capsys):
+    summary = tt.train(cfg(tiny_domain, tmp_path, dtype="float16", epochs=1))
+    assert torch.isfinite(torch.tensor(summary["loss"]))
+    assert "fp16: the gradient scaler skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--aw", "ture"], "'ture' is neither true nor false"),
+    (["--method", "foo"], "invalid choice: 'foo'"),
+    (["--stages", "0"], "below the lowest allowed value"),
+    (["--steps_per_stage", "-3"], "below the lowest allowed value"),
+    (["--probe_size", "0"], "below the lowest allowed value"),
+    (["--device", "gpu"], "is not auto, cpu, cuda"),
+    (["--kl_direction", "backward"], "invalid choice"),
+])
+def test_bad_flags_are_refused_by_the_parser(argv, message, monkeypatch, capsys, tmp_path):
+    import distill
+    monkeypatch.setattr("sys.argv", ["distill.py", f"--out_dir={tmp_path / 'x'}", *argv])
+    with pytest.raises(SystemExit) as e:
+        common.parse_config(distill.DistillConfig, "d")
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_yes_no_flags_and_descriptions(monkeypatch):
+    import distill
+    monkeypatch.setattr("sys.argv", ["distill.py", "--aw", "True", "--monotone", "false", "--epochs_unused"][:5])
+    c = common.parse_config(distill.DistillConfig, "staged distillation")
+    assert c.aw is True and c.monotone is False
+    for script, words in (("train_teacher.py", "SFT of a teacher"), ("distill.py", "Staged distillation"),
+                          ("reproduce.py", "comparison")):
+        r = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
+        assert words in r.stdout.split("\n\n")[1], f"{script} --help: {r.stdout[:300]}"
+
+
+@pytest.mark.parametrize("epochs, batch, message", [(2, 500, "larger than the 96 training examples")])
+def test_sizes_checked_before_anything_is_written(tiny_domain, tmp_path, epochs, batch, message):
+    with pytest.raises(common.RunError, match=message):
+        tt.train(cfg(tiny_domain, tmp_path / "out", epochs=epochs, batch_size=batch))
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_output_folders_and_bad_data_leave_nothing_behind(tiny_domain, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(common.RunError, match="is a file, not a folder"):
+        tt.train(cfg(tiny_domain, tmp_path / "file"))
+    with pytest.raises(common.RunError, match="cannot write there"):
+        tt.train(cfg(tiny_domain, tmp_path / "file" / "sub"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for s in ("train", "val", "test"):
+        (bad / f"{s}.jsonl").write_text('{"prompt": "a", "answer": "b"}\n' * 20)
+    (bad / "test.jsonl").write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "' + "x " * 200 + '", "answer": "b"}\n')
+    with pytest.raises(data.DataError, match=r"test.jsonl:2: field 'prompt'\+'answer' is 202 tokens, more than the model's context of 128"):
+        tt.train(cfg(str(bad), tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    r = subprocess.run([sys.executable, "train_teacher.py", f"--data={bad}", f"--out_dir={tmp_path / 'out'}"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_resume_checks_every_split_and_a_moved_folder_still_resumes(tiny_domain, tmp_path):
+    dom = tmp_path / "dom"
+    shutil.copytree(tiny_domain, dom)
+    tt.train(cfg(str(dom), tmp_path / "a", stop_at_step=6))
+    shutil.move(tmp_path / "a", tmp_path / "b")  # a moved run folder resumes where it was
+    tt.train(cfg(str(dom), tmp_path / "b", stop_at_step=9))
+    assert torch.load(tmp_path / "b" / "state.pt", weights_only=True)["step"] == 9
+    lines = (dom / "test.jsonl").read_text().splitlines()
+    (dom / "test.jsonl").write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # only test.jsonl changes
+    with pytest.raises(common.RunError, match="another config or other data"):
+        tt.train(cfg(str(dom), tmp_path / "b"))
+
+
+def test_truncated_manifest_is_named(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"checkpoints": [')
+    with pytest.raises(common.RunError, match="manifest.json: not valid JSON"):
+        common.read_json(tmp_path / "manifest.json")

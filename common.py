@@ -1,0 +1,216 @@
+"""
+What the scripts share and the method does not need: flags from a dataclass, the device and
+precision, output folders, files written atomically, resuming, progress lines, and the
+checks that stop a run loudly instead of letting it train on NaN.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import field, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import data
+
+
+def arg(default, help, choices=None, low=None):
+    """A config field: its default, help text, and what the parser accepts (a closed set
+    of choices, or a lowest value)."""
+    return field(default=default, metadata=dict(help=help, choices=choices, low=low))
+
+
+def parse_config(cls, description):
+    """A dataclass -> argparse: every field is a --flag with its default and help. Flags
+    with a closed set of values, yes/no flags and counts are checked here, before anything
+    is read or written."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def number(kind, low):
+        def parse(s):
+            v = kind(s)
+            if low is not None and v < low:
+                raise argparse.ArgumentTypeError(f"{s} is below the lowest allowed value, {low}")
+            return v
+        parse.__name__ = kind.__name__  # argparse names the type in its error
+        return parse
+
+    def yes_no(s):
+        if s.lower() not in ("true", "false"):
+            raise argparse.ArgumentTypeError(f"{s!r} is neither true nor false")
+        return s.lower() == "true"
+
+    for f in fields(cls):
+        m, kw = f.metadata, {}
+        if isinstance(f.default, bool):
+            kw = dict(type=yes_no, metavar="{true,false}")
+        elif isinstance(f.default, (int, float)):
+            kw = dict(type=number(type(f.default), m["low"]))
+        else:
+            kw = dict(type=str, choices=m["choices"])
+        ap.add_argument(f"--{f.name}", default=f.default, help=m["help"], **kw)
+    args = ap.parse_args()
+    if hasattr(args, "device") and not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", args.device):
+        ap.error(f"argument --device: {args.device!r} is not auto, cpu, cuda, cuda:N or mps")
+    return cls(**vars(args))
+
+
+def run_main(fn, cfg):
+    """A script's entry point: bad input (data, files, flags) prints its message alone and
+    exits non-zero, without a traceback."""
+    torch.set_num_threads(min(os.cpu_count() or 1, 8))
+    t = time.time()
+    try:
+        fn(cfg)
+    except (data.DataError, RunError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wall time {time.time() - t:.0f}s")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class RunError(RuntimeError):
+    """A run cannot go on (bad folder, bad file, non-finite loss): the message says why."""
+
+
+
+def setup_device(device, dtype):
+    """-> (device, dtype name, autocast context, GradScaler or None, rank, world size).
+
+    fp16 needs a gradient scaler, bf16 does not. Under torchrun every process joins one
+    group (NCCL on CUDA, gloo on CPU), takes its GPU, and only rank 0 prints and writes.
+    """
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    rank, world = 0, 1
+    if "RANK" in os.environ:  # launched by torchrun
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.startswith("cuda"):
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(device)
+        if rank > 0:
+            sys.stdout = open(os.devnull, "w")
+    dev_type = "cuda" if device.startswith("cuda") else "cpu"
+    if dtype == "auto":
+        dtype = "float32" if dev_type == "cpu" else ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    if dev_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    ptdtype = dict(float32=torch.float32, bfloat16=torch.bfloat16, float16=torch.float16)[dtype]
+    ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(dev_type, dtype=ptdtype)
+    scaler = torch.amp.GradScaler(dev_type) if ptdtype == torch.float16 else None
+    return device, dtype, ctx, scaler, rank, world
+
+
+def out_folder(path):
+    """The output folder, made if needed and checked writable, with a clear error if not."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out_dir {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write_test").touch()
+        (out / ".write_test").unlink()
+    except OSError as e:
+        raise RunError(f"--out_dir {out}: cannot write there ({e.strerror})") from None
+    return out
+
+
+def read_json(path):
+    """A JSON file of a run, or a clear error naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{path}: missing") from None
+    except json.JSONDecodeError as e:
+        raise RunError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); the file is damaged") from None
+
+
+def shard(idx, rank, world):
+    """This process's share of a global batch: every world-th example (DDP averages the gradients)."""
+    assert len(idx) % world == 0, f"batch size {len(idx)} must be divisible by the {world} processes"
+    return idx[rank::world]
+
+
+def check_finite(where, **terms):
+    """Stop the run at once if a term is NaN or infinite, naming where and which. It runs
+    before the optimizer step, and nothing is saved after it: the last state on disk is
+    the last good one."""
+    bad = [name for name, v in terms.items() if not torch.isfinite(torch.as_tensor(v)).all()]
+    if bad:
+        raise RunError(f"non-finite {', '.join(bad)} at {where}; stopped before the optimizer step, so the "
+                       "last saved state is the last good one (rerunning the same command resumes from it)")
+
+
+def optimizer_step(model, optimizer, scaler, loss, grad_clip, where):
+    """Backward, clip, step. -> True if the step was skipped. With fp16 the scaler scales
+    the loss, unscales before clipping, and skips (then halves its scale) a step whose
+    gradients overflowed: that is its job, so those steps are counted, not errors.
+    Without a scaler a non-finite gradient norm stops the run."""
+    (scaler.scale(loss) if scaler else loss).backward()
+    if scaler:
+        scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    skipped = False
+    if scaler:
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        skipped = scaler.get_scale() < scale
+    else:
+        check_finite(where, grad_norm=norm)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return skipped
+
+
+def global_mean(t, world):
+    """The mean of a tensor over the processes (the global batch's value, for logs)."""
+    if world > 1:
+        t = t.clone()
+        dist.all_reduce(t)  # a sum: gloo has no average
+        t /= world
+    return t
+
+
+def atomic_save(obj, path):
+    """Write to a temporary file, then rename: a kill never leaves a half-written file.
+    Under torchrun only rank 0 writes."""
+    if dist.is_initialized() and dist.get_rank() > 0:
+        return
+    tmp = f"{path}.tmp"
+    if str(path).endswith(".jsonl"):  # a list of records, one JSON object per line
+        Path(tmp).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in obj), encoding="utf-8")
+    elif str(path).endswith(".json"):
+        Path(tmp).write_text(json.dumps(obj, indent=1, ensure_ascii=False), encoding="utf-8")
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def resumable(out, config, defaults):
+    """True if out holds a run of this very config; a run of another config is refused. An
+    option missing from the stored config (added since) counts as its default value; the
+    folder's own path is not part of the config, so a moved run folder still resumes."""
+    if not (out / "state.pt").exists():
+        return False
+    old = {**defaults, **read_json(out / "config.json")}
+    old.pop("out_dir", None)
+    if old != config:
+        diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
+        raise RunError(f"{out} holds a run with another config or other data {diff}; use another --out_dir or delete it")
+    return True
+
+
+def progress(step, total, t0, start_step, tokens, msg):
+    """'step 120/900 | <msg> | 115 ms/step | 9,800 tok/s | eta 1m30s'; tokens: input tokens since t0."""
+    dt = time.time() - t0
+    per = dt / max(1, step - start_step)
+    eta = per * (total - step)
+    return (f"step {step:5d}/{total} | {msg} | {1000 * per:5.0f} ms/step | {tokens / dt:7,.0f} tok/s | "
+            f"eta {int(eta // 60)}m{int(eta % 60):02d}s")

@@ -1,0 +1,66 @@
+"""The suite catches the bugs that matter: each plausible one-line error below (a swapped KL
+direction, an inverted AW ratio, a misaligned lookup, ...) is applied to a copy of the
+repository, and the tests named next to it must fail there. A mutant that survives means
+a test is missing."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (file, the correct line's text, the bug, tests that must catch it)
+MUTANTS = {
+    "token KL in the other direction": ("scd.py", "(log_p.exp() * (log_p - log_q))", "(log_q.exp() * (log_q - log_p))", "test_scd.py"),
+    "forward and reverse distillation KL swapped": ("scd.py", 'if direction == "forward"', 'if direction != "forward"', "test_scd.py"),
+    "no temperature**2 factor": ("scd.py", "token_kl(p, q, temperature) * temperature ** 2", "token_kl(p, q, temperature)", "test_scd.py"),
+    "temperature on one side only": ("scd.py", "log_q = F.log_softmax(q_logits.float() / temperature, -1)",
+                                     "log_q = F.log_softmax(q_logits.float(), -1)", "test_scd.py"),
+    "AW ratio inverted": ("scd.py", "torch.log(l_s) - torch.log(l_c)", "torch.log(l_c) - torch.log(l_s)", "test_scd.py"),
+    "AW undefined at zero losses": ("scd.py", "anchor_loss.float().clamp_min(floor), ckpt_loss.float().clamp_min(floor)",
+                                    "anchor_loss.float(), ckpt_loss.float()", "test_scd.py"),
+    "AW from the student's CE, not the checkpoint's": ("scd.py", "aw_weights(anchor_loss, gold_ce(teacher_logits, y, mask))",
+                                                       "aw_weights(anchor_loss, gold_ce(student_logits, y, mask))", "test_scd.py"),
+    "KL and CE weights swapped": ("scd.py", "(w * kl + (1 - w) * ce)", "(w * ce + (1 - w) * kl)", "test_scd.py"),
+    "distillation KL with teacher and student swapped": ("scd.py", "distill_kl(teacher_logits, student_logits, direction",
+                                                         "distill_kl(student_logits, teacher_logits, direction", "test_scd.py"),
+    "per-example mean over the whole batch": ("scd.py", "/ mask.sum(1).clamp(min=1)", "/ mask.sum().clamp(min=1)", "test_scd.py"),
+    "schedule: KL(p_c || p_T*) instead of KL(p_T* || p_c)": ("scd.py", "token_kl(best_lp, lp)", "token_kl(lp, best_lp)", "test_scd.py"),
+    "schedule: student-term directions swapped": ("scd.py", 'if student_term == "as_written"', 'if student_term != "as_written"', "test_scd.py"),
+    "schedule: argmax instead of argmin": ("scd.py", "int(score.argmin())", "int(score.argmax())", "test_scd.py"),
+    "CD spacing floored": ("scd.py", "round(stage * best / (n_stages - 1))", "stage * best // (n_stages - 1)", "test_scd.py"),
+    "CD spacing over K instead of K - 1": ("scd.py", "round(stage * best / (n_stages - 1))", "round(stage * best / n_stages)", "test_scd.py"),
+    "T* by highest validation loss": ("scd.py", "return min(range(len(val_losses))", "return max(range(len(val_losses))", "test_scd.py"),
+    "T* by validation accuracy": ("train_teacher.py", 'scd.best_checkpoint([c["val_loss"]', 'scd.best_checkpoint([c["val_acc"]', "test_train.py"),
+    "loss mask drops the answer's EOT": ("data.py", "mask[b, len(encoded[i][0]) - 1:n] = True", "mask[b, len(encoded[i][0]) - 1:n - 1] = True", "test_data.py"),
+    "loss mask takes in the last prompt token": ("data.py", "mask[b, len(encoded[i][0]) - 1:n] = True", "mask[b, len(encoded[i][0]) - 2:n] = True", "test_data.py"),
+    "AW anchor looked up by batch position": ("distill.py", "anchor[idx]", "anchor[:len(idx)]", "test_distill.py"),
+    "exact match against the inputs, not the targets": ("data.py", "(logits.argmax(-1) != y[mask])", "(logits.argmax(-1) != x[mask])", "test_data.py"),
+    "padding rows in the vocabulary": ("data.py", "self.eot, self.vocab_size = 0, len(ids)", "self.eot, self.vocab_size = 0, -(-len(ids) // 64) * 64", "test_data.py"),
+}
+
+
+@pytest.fixture(scope="module")
+def copy_root(tmp_path_factory):
+    dst = tmp_path_factory.mktemp("mutant")
+    for p in ROOT.iterdir():
+        if p.suffix == ".py" or p.name in ("tests", "assets"):
+            (shutil.copytree if p.is_dir() else shutil.copy)(p, dst / p.name)
+    return dst
+
+
+@pytest.mark.parametrize("name", MUTANTS)
+def test_mutant_is_caught(name, copy_root):
+    file, good, bad, tests = MUTANTS[name]
+    path = copy_root / file
+    src = (ROOT / file).read_text(encoding="utf-8")
+    assert src.count(good) == 1, f"{file} no longer has exactly one {good!r}: update the mutant"
+    path.write_text(src.replace(good, bad), encoding="utf-8")
+    try:
+        r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", f"tests/{tests}"],
+                           cwd=copy_root, capture_output=True, text=True, timeout=600)
+    finally:
+        path.write_text(src, encoding="utf-8")
+    assert r.returncode == 1, f"mutant {name!r} survived tests/{tests}:\n{r.stdout[-2000:]}"
