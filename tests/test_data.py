@@ -140,6 +140,28 @@ def test_example_longer_than_the_context_is_an_error_naming_its_line(tmp_path):
         data.encode(exs, data.Tokenizer(), block_size=32)
 
 
+class Counter(torch.nn.Module):
+    """A stand-in model that always predicts the next integer (after 4 comes 0, the end token)."""
+    config = type("config", (), dict(block_size=16))
+
+    def forward(self, x, positions):
+        return torch.nn.functional.one_hot((x[positions] + 1) % 5, 5).float()
+
+
+class Digits:
+    eot = 0
+    encode = staticmethod(lambda text: [int(t) for t in text.split()])
+
+
+def test_exact_match_without_decoding_needs_every_answer_token_and_the_end():
+    exs = [dict(prompt="1 2", answer="3 4", subdomain="s"),  # 3, 4, then the end token: all predicted
+           dict(prompt="1", answer="2 4", subdomain="s"),    # predicts 3 where 4 is the answer
+           dict(prompt="2", answer="3", subdomain="s")]      # predicts 4 where the answer ends
+    summary, recs = data.evaluate(Counter(), exs, Digits())
+    assert [r["correct"] for r in recs] == [True, False, False]
+    assert summary["acc"] == pytest.approx(1 / 3)
+
+
 def test_byte_order_mark_is_accepted(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_bytes("\ufeff".encode("utf-8") + b'{"prompt": "a", "answer": "b"}\n')

@@ -42,11 +42,12 @@ def test_forward_kl_is_teacher_to_student_and_reverse_the_other_way():
 
 
 def test_temperature_softens_both_and_scales_by_its_square():
-    t, s, T = logits(TEACHER), logits(STUDENT), 2.0
+    teacher, student, T = [0.9, 0.1], [0.3, 0.7], 2.0  # neither uniform, so both sides feel the temperature
     soft = lambda p: [x ** (1 / T) / sum(y ** (1 / T) for y in p) for x in p]  # softmax(log p / T)
-    assert scd.distill_kl(t, s, temperature=T).item() == pytest.approx(T ** 2 * kl(soft(TEACHER), soft(STUDENT)), abs=1e-5)
-    # at T = 1 nothing changes
-    assert scd.distill_kl(t, s, temperature=1.0).item() == pytest.approx(kl(TEACHER, STUDENT), abs=1e-5)
+    got = scd.distill_kl(logits(teacher), logits(student), temperature=T).item()
+    want = T ** 2 * kl(soft(teacher), soft(student))
+    assert got == pytest.approx(want, abs=1e-5), f"expected T^2 KL(softmax(t/T) || softmax(s/T)) = {want:.5f}, got {got:.5f}"
+    assert scd.distill_kl(logits(teacher), logits(student), temperature=1.0).item() == pytest.approx(kl(teacher, student), abs=1e-5)
 
 
 def test_kl_runs_in_float32_for_low_precision_logits():
