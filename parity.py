@@ -59,7 +59,7 @@ class ParityConfig:
     seeds: int = arg(3, "seeds 0 .. seeds-1 (model init and data order; the hidden support stays)")
     methods: str = arg("sft,kd,cd,scd", "students to train, comma-separated")
     teacher_preset: str = arg("wide", "teacher model preset")
-    student_preset: str = arg("student", "student model preset")
+    student_preset: str = arg("student-2l", "student model preset")
     teacher_epochs: int = arg(1, "teacher SFT epochs")
     ckpt_per_epoch: int = arg(32, "teacher checkpoints per epoch: dense, to catch the sudden rise")
     batch_size: int = arg(32, "examples per step, teacher and students")
@@ -89,7 +89,8 @@ def main(cfg):
             distill.main(distill.DistillConfig(
                 data=cfg.data, preset=cfg.student_preset, method=method, teacher_dir=str(root / "teacher"),
                 out_dir=str(out), seed=seed, stages=cfg.stages, steps_per_stage=cfg.steps_per_stage,
-                batch_size=cfg.batch_size, lr=cfg.lr, probe_size=cfg.probe_size, eval_every=cfg.eval_every, log_every=100))
+                batch_size=cfg.batch_size, lr=cfg.lr, probe_size=cfg.probe_size, eval_every=cfg.eval_every, log_every=100,
+                alpha=0.5))  # the sparse-parity setting: half KL, half gold CE
             stages = json.loads((out / "schedule.json").read_text())["stages"]
             curves.setdefault(method, []).append(dict(
                 curve=[p for s in stages for p in s["curve"]], schedule=[s.get("ckpt", "-") for s in stages],

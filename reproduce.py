@@ -49,8 +49,11 @@ class ReproduceConfig:
     budgets: str = arg("1", "student budgets, as multiples of --student_epochs: SFT and KD at each (e.g. 1,2,4)")
     teacher: str = arg("teacher", "teacher preset", choices=tuple(PRESETS))
     student: str = arg("student", "student preset", choices=tuple(PRESETS))
-    teacher_epochs: int = arg(8, "teacher SFT epochs", low=1)
-    student_epochs: int = arg(8, "SFT student epochs; each distilled student gets the same number of steps", low=1)
+    teacher_epochs: int = arg(24, "teacher SFT epochs", low=1)
+    ckpt_per_epoch: int = arg(1, "teacher checkpoints per epoch (train_teacher.py's default is 4; 1 keeps a CPU run's disk and time down)", low=1)
+    student_epochs: int = arg(24, "SFT student epochs; each distilled student gets the same number of steps", low=1)
+    teacher_lr: float = arg(3e-3, "the teacher's peak learning rate", low=0)
+    student_lr: float = arg(6e-3, "every student's peak learning rate (chosen on KD's validation accuracy)", low=0)
     stages: int = arg(4, "K, distillation stages (the student's steps are split evenly over them)", low=1)
     probe_size: int = arg(256, "probe examples for the SCD schedule", low=1)
     device: str = arg("auto", "cpu, cuda, ... (auto: cuda if available)")
@@ -70,12 +73,15 @@ def run_all(cfg):
         root = Path(cfg.out_dir) / f"seed{seed}"
         r = runs[seed] = {"teacher": root / "teacher", "SFT student": root / "student_sft"}
         sft = lambda name, folder, m=1: (name, tt.train, tt.TrainConfig(
-            **common, seed=seed, preset=cfg.student, out_dir=str(folder), epochs=m * cfg.student_epochs, compare_to=str(r["teacher"])))
+            **common, seed=seed, preset=cfg.student, out_dir=str(folder), epochs=m * cfg.student_epochs, lr=cfg.student_lr,
+            ckpt_per_epoch=cfg.ckpt_per_epoch, compare_to=str(r["teacher"])))
         dist = lambda name, folder, method, aw, m=1: (name, distill.main, distill.DistillConfig(
             **common, seed=seed, preset=cfg.student, method=method, aw=aw, out_dir=str(folder), teacher_dir=str(r["teacher"]),
-            anchor_dir=str(r["SFT student"]), stages=cfg.stages, steps_per_stage=m * steps_per_stage, probe_size=cfg.probe_size))
+            anchor_dir=str(r["SFT student"]), stages=cfg.stages, steps_per_stage=m * steps_per_stage, probe_size=cfg.probe_size,
+            lr=cfg.student_lr))
         phases = [("teacher", tt.train, tt.TrainConfig(**common, seed=seed, preset=cfg.teacher, out_dir=str(r["teacher"]),
-                                                         epochs=cfg.teacher_epochs)), sft("SFT student", r["SFT student"])]
+                                                         epochs=cfg.teacher_epochs, ckpt_per_epoch=cfg.ckpt_per_epoch, lr=cfg.teacher_lr)),
+                  sft("SFT student", r["SFT student"])]
         for method, aw, name in methods:
             r[name] = root / name.lower().replace("+", "_").replace(", ", "_")
             phases.append(dist(name, r[name], method, aw))
