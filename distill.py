@@ -50,7 +50,7 @@ class DistillConfig:
     probe_topk: int = arg(64, "log-probs kept per probe token (the rest as one tail mass)", low=1)
     student_term: str = arg("flipped", "schedule's student term: flipped KL(p_c || p_student) or as_written KL(p_student || p_c)",
                             choices=("flipped", "as_written"))
-    pool_start: float = arg(0.0, "candidate pool starts at this fraction of the teacher's training", low=0)
+    pool_start: float = arg(0.5, "candidate pool starts at this fraction of the teacher's training (0.5 chosen on SCD+AW's validation accuracy)", low=0)
     monotone: bool = arg(False, "never choose a checkpoint earlier than the previous stage's")
     start: str = arg("init", "student start: init (the SFT student's initialisation) or anchor (its trained weights)",
                      choices=("init", "anchor"))
@@ -180,6 +180,7 @@ def main(cfg):
     net = torch.compile(net) if cfg.compile else net
     total = cfg.stages * cfg.steps_per_stage
     t0, start_step, tokens, skipped = time.time(), stage * cfg.steps_per_stage, 0, 0
+    teacher = rows = loaded = None
 
     # ------------------------------------------------------------------ the stages
     for stage in range(stage, cfg.stages):
@@ -200,10 +201,11 @@ def main(cfg):
             dist.broadcast_object_list(k, src=0)
             k = k[0]
         t_sched += time.time() - t
-        teacher = rows = None
         if k is not None:
-            teacher, _ = load_checkpoint(tdir / pool[k]["file"], device)  # one teacher in memory
-            rows = teacher_logits(teacher, train_enc, tok.eot, device, ctx, cfg.teacher_cache_gib)
+            if pool[k]["file"] != loaded:  # one teacher in memory; its logits are kept while the choice stays
+                teacher = rows = None
+                teacher, _ = load_checkpoint(tdir / pool[k]["file"], device)
+                rows, loaded = teacher_logits(teacher, train_enc, tok.eot, device, ctx, cfg.teacher_cache_gib), pool[k]["file"]
             row.update(ckpt=k, file=pool[k]["file"], teacher_step=pool[k]["step"])
         print(f"stage {stage}: teacher {row.get('file', 'none (sft)')}")
 
@@ -219,7 +221,7 @@ def main(cfg):
             with ctx:
                 s_logits = net(x, positions=mask)
                 t_out = None
-                if teacher is not None:
+                if k is not None:
                     with torch.no_grad():
                         t_out = torch.cat([rows[j] for j in idx]) if rows else teacher(x, positions=mask)
                 loss, terms = scd.distill_loss(s_logits, t_out, y, mask, cfg.alpha, None if anchor is None else anchor[idx],
@@ -236,7 +238,6 @@ def main(cfg):
                 line = progress(step + 1, total, t0, start_step, tokens, msg + (f" | fp16 skipped {skipped}" if scaler else ""))
                 print(line, flush=True)
                 log.write(line + "\n")
-        del teacher, rows
 
         # 3. validate; keep the best student and the stage's state
         summary, _ = data.evaluate(student, splits["val"], tok, device, ctx=ctx)

@@ -148,8 +148,9 @@ def decompositions(runs):
 
 
 def aw_weights_by_stage(run, teacher_dir, anchor_dir, device="cpu"):
-    """AW's w_i on every training example for each stage's checkpoint, and which examples
-    are TFS-like (teacher's loss below the SFT student's) on train: (list of w tensors, bool mask)."""
+    """AW's w_i on every training example for each stage's checkpoint, which examples are
+    TFS-like (teacher's loss below the SFT student's) on train, and which carry a wrong
+    label (the default domain marks them): (list of w tensors, bool mask, bool mask)."""
     sched = json.loads((run / "schedule.json").read_text())
     l_s = torch.tensor(json.loads((anchor_dir / "train_losses.json").read_text())["loss"])
     l_t = torch.tensor(json.loads((teacher_dir / "train_losses.json").read_text())["loss"])
@@ -159,7 +160,7 @@ def aw_weights_by_stage(run, teacher_dir, anchor_dir, device="cpu"):
         model, tok = load_checkpoint(teacher_dir / st["file"], device)
         enc = data.encode(train, tok, model.config.block_size)
         ws.append(scd.aw_weights(l_s, torch.tensor(example_losses(model, enc, tok.eot, device, nullcontext()))))
-    return ws, l_t < l_s
+    return ws, l_t < l_s, torch.tensor([ex.get("noisy", False) for ex in train])
 
 
 # -----------------------------------------------------------------------------
@@ -185,7 +186,7 @@ def plot_teacher(teacher_dir, path):
 
 
 def plot_schedule(r, path):
-    names = [n for n in r if n not in ("teacher", "SFT student")]
+    names = [n for n in r if n not in ("teacher", "SFT student", "SFT, stages")]  # the methods with a teacher
     scheds = {n: json.loads((r[n] / "schedule.json").read_text()) for n in names}
     adaptive = [n for n in names if "kl_best" in scheds[n]["stages"][0]]
     K = len(scheds[names[0]]["stages"])
@@ -309,7 +310,9 @@ def plot_budget(runs, sweeps, budgets, path):
                     marker="o", capsize=3, label=name, color=COLORS[name])
     t = [data.summarize(records(r["teacher"]))["acc"] for r in runs.values()]
     ax.axhline(statistics.mean(t), color=COLORS["teacher"], ls="--", label="teacher")
-    ax.set(xscale="log", xticks=budgets, xticklabels=[f"{m}x" for m in budgets], xlabel="student training budget (steps, x the default)",
+    ax.set_xscale("log", base=2)
+    ax.minorticks_off()
+    ax.set(xticks=budgets, xticklabels=[f"{m}x" for m in budgets], xlabel="student training budget (steps, x the default)",
            ylabel="test exact match", title=f"Does more training close the gap? ({len(runs)} seed(s))")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -324,7 +327,7 @@ def report(cfg, runs, sweeps, wall, command):
     plots = ["teacher", "schedule", "aw_weights", "decomposition", "subdomains"]
     plot_teacher(r0["teacher"], rep / "teacher.png")
     plot_schedule(r0, rep / "schedule.png")
-    ws, tfs = aw_weights_by_stage(r0["SCD+AW"], r0["teacher"], r0["SFT student"])
+    ws, tfs, noisy = aw_weights_by_stage(r0["SCD+AW"], r0["teacher"], r0["SFT student"])
     plot_aw(ws, tfs, rep / "aw_weights.png")
     decs = decompositions(runs)
     plot_decomposition(decs, rep / "decomposition.png")
@@ -345,6 +348,11 @@ def report(cfg, runs, sweeps, wall, command):
              "## Test exact match, best-on-validation students", "", accuracy_table(runs, "best"), "",
              "## Test exact match, final students", "", accuracy_table(runs, "final"), "",
              "## The paper's claims, test", "", claims(runs), "",
+             "## AW's weight per stage (SCD+AW, seed 0, training examples)", "",
+             "Mean w on TFS-like / SFS-like examples: " + ", ".join(f"stage {k} {w[tfs].mean():.2f} / {w[~tfs].mean():.2f}"
+                                                                    for k, w in enumerate(ws)) + "."
+             + ("" if not noisy.any() else " Mean w on mislabelled / correctly labelled examples: "
+                + ", ".join(f"stage {k} {w[noisy].mean():.2f} / {w[~noisy].mean():.2f}" for k, w in enumerate(ws)) + "."), "",
              f"## Why a student beats its teacher (METHOD.md section 1), test, mean over {len(runs)} seed(s)", "",
              "TFS deficit recovered (1 = the student matches the teacher where the teacher beat the SFT "
              "student) and SFS advantage kept (1 = it matches the SFT student where that beat the teacher); "

@@ -24,7 +24,7 @@ def runs(tiny_domain, tmp_path_factory):
 def dcfg(tiny_domain, runs, name, **kw):
     return distill.DistillConfig(**{**dict(data=str(tiny_domain), teacher_dir=str(runs / "teacher"),
                                            anchor_dir=str(runs / "sft"), out_dir=str(runs / name), stages=2,
-                                           steps_per_stage=4, probe_size=16, log_every=1000), **kw})
+                                           steps_per_stage=4, probe_size=16, log_every=1000, pool_start=0.0), **kw})
 
 
 @pytest.mark.parametrize("method, aw", [("sft", False), ("kd", False), ("cd", False), ("scd", False), ("scd", True)])
