@@ -271,7 +271,8 @@ def main(cfg):
     wall = time.time() - t_start
     results.update(wall_s=round(wall, 1), schedule_s=round(t_sched, 1), val_acc=[r["val_acc"] for r in schedule])
     atomic_save(results, out / "results.json")
-    print("schedule: " + " -> ".join(str(r.get("ckpt", "-")) for r in schedule) + f" (pool of {len(pool)}, T* = {best})")
+    print("schedule: " + " -> ".join(str(r.get("ckpt", "-")) for r in schedule) + f" in a pool of {len(pool)} (T* = {best}); "
+          "teacher steps " + " -> ".join(str(r.get("teacher_step", "-")) for r in schedule))
     print(f"choosing checkpoints took {t_sched:.1f}s of {wall:.0f}s ({100 * t_sched / wall:.1f}%)")
     return results
 

@@ -90,7 +90,7 @@ def main(cfg):
                 data=cfg.data, preset=cfg.student_preset, method=method, teacher_dir=str(root / "teacher"),
                 out_dir=str(out), seed=seed, stages=cfg.stages, steps_per_stage=cfg.steps_per_stage,
                 batch_size=cfg.batch_size, lr=cfg.lr, probe_size=cfg.probe_size, eval_every=cfg.eval_every, log_every=100,
-                alpha=0.5))  # the sparse-parity setting: half KL, half gold CE
+                alpha=0.5, pool_start=0.0))  # the sparse-parity setting: half KL, half gold CE, every checkpoint
             stages = json.loads((out / "schedule.json").read_text())["stages"]
             curves.setdefault(method, []).append(dict(
                 curve=[p for s in stages for p in s["curve"]], schedule=[s.get("ckpt", "-") for s in stages],

@@ -185,6 +185,15 @@ def plot_teacher(teacher_dir, path):
     plt.close(fig)
 
 
+def teacher_numbers(r, name):
+    """Run `name`'s schedule as the teacher's checkpoint numbers (positions in its manifest;
+    schedule.json counts within the candidate pool): (per stage, T*, the pool's first)."""
+    files = [c["file"] for c in json.loads((r["teacher"] / "manifest.json").read_text())["checkpoints"]]
+    sched = json.loads((r[name] / "schedule.json").read_text())
+    return ([files.index(s["file"]) if "file" in s else None for s in sched["stages"]],
+            files.index(sched["pool"][sched["best"]]), files.index(sched["pool"][0]))
+
+
 def plot_schedule(r, path):
     names = [n for n in r if n not in ("teacher", "SFT student", "SFT, stages")]  # the methods with a teacher
     scheds = {n: json.loads((r[n] / "schedule.json").read_text()) for n in names}
@@ -193,22 +202,23 @@ def plot_schedule(r, path):
     fig = plt.figure(figsize=(3 + 2.4 * K, 3.2 * (1 + len(adaptive))))
     ax = fig.add_subplot(1 + len(adaptive), 1, 1)
     for i, n in enumerate(names):
-        ax.plot(range(K), [s.get("ckpt") for s in scheds[n]["stages"]], "-", label=n, lw=2, alpha=0.8,
-                marker="os^dvx"[i % 6], color=COLORS.get(n))
-    best = scheds[names[0]]["best"]
+        ax.plot(range(K), teacher_numbers(r, n)[0], "-", label=n, lw=2, alpha=0.8, marker="os^dvx"[i % 6], color=COLORS.get(n))
+    _, best, first = teacher_numbers(r, names[0])
     ax.axhline(best, color="k", ls=":", lw=1)
-    ax.set(xlabel="stage k", ylabel="chosen checkpoint c_k", xticks=range(K),
-           title=f"Chosen teacher checkpoint per stage (pool of {len(scheds[names[0]]['pool'])}; T* = {best}, dotted)")
+    ax.set(xlabel="stage k", ylabel="chosen teacher checkpoint c_k", xticks=range(K),
+           title=f"Chosen teacher checkpoint per stage (candidates {first} to {first + len(scheds[names[0]]['pool']) - 1}; "
+                 f"T* = {best}, dotted)")
     ax.legend(fontsize=8, ncol=len(names))
     for j, n in enumerate(adaptive):  # the two KL terms for every candidate at every stage
         for k, st in enumerate(scheds[n]["stages"]):
             a = fig.add_subplot(1 + len(adaptive), K, K * (j + 1) + k + 1)
             score = [x + y for x, y in zip(st["kl_best"], st["kl_student"])]
-            a.plot(st["kl_best"], label="KL(T* || c)", color="C0")
-            a.plot(st["kl_student"], label="student term", color="C1")
-            a.plot(score, label="sum", color="k", lw=1.5)
-            a.axvline(st["ckpt"], color="C3", ls="--", lw=1)
-            a.set(title=f"{n}, stage {k}: c = {st['ckpt']}", xlabel="candidate c", yscale="log",
+            cands = range(first, first + len(score))
+            a.plot(cands, st["kl_best"], label="KL(T* || c)", color="C0")
+            a.plot(cands, st["kl_student"], label="student term", color="C1")
+            a.plot(cands, score, label="sum", color="k", lw=1.5)
+            a.axvline(first + st["ckpt"], color="C3", ls="--", lw=1)
+            a.set(title=f"{n}, stage {k}: c = {first + st['ckpt']}", xlabel="candidate checkpoint c", yscale="log",
                   ylabel="KL on the probe (nats)" if k == 0 else None)
             if k == 0:
                 a.legend(fontsize=7)
@@ -338,8 +348,7 @@ def report(cfg, runs, sweeps, wall, command):
         plots.append("budget")
 
     names = [n for n in r0 if n not in ("teacher", "SFT student")]
-    sched = {n: [" -> ".join(str(s.get("ckpt", "-")) for s in json.loads((r[n] / "schedule.json").read_text())["stages"])
-                 for r in runs.values()] for n in names}
+    sched = {n: [" -> ".join(str("-" if c is None else c) for c in teacher_numbers(r, n)[0]) for r in runs.values()] for n in names}
     lines = [f"# Results: `{command}`", "",
              f"Seeds: {cfg.seeds} (mean ± std over seeds where > 1). Data: {cfg.data}. "
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {setup_device(cfg.device, cfg.dtype)[0]}. "
@@ -371,7 +380,8 @@ def report(cfg, runs, sweeps, wall, command):
                                for seed, r in runs.items()]) for m in budgets]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## Schedules (chosen checkpoint per stage, per seed)", ""]
+    lines += ["## Schedules (the teacher's checkpoint chosen per stage, per seed; T* = "
+              + ", ".join(str(teacher_numbers(r, "KD")[1]) for r in runs.values()) + ")", ""]
     lines += [f"- {n}: " + "; ".join(sched[n]) for n in names]
     lines += ["", "## Wall time per phase, summed over seeds (each run records its own)", "", "| phase | seconds |", "| --- | --- |"]
     lines += [f"| {k} | {v:.0f} |" for k, v in wall.items()]
