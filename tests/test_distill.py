@@ -154,3 +154,18 @@ def test_clear_errors_for_bad_teacher_folders(tiny_domain, runs, tmp_path):
         torch.save(ck, path)
         with pytest.raises(common.RunError, match="another vocabulary or context length"):
             distill.main(dcfg(tiny_domain, runs, "v", teacher_dir=str(d)))
+
+
+def test_cached_teacher_logits_equal_the_teacher_in_the_loop(tiny_domain, runs):
+    """The stage's cache holds, per example, the logits the teacher gives that example in any
+    batch (padding does not leak into answer positions); too small a memory cap switches it off."""
+    _, tok, _, enc = tt.prepare(str(tiny_domain), "teacher", seed=0)
+    m = json.loads((runs / "teacher" / "manifest.json").read_text())
+    teacher, _ = tt.load_checkpoint(runs / "teacher" / m["checkpoints"][m["best"]]["file"])
+    rows = distill.teacher_logits(teacher, enc["train"], tok.eot, "cpu", torch.no_grad(), max_gib=1.0, chunk=7)
+    idx = [5, 0, 17, 3, 40, 41, 90, 2]
+    x, _, mask = data.make_batch(enc["train"], idx, tok.eot)
+    with torch.no_grad():
+        direct = teacher(x, positions=mask)
+    torch.testing.assert_close(torch.cat([rows[j] for j in idx]), direct, rtol=1e-4, atol=1e-5)
+    assert distill.teacher_logits(teacher, enc["train"], tok.eot, "cpu", torch.no_grad(), max_gib=1e-9) is None

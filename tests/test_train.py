@@ -226,12 +226,12 @@ def test_bad_output_folders_and_bad_data_leave_nothing_behind(tiny_domain, tmp_p
     assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
 
 
-def test_resume_checks_every_split_and_a_moved_folder_still_resumes(tiny_domain, tmp_path):
+def test_resume_checks_every_split_and_a_moved_or_relogged_folder_still_resumes(tiny_domain, tmp_path):
     dom = tmp_path / "dom"
     shutil.copytree(tiny_domain, dom)
     tt.train(cfg(str(dom), tmp_path / "a", stop_at_step=6))
-    shutil.move(tmp_path / "a", tmp_path / "b")  # a moved run folder resumes where it was
-    tt.train(cfg(str(dom), tmp_path / "b", stop_at_step=9))
+    shutil.move(tmp_path / "a", tmp_path / "b")  # a moved run folder resumes where it was,
+    tt.train(cfg(str(dom), tmp_path / "b", stop_at_step=9, log_every=5))  # also when it prints more often
     assert torch.load(tmp_path / "b" / "state.pt", weights_only=True)["step"] == 9
     lines = (dom / "test.jsonl").read_text().splitlines()
     (dom / "test.jsonl").write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # only test.jsonl changes
