@@ -21,8 +21,8 @@ import data
 import scd
 from common import (RunError, arg, atomic_save, check_finite, dist, global_mean, optimizer_step, out_folder, parse_config,
                     progress, read_json, resumable, run_main, setup_device, shard)
-from train_teacher import (DDP, GPT2_NAMES, PRESETS, fingerprints, load_checkpoint, lr_at, prepare, probe_examples,
-                           probe_file, probe_logprobs)
+from train_teacher import (DDP, GPT2_NAMES, PRESETS, answer_logits, fingerprints, load_checkpoint, lr_at, prepare,
+                           probe_examples, probe_file, probe_logprobs)
 
 
 @dataclass
@@ -96,15 +96,11 @@ def teacher_logits(teacher, enc, eot, device, ctx, max_gib, chunk=64):
     n_tok = sum(len(a) + 1 for _, a in enc)
     if n_tok * teacher.config.vocab_size * 4 > max_gib * 2**30:
         return None
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]) + len(enc[i][1]))  # chunks pad little
+    chunks = answer_logits(teacher, [enc[i] for i in order], eot, device, ctx, chunk)
     rows = [None] * len(enc)
-    order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]) + len(enc[i][1]))
-    for s in range(0, len(enc), chunk):
-        idx = order[s:s + chunk]
-        x, _, mask = data.make_batch(enc, idx, eot, device)
-        with ctx:
-            out = teacher(x, positions=mask).split(mask.sum(1).tolist())
-        for i, r in zip(idx, out):
-            rows[i] = r
+    for i, r in zip(order, (r for lg, _, mask in chunks for r in lg.split(mask.sum(1).tolist()))):
+        rows[i] = r
     return rows
 
 
