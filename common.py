@@ -114,8 +114,9 @@ def out_folder(path):
         raise RunError(f"--out_dir {out} is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / ".write_test").touch()
-        (out / ".write_test").unlink()
+        test_file = out / f".write_test_{os.getpid()}"  # one per process: torchrun's ranks check at once
+        test_file.touch()
+        test_file.unlink()
     except OSError as e:
         raise RunError(f"--out_dir {out}: cannot write there ({e.strerror})") from None
     return out
