@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -5,7 +6,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's top-level modules
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("SCD_TEST_THREADS", 2)))  # the mutation check runs two suites at once
 
 import data  # noqa: E402
 

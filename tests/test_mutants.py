@@ -2,9 +2,11 @@
 direction, an inverted AW ratio, a misaligned lookup, ...) is applied to a copy of the
 repository, and the tests named next to it must fail there. A mutant that survives means
 a test is missing."""
+import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -42,25 +44,31 @@ MUTANTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def copy_root(tmp_path_factory):
-    dst = tmp_path_factory.mktemp("mutant")
+def run_mutant(name, dst):
+    """Apply one mutant to a fresh copy of the repository in dst and run its tests there:
+    (pytest's exit code, the end of its output)."""
+    file, good, bad, tests = MUTANTS[name]
     for p in ROOT.iterdir():
         if p.suffix == ".py" or p.name in ("tests", "assets"):
             (shutil.copytree if p.is_dir() else shutil.copy)(p, dst / p.name)
-    return dst
+    src = (ROOT / file).read_text(encoding="utf-8")
+    if src.count(good) != 1:
+        return None, f"{file} no longer has exactly one {good!r}: update the mutant"
+    (dst / file).write_text(src.replace(good, bad), encoding="utf-8")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", f"tests/{tests}"],
+                       cwd=dst, capture_output=True, text=True, timeout=600, env={**os.environ, "SCD_TEST_THREADS": "1"})
+    return r.returncode, r.stdout[-2000:]
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    """Every mutant's run, two at a time (one thread each: most of a run is starting Python)."""
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(MUTANTS, pool.map(lambda n: run_mutant(n, tmp_path_factory.mktemp("mutant")), MUTANTS)))
 
 
 @pytest.mark.parametrize("name", MUTANTS)
-def test_mutant_is_caught(name, copy_root):
-    file, good, bad, tests = MUTANTS[name]
-    path = copy_root / file
-    src = (ROOT / file).read_text(encoding="utf-8")
-    assert src.count(good) == 1, f"{file} no longer has exactly one {good!r}: update the mutant"
-    path.write_text(src.replace(good, bad), encoding="utf-8")
-    try:
-        r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", f"tests/{tests}"],
-                           cwd=copy_root, capture_output=True, text=True, timeout=600)
-    finally:
-        path.write_text(src, encoding="utf-8")
-    assert r.returncode == 1, f"mutant {name!r} survived tests/{tests}:\n{r.stdout[-2000:]}"
+def test_mutant_is_caught(name, outcomes):
+    code, out = outcomes[name]
+    assert code is not None, out
+    assert code == 1, f"mutant {name!r} survived tests/{MUTANTS[name][3]}:\n{out}"
