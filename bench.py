@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import data
+import domains
 import scd
 from model import GPT, GPTConfig, PRESETS
 from common import arg, optimizer_step, parse_config, run_main, setup_device
@@ -45,7 +46,7 @@ class BenchConfig:
 def batches(cfg, vocab, device):
     """A list of (x, y, mask): the default domain's first training batches, or random tokens."""
     if not cfg.seq_len:
-        splits = data.default_domain(0)
+        splits = domains.default_domain(0)
         tok = data.Tokenizer.compact([ex["prompt"] + ex["answer"] for ex in splits["train"]])
         enc = data.encode(splits["train"], tok, 128)
         lengths = [len(p) + len(a) for p, a in enc]

@@ -1,10 +1,12 @@
 """
 What the scripts share and the method does not need: flags from a dataclass, the device and
-precision, output folders, files written atomically, resuming, progress lines, and the
-checks that stop a run loudly instead of letting it train on NaN.
+precision, building and loading models, output folders (locked while a run writes), files
+written atomically, resuming, the LR schedule, progress lines, and the checks that stop a
+run loudly instead of letting it train on NaN.
 """
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -17,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 import data
+from model import GPT, GPTConfig, PRESETS
 
 
 def arg(default, help, choices=None, low=None):
@@ -63,7 +66,7 @@ def parse_config(cls, description):
 def run_main(fn, cfg):
     """A script's entry point: bad input (data, files, flags) prints its message alone and
     exits non-zero, without a traceback."""
-    torch.set_num_threads(min(os.cpu_count() or 1, 8))
+    torch.set_num_threads(int(os.environ.get("SCD_THREADS", min(os.cpu_count() or 1, 8))))
     t = time.time()
     try:
         fn(cfg)
@@ -107,8 +110,57 @@ def setup_device(device, dtype):
     return device, dtype, ctx, scaler, rank, world
 
 
+def lr_at(step, total, peak, warmup_frac):
+    """Linear warm-up over the first warmup_frac of steps, then cosine decay to zero."""
+    warmup = max(1, int(warmup_frac * total))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def prepare(cfg_data, preset, seed, init_from=""):
+    """Domain, tokenizer, a model, and every split encoded (an example too long for the
+    model's context is an error naming its file and line, before anything is written).
+    Pretrained GPT-2 weights (init_from) bring the full vocabulary; a fresh preset gets the
+    compact vocabulary of the training split. Teacher and student built from the same data
+    get the same vocabulary."""
+    splits = data.load_domain(cfg_data)
+    if init_from:
+        tok, model = data.Tokenizer(None), GPT.from_pretrained(init_from)
+    else:
+        tok = data.Tokenizer.compact([ex["prompt"] + ex["answer"] for ex in splits["train"]])
+        torch.manual_seed(seed)
+        model = GPT(GPTConfig(**{**PRESETS[preset], "vocab_size": tok.vocab_size}))
+    enc = {s: data.encode(v, tok, model.config.block_size) for s, v in splits.items()}
+    return splits, tok, model, enc
+
+
+def load_checkpoint(path, device="cpu"):
+    """A weights file -> (model in eval mode, tokenizer)."""
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+        model = GPT(GPTConfig(**ck["model_config"]))
+        model.load_state_dict(ck["model"])
+    except Exception as e:
+        raise RunError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    return model.to(device).eval(), data.Tokenizer(ck["vocab"])
+
+
+def fingerprints(splits):
+    """One fingerprint per split: a run's state depends on all three (the vocabulary on
+    train, model selection on val, the reports on test), so resuming checks all three."""
+    return {s: data.fingerprint(v) for s, v in splits.items()}
+
+
+def probe_file(out, seed, size, topk):
+    return Path(out) / f"probe_s{seed}_n{size}_k{topk}.pt"
+
+
 def out_folder(path):
-    """The output folder, made if needed and checked writable, with a clear error if not."""
+    """The output folder, made if needed, checked writable and locked for this process:
+    a second process started on the same folder is refused (a lock left by a process that
+    has died is taken over, so a killed run still resumes)."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise RunError(f"--out_dir {out} is a file, not a folder")
@@ -119,7 +171,26 @@ def out_folder(path):
         test_file.unlink()
     except OSError as e:
         raise RunError(f"--out_dir {out}: cannot write there ({e.strerror})") from None
+    if not (dist.is_initialized() and dist.get_rank() > 0):
+        lock(out / "run.lock")
     return out
+
+
+def lock(path):
+    """Hold path for this process until it exits: the file names the holder's pid."""
+    try:
+        holder = int(Path(path).read_text())
+    except (OSError, ValueError):
+        holder = None
+    if holder is not None and holder != os.getpid():
+        try:
+            os.kill(holder, 0)  # signal 0 only asks whether the process exists
+            raise RunError(f"{path.parent} is in use by process {holder}; wait for it or use another --out_dir")
+        except ProcessLookupError:
+            pass  # the holder died: the lock is stale
+        except PermissionError:
+            raise RunError(f"{path.parent} is in use by process {holder}; wait for it or use another --out_dir") from None
+    Path(path).write_text(str(os.getpid()))
 
 
 def read_json(path):

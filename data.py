@@ -1,14 +1,13 @@
 """
-Data: the offline GPT-2 tokenizer, the embedded default domain, JSONL domains, batching
-and evaluation (greedy exact match, entity F1, per-example records).
+Data: the offline GPT-2 tokenizer, loading a domain (the generated ones of domains.py, or
+JSONL), batching, the schedule's probe, and evaluation (exact match, entity F1,
+per-example records).
 
     python data.py --out data/default   # write the default domain as JSONL to look at
 """
 import base64
 import hashlib
 import json
-import random
-import re
 from contextlib import nullcontext
 from functools import lru_cache
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import tiktoken
 import torch
 
+import domains
 import scd
 
 # -----------------------------------------------------------------------------
@@ -77,157 +77,6 @@ class Tokenizer:
         return self.enc.decode(g, errors="replace")
 
 
-# -----------------------------------------------------------------------------
-# the embedded default domain: 3 task types x 2 languages = 6 subdomains
-#   qa   closed-book questions about a fixed cast of people (memorisation: capacity matters)
-#   ner  entity extraction; some entities appear with no context cue (type must be known)
-#   cls  sentiment with negation and "but" (the clause after the last "but" decides)
-
-EN = dict(
-    first="Alice Bob Carol David Emma Frank Grace Henry Irene Jack Karen Leo Maria Nathan Olivia "
-          "Paul Quinn Rosa Sam Tina Victor Wendy Xavier Yara Zoe".split(),
-    last="Smith Jones Brown Taylor Wilson Evans Thomas Walker White Green Hall Wood Clark Lewis "
-         "Young King Wright Scott Baker Adams".split(),
-    city="Paris London Berlin Madrid Rome Vienna Prague Dublin Oslo Lisbon Athens Warsaw Cairo "
-         "Lima Tokyo Seoul Sydney Boston Denver Toronto".split(),
-    org="Acme Globex Initech Umbrella Hooli Vandelay Soylent Stark Wayne Wonka Cyberdyne Tyrell "
-        "Aperture Massive Oceanic".split(),
-    qa_city=["Where does {p} live?", "In which city does {p} live?", "What city is {p} based in?",
-             "Which city is home to {p}?", "Name the city where {p} lives."],
-    qa_org=["Who does {p} work for?", "Which company employs {p}?", "Where is {p} employed?",
-            "What firm does {p} work at?", "Name the employer of {p}."],
-    qa_prompt="Question: {q}\nAnswer:", qa_answer=" {a}",
-    ner=["{PER} moved to {LOC} to join {ORG}.", "{ORG} opened an office in {LOC}.",
-         "{PER} and {PER} met in {LOC}.", "{PER} left {ORG} last year.", "Yesterday {PER} visited {LOC}.",
-         "{ORG} hired {PER} in {LOC}.", "Everyone talks about {ANY} these days.", "News from {ANY} and {ANY}."],
-    ner_prompt="Text: {t}\nEntities:", ner_answer=" {a}",
-    aspect=["the service", "the food", "the room", "the staff", "the price", "the delivery",
-            "the screen", "the battery"],
-    pos="great excellent good wonderful reliable fast friendly amazing".split(),
-    neg="bad terrible slow broken rude awful noisy poor".split(),
-    clause="{a} was {n}{w}", negation="not ", joiner=" and ", but=" but ", end=".",
-    cls_prompt="Review: {t}\nSentiment:", labels=(" positive", " negative"),
-)
-JA = dict(
-    first="太郎 花子 健 美咲 翔 愛 大輔 由美 誠 さくら 拓也 恵 直樹 陽子 亮 真理 剛 彩 悠 奈々".split(),
-    last="田中 佐藤 鈴木 高橋 伊藤 渡辺 山本 中村 小林 加藤 吉田 山田 佐々木 山口 松本 井上 木村 林 清水 山崎".split(),
-    city="東京 大阪 京都 札幌 福岡 名古屋 神戸 横浜 仙台 広島 奈良 金沢 長崎 熊本 那覇 新潟 静岡 岡山 松山 函館".split(),
-    org="青葉商事 桜電機 山河物産 星野工業 朝日化学 若葉食品 大空運輸 白鳥製薬 緑川建設 光明電子 北斗銀行 "
-        "東雲書店 松風製紙 波野水産 雪村鉄鋼".split(),
-    qa_city=["{p}の住む町は?", "{p}はどこに住む?", "{p}の居住地は?", "{p}の住まいは?", "{p}が住む都市は?"],
-    qa_org=["{p}の勤務先は?", "{p}はどこで働く?", "{p}の会社は?", "{p}の職場は?", "{p}を雇う会社は?"],
-    qa_prompt="問: {q}\n答:", qa_answer="{a}",
-    ner=["{PER}は{LOC}の{ORG}に入った。", "{ORG}が{LOC}に進出。", "{PER}と{PER}が{LOC}で会った。",
-         "{PER}は{ORG}を辞めた。", "{PER}が{LOC}を訪問。", "{ORG}が{PER}を採用。", "話題は{ANY}だ。", "{ANY}と{ANY}の話。"],
-    ner_prompt="文: {t}\n抽出:", ner_answer="{a}",
-    aspect=["サービス", "料理", "部屋", "店員", "値段", "配達", "画面", "電池"],
-    pos="最高 丁寧 快適 便利 清潔 親切 素敵 優秀".split(),
-    neg="最悪 不便 不潔 退屈 乱暴 残念 不安 下手".split(),
-    clause="{a}は{w}{n}", negation="でない", joiner="、", but="。しかし", end="。",
-    cls_prompt="評: {t}\n判定:", labels=("良", "悪"),
-)
-LANGS = {"en": EN, "ja": JA}
-
-
-def _person(L, first, last):
-    return f"{first} {last}" if L is EN else f"{last}{first}"
-
-
-def _qa(L, lang, rng, n_people):
-    """Every (person, attribute) fact is asked in 5 phrasings: 4 go to train, the fifth to
-    val or test, so held-out questions ask about known facts in an unseen phrasing."""
-    pairs = rng.sample([(f, l) for f in L["first"] for l in L["last"]], n_people)
-    splits = {"train": [], "val": [], "test": []}
-    for k, (f, l) in enumerate(pairs):
-        p = _person(L, f, l)
-        for attr, values in (("qa_city", L["city"]), ("qa_org", L["org"])):
-            a = rng.choice(values)
-            held = rng.randrange(len(L[attr]))
-            for j, q in enumerate(L[attr]):
-                split = "train" if j != held else ("val" if (2 * k + (attr == "qa_org")) % 2 == 0 else "test")
-                splits[split].append(dict(prompt=L["qa_prompt"].format(q=q.format(p=p)),
-                                          answer=L["qa_answer"].format(a=a), subdomain=f"qa_{lang}"))
-    return splits
-
-
-def _ner(L, lang, rng):
-    text = rng.choice(L["ner"])
-    ents = []
-
-    def fill(m):
-        kind = m.group(1)
-        if kind == "ANY":
-            kind = rng.choice(["PER", "LOC", "ORG"])
-        name = {"PER": lambda: _person(L, rng.choice(L["first"]), rng.choice(L["last"])),
-                "LOC": lambda: rng.choice(L["city"]), "ORG": lambda: rng.choice(L["org"])}[kind]()
-        ents.append(f"{kind}: {name}")
-        return name
-    text = re.sub(r"\{(PER|LOC|ORG|ANY)\}", fill, text)
-    return dict(prompt=L["ner_prompt"].format(t=text), answer=L["ner_answer"].format(a="; ".join(ents)),
-                subdomain=f"ner_{lang}")
-
-
-def _cls(L, lang, rng):
-    segments, polarity = [], None
-    for _ in range(rng.choice([1, 2])):  # segments joined by "but"
-        polarity = rng.random() < 0.5
-        clauses = []
-        for _ in range(rng.choice([1])):  # clauses joined by "and" share a polarity
-            negated = rng.random() < 0.35
-            word = rng.choice(L["pos"] if polarity != negated else L["neg"])
-            clauses.append(L["clause"].format(a=rng.choice(L["aspect"]), w=word, n=L["negation"] if negated else ""))
-        segments.append(L["joiner"].join(clauses))
-    text = L["but"].join(segments) + L["end"]
-    text = text[0].upper() + text[1:]
-    return dict(prompt=L["cls_prompt"].format(t=text), answer=L["labels"][0 if polarity else 1],
-                subdomain=f"cls_{lang}")
-
-
-NOISE = 0.2  # share of training answers replaced by a wrong one in the default domain (README: why)
-
-
-def _mislabel(ex, rng):
-    """Annotation noise: a wrong answer of the right form. QA names another city or company,
-    sentiment flips, NER gives one entity a wrong type."""
-    kind, lang = ex["subdomain"].split("_")
-    L, a = LANGS[lang], ex["answer"]
-    if kind == "cls":
-        wrong = L["labels"][a == L["labels"][0]]
-    elif kind == "qa":
-        pool = L["city"] if a.strip() in L["city"] else L["org"]
-        wrong = L["qa_answer"].format(a=rng.choice([v for v in pool if v != a.strip()]))
-    else:
-        ents = [e.split(": ", 1) for e in a.strip().split("; ")]
-        j = rng.randrange(len(ents))
-        ents[j][0] = rng.choice([t for t in ("PER", "LOC", "ORG") if t != ents[j][0]])
-        wrong = L["ner_answer"].format(a="; ".join(f"{t}: {n}" for t, n in ents))
-    return dict(ex, answer=wrong, noisy=True)
-
-
-def default_domain(seed=0, noise=NOISE, n_people=60, n_per_split=(720, 60, 60)):
-    """Deterministic train/val/test splits of the six subdomains (lists of dicts). A share
-    `noise` of the training answers is wrong (marked noisy=True); val and test are clean.
-    The noise has its own random stream: every noise level has the same prompts."""
-    rng = random.Random(seed)
-    splits = {"train": [], "val": [], "test": []}
-    for lang, L in LANGS.items():
-        for k, v in _qa(L, lang, rng, n_people).items():
-            splits[k] += v
-        for make in (_ner, _cls):
-            seen = set()
-            for split, n in zip(splits, n_per_split):
-                made = 0
-                while made < n:  # held-out prompts never occur in train (nor val in test)
-                    ex = make(L, lang, rng)
-                    if ex["prompt"] not in seen:
-                        seen.add(ex["prompt"])
-                        splits[split].append(ex)
-                        made += 1
-    nrng = random.Random(f"noise-{seed}")
-    splits["train"] = [_mislabel(ex, nrng) if nrng.random() < noise else ex for ex in splits["train"]]
-    return splits
-
-
 class DataError(ValueError):
     """Bad input data: the message names the file, line and field."""
 
@@ -269,14 +118,13 @@ def load_jsonl(path):
 def load_domain(data, seed=0):
     """'default' -> the embedded domain; 'default:NOISE' -> the same with another share of
     wrong training answers (default:0 is the clean control); 'parity:N:K' -> sparse parity
-    (parity.py); a folder -> its train/val/test.jsonl."""
+    (domains.py); a folder -> its train/val/test.jsonl."""
     name, *args = data.split(":")
     try:
         if name == "default" and len(args) <= 1:
-            return default_domain(seed, *map(float, args))
+            return domains.default_domain(seed, *map(float, args))
         if name == "parity" and len(args) in (0, 2):
-            from parity import parity_domain
-            return parity_domain(seed, *map(int, args))
+            return domains.parity_domain(seed, *map(int, args))
     except ValueError as e:
         raise DataError(f"--data {data}: {e}") from None
     folder = Path(data)
@@ -358,6 +206,38 @@ def batch_indices(lengths, batch_size, seed, step):
 
 
 # -----------------------------------------------------------------------------
+# the schedule's probe, and a model's logits on encoded examples
+
+def probe_examples(train_enc, size, seed):
+    """The schedule's probe: a seeded subset of the training set, sorted by length so that
+    chunks of it pad little. -> (the examples' indices in train, their encodings, an id: a
+    hash of the indices and tokens, stored with every log-prob made on it)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = sorted(torch.randperm(len(train_enc), generator=g)[:size].tolist(), key=lambda i: sum(map(len, train_enc[i])))
+    enc = [train_enc[i] for i in idx]
+    return idx, enc, hashlib.sha256(json.dumps([idx, enc]).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def answer_logits(model, enc, eot, device, ctx, chunk):
+    """(logits at the answer positions, y, mask) for consecutive chunks of encoded examples."""
+    for s in range(0, len(enc), chunk):
+        x, y, mask = make_batch(enc, range(s, min(s + chunk, len(enc))), eot, device)
+        with ctx:
+            yield model(x, positions=mask), y, mask
+
+
+def probe_logprobs(model, probe, eot, device, ctx, chunk=32):
+    """Log-probabilities at the probe's answer positions: (N answer tokens, V), float32."""
+    return torch.cat([torch.log_softmax(lg.float(), -1) for lg, _, _ in answer_logits(model, probe, eot, device, ctx, chunk)])
+
+
+def example_losses(model, enc, eot, device, ctx, chunk=256):
+    """Per-example gold CE (mean over answer tokens) of model on encoded examples: a list."""
+    return [v for lg, y, mask in answer_logits(model, enc, eot, device, ctx, chunk) for v in scd.gold_ce(lg, y, mask).tolist()]
+
+
+# -----------------------------------------------------------------------------
 # evaluation: exact match per subdomain (from one forward pass, or by greedy decoding),
 # entity F1 where answers are entity lists, per-example records
 
@@ -435,8 +315,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="write the embedded default domain as JSONL")
     ap.add_argument("--out", default="data/default", help="output folder")
     ap.add_argument("--seed", type=int, default=0, help="domain seed")
-    ap.add_argument("--noise", type=float, default=NOISE, help="share of wrong training answers")
+    ap.add_argument("--noise", type=float, default=domains.NOISE, help="share of wrong training answers")
     args = ap.parse_args()
-    for split, exs in default_domain(args.seed, args.noise).items():
+    for split, exs in domains.default_domain(args.seed, args.noise).items():
         write_jsonl(exs, Path(args.out) / f"{split}.jsonl")
         print(f"{split}: {len(exs)} examples -> {args.out}/{split}.jsonl")

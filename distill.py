@@ -16,13 +16,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import scd
-from common import (RunError, arg, atomic_save, check_finite, dist, global_mean, optimizer_step, out_folder, parse_config,
-                    progress, read_json, resumable, run_main, setup_device, shard)
-from train_teacher import (DDP, GPT2_NAMES, PRESETS, answer_logits, fingerprints, load_checkpoint, lr_at, prepare,
-                           probe_examples, probe_file, probe_logprobs)
+from common import (RunError, arg, atomic_save, check_finite, dist, fingerprints, global_mean, load_checkpoint, lr_at,
+                    optimizer_step, out_folder, parse_config, prepare, probe_file, progress, read_json, resumable,
+                    run_main, setup_device, shard)
+from model import GPT2_NAMES, PRESETS
 
 
 @dataclass
@@ -61,28 +62,69 @@ class DistillConfig:
                      choices=("auto", "float32", "bfloat16", "float16"))
     log_every: int = arg(40, "steps between progress lines", low=1)
     compile: bool = arg(False, "torch.compile the trained model (CUDA; slow to start, faster per step)")
+    decode_test: bool = arg(True, "test records by greedy decoding (false: the forced-answer match of validation, faster)")
     eval_every: int = arg(0, "steps between validation-accuracy points of a learning curve in schedule.json (0: none)", low=0)
     stop_at_stage: int = arg(0, "stop after this many stages as if interrupted (to test resuming; 0: off)", low=0)
 
 
-def probe_cache(cfg, tdir, pool, probe, tok, device, ctx, train_fp):
+def teacher_pool(cfg, student, tok):
+    """The teacher's checkpoints from --pool_start on (the candidates), T*'s place among
+    them, and a check that teacher and student share a vocabulary and context."""
+    tdir = Path(cfg.teacher_dir)
+    if not (tdir / "manifest.json").exists():
+        raise RunError(f"{tdir}: no manifest.json; train a teacher first (python train_teacher.py --out_dir {tdir})")
+    manifest = read_json(tdir / "manifest.json")
+    ckpts = manifest["checkpoints"]
+    if not ckpts:
+        raise RunError(f"{tdir}/manifest.json lists no checkpoints")
+    pool = [c for c in ckpts if c["step"] >= cfg.pool_start * ckpts[-1]["step"]]
+    if ckpts[manifest["best"]] not in pool:
+        raise RunError(f"--pool_start {cfg.pool_start} leaves the best checkpoint out of the pool")
+    best = pool.index(ckpts[manifest["best"]])
+    t_model, t_tok = load_checkpoint(tdir / pool[best]["file"])
+    if t_tok.ids != tok.ids or t_model.config.block_size != student.config.block_size:
+        raise RunError(f"{tdir} was trained with another vocabulary or context length than --data {cfg.data} gives the student")
+    return tdir, pool, best
+
+
+def sft_anchor(cfg, train_fp, n_train, device):
+    """The SFT student run: AW's anchor l_S for this very training set (None without AW),
+    after a check that the student starts where the SFT student did."""
+    adir, anchor = Path(cfg.anchor_dir), None
+    if cfg.aw:
+        a = read_json(adir / "train_losses.json")
+        if a["fingerprint"] != train_fp or len(a["loss"]) != n_train:
+            raise RunError(f"{adir / 'train_losses.json'} was made for other training data (fingerprint {a['fingerprint']})")
+        anchor = torch.tensor(a["loss"], device=device)
+    if cfg.start == "anchor" or cfg.aw or (adir / "config.json").exists():
+        a = read_json(adir / "config.json")
+        for k in ("seed", "preset", "init_from"):  # "the SFT student's initialisation" holds only if these match
+            if a.get(k) != getattr(cfg, k):
+                raise RunError(f"--{k} {getattr(cfg, k)!r} differs from the SFT student's ({a.get(k)!r} in {adir}): "
+                               "the student would not start where the SFT student did")
+    return anchor
+
+
+def probe_cache(cfg, tdir, pool, probe, probe_id, tok, device, ctx, train_fp):
     """Each pool checkpoint's compressed log-probs on the probe. The teacher run stores
-    them (every checkpoint was in memory there); for another probe they are computed once,
-    here, and stored in the teacher's folder for the next run."""
+    them (every checkpoint was in memory there) with the probe's id; a stored file made on
+    other examples is never used: the log-probs are then computed here, and stored in the
+    teacher's folder for the next run."""
     path = probe_file(tdir, cfg.seed, cfg.probe_size, cfg.probe_topk)
     steps = [c["step"] for c in pool]
     if path.exists():
         stored = torch.load(path, map_location=device, weights_only=True)
-        if stored["fingerprint"] == train_fp and set(steps) <= set(stored["steps"]):
+        if stored["fingerprint"] == train_fp and stored.get("probe") == probe_id and set(steps) <= set(stored["steps"]):
             at = [stored["steps"].index(s) for s in steps]
             return [(stored["values"][j], stored["indices"][j]) for j in at]
+        print(f"note: {path} was made on another probe or other checkpoints; computing the probe's log-probs here")
     values, indices = [], []
     for c in pool:
         m, _ = load_checkpoint(tdir / c["file"], device)
-        v, i = scd.compress_logprobs(probe_logprobs(m, probe, tok.eot, device, ctx), cfg.probe_topk)
+        v, i = scd.compress_logprobs(data.probe_logprobs(m, probe, tok.eot, device, ctx), cfg.probe_topk)
         values.append(v), indices.append(i)
     try:
-        atomic_save(dict(fingerprint=train_fp, steps=steps, values=values, indices=indices), path)
+        atomic_save(dict(fingerprint=train_fp, probe=probe_id, steps=steps, values=values, indices=indices), path)
     except OSError as e:
         print(f"note: could not store the probe in {tdir} ({e.strerror}); the next run will compute it again")
     return list(zip(values, indices))
@@ -97,11 +139,64 @@ def teacher_logits(teacher, enc, eot, device, ctx, max_gib, chunk=64):
     if n_tok * teacher.config.vocab_size * 4 > max_gib * 2**30:
         return None
     order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]) + len(enc[i][1]))  # chunks pad little
-    chunks = answer_logits(teacher, [enc[i] for i in order], eot, device, ctx, chunk)
+    chunks = data.answer_logits(teacher, [enc[i] for i in order], eot, device, ctx, chunk)
     rows = [None] * len(enc)
     for i, r in zip(order, (r for lg, _, mask in chunks for r in lg.split(mask.sum(1).tolist()))):
         rows[i] = r
     return rows
+
+
+def choose(cfg, stage, schedule, student, probe, cache, best, tok, device, ctx, world):
+    """Stage k's teacher checkpoint c_k, an index into the pool (None: SFT), and the
+    schedule row that logs it (for SCD, both terms for every candidate)."""
+    row, k = dict(stage=stage), None
+    if cfg.method == "scd":
+        V = student.config.vocab_size
+        s_lp = data.probe_logprobs(student.eval(), probe, tok.eot, device, ctx)
+        dense = (scd.dense_logprobs(v, i, V) for v, i in cache)
+        prev = schedule[-1]["ckpt"] if schedule else None  # --monotone: never before the previous stage's choice
+        k, kl_best, kl_student = scd.scd_checkpoint(scd.dense_logprobs(*cache[best], V), dense, s_lp,
+                                                    cfg.student_term, prev, cfg.monotone)
+        row.update(kl_best=kl_best, kl_student=kl_student)
+    elif cfg.method != "sft":
+        k = scd.fixed_checkpoint(cfg.method, stage, cfg.stages, best)
+    if world > 1:  # every process computed the same choice; rank 0's is the one used
+        k = [k]
+        dist.broadcast_object_list(k, src=0)
+        k = k[0]
+    return k, row
+
+
+def resume(cfg, out, config, student, device):
+    """A folder holding this very run: (its results if finished, else None; the stage to
+    start at, the best validation accuracy so far, the schedule so far). A fresh folder
+    starts at stage 0, from the SFT student's initialisation or, with --start anchor, its
+    trained weights."""
+    if resumable(out, config, asdict(DistillConfig())):  # the stage-level state: each stage restarts its optimizer anyway
+        st = torch.load(out / "state.pt", map_location=device, weights_only=True)
+        if st["stage"] == cfg.stages and (out / "results.json").exists():
+            print(f"{out} holds this run, finished: nothing to do")
+            return read_json(out / "results.json"), 0, 0, []
+        student.load_state_dict(st["model"])
+        print(f"resuming {out} at stage {st['stage']}")
+        return None, st["stage"], st["best_val"], read_json(out / "schedule.json")["stages"][:st["stage"]]
+    if cfg.start == "anchor":
+        a = read_json(Path(cfg.anchor_dir) / "manifest.json")
+        student.load_state_dict(load_checkpoint(Path(cfg.anchor_dir) / a["checkpoints"][a["best"]]["file"], device)[0].state_dict())
+    return None, 0, -1.0, []
+
+
+def test_students(out, test, tok, device, ctx, decode):
+    """The best-on-validation and the final student on test: records and summaries."""
+    results = {}
+    for name in ("best", "final"):
+        model, _ = load_checkpoint(out / f"{name}.pt", device)
+        summary, records = data.evaluate(model, test, tok, device, ctx=ctx, decode=decode)
+        atomic_save(records, out / f"test_records_{name}.jsonl")
+        results[name] = {k: round(v, 4) for k, v in summary.items()}
+        print(f"{name} student on test: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
+    results["best_stage"] = torch.load(out / "best.pt", weights_only=True)["stage"]
+    return results
 
 
 def main(cfg):
@@ -114,61 +209,22 @@ def main(cfg):
         raise RunError(f"--batch_size {cfg.batch_size} is larger than the {len(train_enc)} training examples")
     lengths = [len(p) + len(a) for p, a in train_enc]
     fps = fingerprints(splits)
-
-    # the teacher's checkpoints: the candidate pool, T*, and a check that the models can talk
-    tdir = Path(cfg.teacher_dir)
-    if not (tdir / "manifest.json").exists():
-        raise RunError(f"{tdir}: no manifest.json; train a teacher first (python train_teacher.py --out_dir {tdir})")
-    manifest = read_json(tdir / "manifest.json")
-    ckpts = manifest["checkpoints"]
-    if not ckpts:
-        raise RunError(f"{tdir}/manifest.json lists no checkpoints")
-    pool = [c for c in ckpts if c["step"] >= cfg.pool_start * ckpts[-1]["step"]]
-    if ckpts[manifest["best"]] not in pool:
-        raise RunError(f"--pool_start {cfg.pool_start} leaves the best checkpoint out of the pool")
-    best = pool.index(ckpts[manifest["best"]])
-    t_model, t_tok = load_checkpoint(tdir / pool[best]["file"], device)
-    if t_tok.ids != tok.ids or t_model.config.block_size != student.config.block_size:
-        raise RunError(f"{tdir} was trained with another vocabulary or context length than --data {cfg.data} gives the student")
-    del t_model  # at most one teacher checkpoint in memory at a time
-
-    # the SFT student run: AW's anchor l_S for this very training set, and the init it used
-    anchor, adir = None, Path(cfg.anchor_dir)
-    if cfg.aw:
-        a = read_json(adir / "train_losses.json")
-        if a["fingerprint"] != fps["train"] or len(a["loss"]) != len(train_enc):
-            raise RunError(f"{adir / 'train_losses.json'} was made for other training data (fingerprint {a['fingerprint']})")
-        anchor = torch.tensor(a["loss"], device=device)
-    if cfg.start == "anchor" or cfg.aw or (adir / "config.json").exists():
-        a = read_json(adir / "config.json")
-        for k in ("seed", "preset", "init_from"):  # "the SFT student's initialisation" holds only if these match
-            if a.get(k) != getattr(cfg, k):
-                raise RunError(f"--{k} {getattr(cfg, k)!r} differs from the SFT student's ({a.get(k)!r} in {adir}): "
-                               "the student would not start where the SFT student did")
+    tdir, pool, best = teacher_pool(cfg, student, tok)
+    anchor = sft_anchor(cfg, fps["train"], len(train_enc), device)
 
     out = out_folder(cfg.out_dir)
     config = dict(asdict(cfg), stop_at_stage=0, fingerprint=fps)
     config.pop("out_dir")
-    schedule, state_path, stage, best_val = [], out / "state.pt", 0, -1.0
-    if resumable(out, config, asdict(DistillConfig())):  # the stage-level state: each stage restarts its optimizer anyway
-        st = torch.load(state_path, map_location=device, weights_only=True)
-        if st["stage"] == cfg.stages and (out / "results.json").exists():
-            print(f"{out} holds this run, finished: nothing to do")
-            return read_json(out / "results.json")
-        student.load_state_dict(st["model"])
-        stage, best_val = st["stage"], st["best_val"]
-        schedule = read_json(out / "schedule.json")["stages"][:stage]
-        print(f"resuming {out} at stage {stage}")
-    elif cfg.start == "anchor":  # start from the SFT student's weights instead of its initialisation
-        a = read_json(adir / "manifest.json")
-        student.load_state_dict(load_checkpoint(adir / a["checkpoints"][a["best"]]["file"], device)[0].state_dict())
+    state_path = out / "state.pt"
+    done, stage, best_val, schedule = resume(cfg, out, config, student, device)
+    if done is not None:
+        return done
 
     # the probe: every candidate's log-probs on it are fixed, so they are read (or made) once
     t_sched = time.time()
-    probe = probe_examples(train_enc, cfg.probe_size, cfg.seed)
-    cache = probe_cache(cfg, tdir, pool, probe, tok, device, ctx, fps["train"]) if cfg.method == "scd" else None
-    V = student.config.vocab_size
-    t_sched = time.time() - t_sched
+    _, probe, probe_id = data.probe_examples(train_enc, cfg.probe_size, cfg.seed)
+    cache = probe_cache(cfg, tdir, pool, probe, probe_id, tok, device, ctx, fps["train"]) if cfg.method == "scd" else None
+    t_sched, t_eval = time.time() - t_sched, 0.0
 
     atomic_save(dict(config, out_dir=str(out)), out / "config.json")
     log = open(out / "log.txt" if rank == 0 else os.devnull, "a")
@@ -180,25 +236,12 @@ def main(cfg):
 
     # ------------------------------------------------------------------ the stages
     for stage in range(stage, cfg.stages):
-        # 1. choose this stage's teacher checkpoint c_k
+        # 1. choose this stage's teacher checkpoint c_k; one teacher in memory, its logits kept while the choice stays
         t = time.time()
-        row, k = dict(stage=stage), None
-        if cfg.method == "scd":
-            s_lp = probe_logprobs(student.eval(), probe, tok.eot, device, ctx)
-            dense = (scd.dense_logprobs(v, i, V) for v, i in cache)
-            prev = schedule[-1]["ckpt"] if schedule else None
-            k, kl_best, kl_student = scd.scd_checkpoint(scd.dense_logprobs(*cache[best], V), dense, s_lp,
-                                                        cfg.student_term, prev, cfg.monotone)
-            row.update(kl_best=kl_best, kl_student=kl_student)
-        elif cfg.method != "sft":
-            k = scd.fixed_checkpoint(cfg.method, stage, cfg.stages, best)
-        if world > 1:  # every process computed the same choice; rank 0's is the one used
-            k = [k]
-            dist.broadcast_object_list(k, src=0)
-            k = k[0]
+        k, row = choose(cfg, stage, schedule, student, probe, cache, best, tok, device, ctx, world)
         t_sched += time.time() - t
         if k is not None:
-            if pool[k]["file"] != loaded:  # one teacher in memory; its logits are kept while the choice stays
+            if pool[k]["file"] != loaded:
                 teacher = rows = None
                 teacher, _ = load_checkpoint(tdir / pool[k]["file"], device)
                 rows, loaded = teacher_logits(teacher, train_enc, tok.eot, device, ctx, cfg.teacher_cache_gib), pool[k]["file"]
@@ -230,46 +273,45 @@ def main(cfg):
                 row.setdefault("curve", []).append([step + 1, data.evaluate(student, splits["val"], tok, device, ctx=ctx)[0]["acc"]])
             if (step + 1) % cfg.log_every == 0:  # the global batch's means
                 ce_, kl_, w_ = (global_mean(terms[n].detach().mean(), world).item() for n in ("ce", "kl", "w"))
-                msg = f"ce {ce_:.4f} | kl {kl_:.4f} | w {w_:.3f} | ckpt {row.get('ckpt', '-')}"
+                msg = f"ce {ce_:.4f} | kl {kl_:.4f} | w {w_:.3f} | lr {grp['lr']:.2e} | ckpt {row.get('ckpt', '-')}"
                 line = progress(step + 1, total, t0, start_step, tokens, msg + (f" | fp16 skipped {skipped}" if scaler else ""))
                 print(line, flush=True)
                 log.write(line + "\n")
 
         # 3. validate; keep the best student and the stage's state
+        t = time.time()
         summary, _ = data.evaluate(student, splits["val"], tok, device, ctx=ctx)
+        t_eval += time.time() - t
         row.update(val_loss=round(summary["loss"], 5), val_acc=round(summary["acc"], 4))
         schedule.append(row)
-        weights = dict(model=student.state_dict(), model_config=asdict(student.config), vocab=tok.ids)
         if summary["acc"] >= best_val:  # best-on-validation accuracy; ties go to the later stage
             best_val = summary["acc"]
-            atomic_save(weights, out / "best.pt")
+            atomic_save(dict(model=student.state_dict(), model_config=asdict(student.config), vocab=tok.ids, stage=stage),
+                        out / "best.pt")
         atomic_save(dict(stages=schedule, pool=[c["file"] for c in pool], best=best), out / "schedule.json")
         atomic_save(dict(model=student.state_dict(), stage=stage + 1, best_val=best_val), state_path)
         print(f"stage {stage} done: val loss {summary['loss']:.4f}, val acc {summary['acc']:.3f}")
         if stage + 1 == cfg.stop_at_stage:
             print(f"stopping after stage {stage} as asked (--stop_at_stage); rerun to resume")
             return None
-    atomic_save(dict(model=student.state_dict(), model_config=asdict(student.config), vocab=tok.ids), out / "final.pt")
+    atomic_save(dict(model=student.state_dict(), model_config=asdict(student.config), vocab=tok.ids, stage=cfg.stages - 1),
+                out / "final.pt")
     log.close()
     if scaler:
         print(f"fp16: the gradient scaler skipped {skipped} steps of this sitting (overflow)")
     if rank > 0:  # the test pass is rank 0's
         return None
 
-    # ------------------------------------------------------------------ test, both students
-    results = {}
-    for name in ("best", "final"):
-        model, _ = load_checkpoint(out / f"{name}.pt", device)
-        summary, records = data.evaluate(model, splits["test"], tok, device, ctx=ctx, decode=True)
-        atomic_save(records, out / f"test_records_{name}.jsonl")
-        results[name] = {k: round(v, 4) for k, v in summary.items()}
-        print(f"{name} student on test: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
-    wall = time.time() - t_start
-    results.update(wall_s=round(wall, 1), schedule_s=round(t_sched, 1), val_acc=[r["val_acc"] for r in schedule])
+    t = time.time()
+    results = test_students(out, splits["test"], tok, device, ctx, cfg.decode_test)
+    wall, t_eval = time.time() - t_start, t_eval + time.time() - t
+    results.update(wall_s=round(wall, 1), schedule_s=round(t_sched, 1), eval_s=round(t_eval, 1),
+                   val_acc=[r["val_acc"] for r in schedule])
     atomic_save(results, out / "results.json")
     print("schedule: " + " -> ".join(str(r.get("ckpt", "-")) for r in schedule) + f" in a pool of {len(pool)} (T* = {best}); "
           "teacher steps " + " -> ".join(str(r.get("teacher_step", "-")) for r in schedule))
-    print(f"choosing checkpoints took {t_sched:.1f}s of {wall:.0f}s ({100 * t_sched / wall:.1f}%)")
+    print(f"choosing checkpoints took {t_sched:.1f}s of {wall:.0f}s ({100 * t_sched / wall:.1f}%), "
+          f"evaluation {t_eval:.1f}s ({100 * t_eval / wall:.1f}%)")
     return results
 
 

@@ -60,6 +60,9 @@ class Block(nn.Module):
         return x
 
 
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # Hugging Face names, for from_pretrained
+
+
 @dataclass
 class GPTConfig:
     block_size: int = 64     # context length

@@ -11,7 +11,6 @@ Every student gets the same step budget; its validation accuracy is measured eve
 reused, interrupted ones resume).
 """
 import json
-import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -25,32 +24,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import distill  # noqa: E402
 import train_teacher as tt  # noqa: E402
 from common import arg, parse_config, run_main  # noqa: E402
-
-
-def parity_support(seed, n_bits, k):
-    """The hidden subset of bit positions whose XOR is the label."""
-    return sorted(random.Random(f"support-{seed}").sample(range(n_bits), k))
-
-
-def parity_domain(seed=0, n_bits=16, k=2, n_per_split=None):
-    """Sparse parity (Panigrahi et al., ICLR 2025): the prompt is n_bits random bits, the
-    answer the XOR of a hidden, seeded subset of k of them. No bit string is in two splits.
-    Default sizes: 1,000 val and test, train up to 32,000 (at most half of all strings)."""
-    n_per_split = n_per_split or (min(32000, 2 ** (n_bits - 1) - 2000), 1000, 1000)
-    if 2 ** n_bits < 2 * sum(n_per_split) or not 0 < k <= n_bits:
-        raise ValueError(f"parity:{n_bits}:{k}: need 0 < k <= n and 2^n >= twice the {sum(n_per_split)} examples")
-    rng = random.Random(seed)
-    support = parity_support(seed, n_bits, k)
-    seen, splits = set(), {}
-    for split, n in zip(("train", "val", "test"), n_per_split):
-        splits[split] = []
-        while len(splits[split]) < n:
-            bits = tuple(rng.randint(0, 1) for _ in range(n_bits))
-            if bits not in seen:
-                seen.add(bits)
-                splits[split].append(dict(prompt=" ".join(map(str, bits)) + " =",  # " 0", " 1": one token per bit
-                                          answer=f" {sum(bits[i] for i in support) % 2}", subdomain="parity"))
-    return splits
 
 
 @dataclass

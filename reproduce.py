@@ -12,6 +12,7 @@ Every phase is an ordinary train_teacher.py or distill.py run in --out_dir/seed{
 a phase that finished with the same config and data is reused, an interrupted one resumes.
 """
 import json
+import math
 import os
 import platform
 import statistics
@@ -23,15 +24,17 @@ from pathlib import Path
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import data  # noqa: E402
 import distill  # noqa: E402
 import scd  # noqa: E402
+import stats  # noqa: E402
 import train_teacher as tt  # noqa: E402
 from model import PRESETS  # noqa: E402
 from common import arg, parse_config, run_main, setup_device  # noqa: E402
-from train_teacher import example_losses, load_checkpoint  # noqa: E402
+from common import load_checkpoint  # noqa: E402
 
 METHODS = [("sft", False, "SFT, stages"), ("kd", False, "KD"), ("cd", False, "CD"), ("scd", False, "SCD"),
            ("scd", True, "SCD+AW")]
@@ -117,21 +120,33 @@ def records(folder, which="best"):
     return [json.loads(line) for line in open(folder / name, encoding="utf-8")]
 
 
-def mean_std(values, digits=3):
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+def scores(folders, which="best"):
+    """Per-example test scores of one model over the seeds (one run folder each): (S, N)
+    0/1, and the N examples' subdomains (every seed scores the same test examples)."""
+    recs = [records(f, which) for f in folders]
+    return np.array([[float(x["correct"]) for x in rs] for rs in recs]), np.array([x["subdomain"] for x in recs[0]])
+
+
+def accuracy(folders, sub=None):
+    """A model's macro-average test accuracy over the seeds (or on one subdomain), with its 95% interval."""
+    a, g = scores(folders)
+    return stats.paired_interval(a, 0 * a, groups=g) if sub is None else stats.paired_interval(a[:, g == sub], 0 * a[:, g == sub])
+
+
+def interval(r):
+    return f"{r['mean']:.3f} ± {r['half']:.3f}"
 
 
 def accuracy_table(runs, which):
-    """Markdown: rows = models, columns = exact-match accuracy per subdomain and the macro average."""
+    """Markdown: rows = models, columns = exact-match accuracy per subdomain and the macro
+    average, each the mean over seeds ± the half-width of its 95% interval (stats.py)."""
     first = runs[0]
     subs = sorted({r["subdomain"] for r in records(first["teacher"])})
     rows = [f"| model | {' | '.join(subs)} | average |", "| --- |" + " --- |" * (len(subs) + 1)]
     for name in first:
-        per_seed = [data.summarize(records(r[name], which)) for r in runs.values()]
-        cells = [mean_std([s[f"acc/{sub}"] for s in per_seed]) for sub in subs]
-        rows.append(f"| {name} | {' | '.join(cells)} | **{mean_std([s['acc'] for s in per_seed])}** |")
+        a, g = scores([r[name] for r in runs.values()], which)
+        cells = [interval(stats.paired_interval(a[:, g == sub], 0 * a[:, g == sub])) for sub in subs]
+        rows.append(f"| {name} | {' | '.join(cells)} | **{interval(stats.paired_interval(a, 0 * a, groups=g))}** |")
     return "\n".join(rows)
 
 
@@ -159,7 +174,7 @@ def aw_weights_by_stage(run, teacher_dir, anchor_dir, device="cpu"):
     for st in sched["stages"]:
         model, tok = load_checkpoint(teacher_dir / st["file"], device)
         enc = data.encode(train, tok, model.config.block_size)
-        ws.append(scd.aw_weights(l_s, torch.tensor(example_losses(model, enc, tok.eot, device, nullcontext()))))
+        ws.append(scd.aw_weights(l_s, torch.tensor(data.example_losses(model, enc, tok.eot, device, nullcontext()))))
     return ws, l_t < l_s, torch.tensor([ex.get("noisy", False) for ex in train])
 
 
@@ -273,13 +288,12 @@ def plot_subdomains(runs, path):
     fig, ax = plt.subplots(figsize=(11, 3.6))
     width = 0.8 / len(names)
     for i, n in enumerate(names):
-        per_seed = [data.summarize(records(r[n])) for r in runs.values()]
-        vals = [[s["acc" if sub == "average" else f"acc/{sub}"] for s in per_seed] for sub in subs]
-        ax.bar([j + i * width for j in range(len(subs))], [statistics.mean(v) for v in vals], width, label=n,
-               yerr=[statistics.stdev(v) for v in vals] if len(runs) > 1 else None, capsize=2, color=COLORS.get(n))
+        rs = [accuracy([r[n] for r in runs.values()], None if sub == "average" else sub) for sub in subs]
+        ax.bar([j + i * width for j in range(len(subs))], [r["mean"] for r in rs], width, label=n,
+               yerr=[r["half"] for r in rs], capsize=2, color=COLORS.get(n))
     ax.set(ylabel="test exact match", xticks=[j + 0.4 - width / 2 for j in range(len(subs))],
-           title=f"Test accuracy per subdomain (best-on-validation students; {len(runs)} seed(s)"
-                 + (", error bars = std)" if len(runs) > 1 else ")"))
+           title=f"Test accuracy per subdomain (best-on-validation students; {len(runs)} seed(s); "
+                 "error bars: 95% intervals over seeds and test examples)")
     ax.set_xticklabels(subs)
     ax.legend(fontsize=8, ncol=4)
     fig.tight_layout()
@@ -289,41 +303,85 @@ def plot_subdomains(runs, path):
 
 # -----------------------------------------------------------------------------
 
-def claims(runs):
-    """The paper's claims, each with the per-seed differences it rests on (test, best-on-validation)."""
-    acc = {n: [data.summarize(records(r[n]))["acc"] for r in runs.values()] for n in runs[0]}
-    diff = lambda a, b: [x - y for x, y in zip(acc[a], acc[b])]
-    verdict = lambda d: "holds" if min(d) > 0 else ("does not hold" if max(d) <= 0 else "mixed across seeds")
-    fmt = lambda d: f"{mean_std(d)} (per seed: {', '.join(f'{x:+.3f}' for x in d)})"
-    out = ["| claim | difference in test exact match | verdict |", "| --- | --- | --- |"]
-    distilled = [n for n in acc if n not in ("teacher", "SFT student", "SFT, stages")]
-    for n in distilled:
-        out.append(f"| (a) {n} > SFT student | {fmt(diff(n, 'SFT student'))} | {verdict(diff(n, 'SFT student'))} |")
-    for a, b in (("SCD+AW", "SCD"), ("SCD", "CD"), ("CD", "KD")):
-        out.append(f"| (b) {a} > {b} | {fmt(diff(a, b))} | {verdict(diff(a, b))} |")
-    subs = sorted({r["subdomain"] for r in records(runs[0]["teacher"])})
-    per_sub = {n: {s: statistics.mean(data.summarize(records(r[n]))[f"acc/{s}"] for r in runs.values()) for s in subs} for n in acc}
-    beats = [f"{n} on {s} ({per_sub[n][s]:.3f} vs {per_sub['teacher'][s]:.3f})" for n in distilled for s in subs
-             if per_sub[n][s] > per_sub["teacher"][s]]
-    out.append(f"| (c) a distilled student beats the teacher on some subdomain (means over seeds) | "
-               f"{'; '.join(beats) or 'none'} | {'holds' if beats else 'does not hold'} |")
+PAPER = {("KD", "SFT student"): 7.2, ("CD", "KD"): 1.2, ("SCD", "CD"): 0.3, ("SCD+AW", "SCD"): 2.1, ("SCD+AW", "KD"): 3.6}
+
+
+def claim_rows(runs):
+    """The paper's claims as paired differences on test (best-on-validation students), each
+    with its 95% interval over seeds and examples (stats.paired_interval): [(claim, result)]."""
+    names = list(runs[0])
+    distilled = [n for n in names if n not in ("teacher", "SFT student", "SFT, stages")]
+    sc = {n: scores([r[n] for r in runs.values()]) for n in names}
+    g = sc["teacher"][1]
+    out = [(f"(a) {n} > SFT student", stats.paired_interval(sc[n][0], sc["SFT student"][0], groups=g)) for n in distilled]
+    out += [(f"(a) KD > SFT in stages", stats.paired_interval(sc["KD"][0], sc["SFT, stages"][0], groups=g))]
+    pairs = [("CD", "KD"), ("SCD", "CD"), ("SCD+AW", "SCD"), ("SCD+AW", "KD")]
+    pairs += [(f"{b}+AW", b) for b in ("KD", "CD") if f"{b}+AW" in sc]
+    out += [(f"(b) {a} > {b}", stats.paired_interval(sc[a][0], sc[b][0], groups=g)) for a, b in pairs]
+    # (c) some student beats the teacher on some subdomain: every pair, at a Bonferroni-corrected level
+    subs = sorted(set(g))
+    level = 1 - 0.05 / (len(distilled) * len(subs))
+    cands = [(n, s, stats.paired_interval(sc[n][0][:, g == s], sc["teacher"][0][:, g == s], level=level))
+             for n in distilled for s in subs]
+    n, s, r = max(cands, key=lambda c: c[2]["lo"])
+    out.append((f"(c) a student beats the teacher on a subdomain (best pair: {n} on {s}; "
+                f"{100 * level:.2f}% interval, corrected for {len(cands)} pairs)", r))
+    # (d) the SFS/TFS readings: AW keeps what the SFT student does better; the schedule recovers the teacher's lead
+    t, sft = sc["teacher"][0], sc["SFT student"][0]
+    sfs, tfs = (sft > t), (t > sft)
+    for b in ("KD", "CD", "SCD"):
+        if f"{b}+AW" in sc:
+            out.append((f"(d) on SFS examples, {b}+AW > {b} (AW keeps the SFS advantage)",
+                        stats.paired_interval(sc[f"{b}+AW"][0], sc[b][0], subset=sfs)))
+    for a, b in (("SCD", "KD"), ("SCD", "CD"), ("SCD+AW", "KD")):
+        out.append((f"(d) on TFS examples, {a} > {b} (the schedule recovers more of the deficit)",
+                    stats.paired_interval(sc[a][0], sc[b][0], subset=tfs)))
+    return out
+
+
+def claims_table(rows):
+    out = ["| claim | paper | mean difference | 95% interval | from seeds / examples (se) | verdict | per seed |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for claim, r in rows:
+        key = tuple(claim.split(") ", 1)[1].split(" > ")) if " > " in claim and "on " not in claim else None
+        paper = f"{PAPER[key]:+.1f}" if key in PAPER else ""
+        out.append(f"| {claim} | {paper} | {100 * r['mean']:+.1f} | [{100 * r['lo']:+.1f}, {100 * r['hi']:+.1f}] | "
+                   f"{100 * r['se_seeds']:.2f} / {100 * r['se_examples']:.2f} | {stats.verdict(r)} | "
+                   + ", ".join(f"{100 * x:+.1f}" for x in r["per_seed"]) + " |")
     return "\n".join(out)
+
+
+def resolution(rows, n_test):
+    """What the comparison can resolve: the half-widths, and what each source of noise adds."""
+    r = dict(rows)["(b) SCD+AW > KD"]
+    halves = [x["half"] for c, x in rows if c.startswith(("(a)", "(b)"))]
+    need = stats.seeds_needed(r, 0.015)
+    return (f"{n_test} test examples, {r['S']} seed(s). The intervals of the whole-domain claims have half-widths "
+            f"{100 * min(halves):.1f} to {100 * max(halves):.1f} points; for SCD+AW − KD it is **{100 * r['half']:.1f} points** "
+            f"(target 1.5), the smallest difference this report could call. The paper's effects: KD − SFT +7.2, CD − KD "
+            f"+1.2, SCD − CD +0.3, SCD+AW − SCD +2.1, SCD+AW − KD +3.6 points. The standard error of SCD+AW − KD splits into "
+            f"{100 * r['se_seeds']:.2f} points from the seeds (which training run made the students; it shrinks as 1/sqrt(seeds)) "
+            f"and {100 * r['se_examples']:.2f} from the test examples (which were drawn; a larger test set shrinks only this). "
+            + ("" if r["S"] < 2 else f"At this seed noise, a half-width of 1.5 points would take "
+               + (f"{need} seeds." if need < math.inf else "more seeds than any number: the test set alone is too noisy.")))
+
+
+def budget_accuracy(runs, sweeps, name, m):
+    return accuracy([r[name] if m == 1 else sweeps[seed][name, m] for seed, r in runs.items()])
 
 
 def plot_budget(runs, sweeps, budgets, path):
     """Student test accuracy against training budget, SFT and KD, with the teacher as a line."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name in ("SFT student", "KD"):
-        pts = [[data.summarize(records(r[name] if m == 1 else sweeps[seed][name, m]))["acc"] for seed, r in runs.items()]
-               for m in budgets]
-        ax.errorbar(budgets, [statistics.mean(p) for p in pts], [statistics.stdev(p) if len(p) > 1 else 0 for p in pts],
-                    marker="o", capsize=3, label=name, color=COLORS[name])
-    t = [data.summarize(records(r["teacher"]))["acc"] for r in runs.values()]
-    ax.axhline(statistics.mean(t), color=COLORS["teacher"], ls="--", label="teacher")
+        pts = [budget_accuracy(runs, sweeps, name, m) for m in budgets]
+        ax.errorbar(budgets, [p["mean"] for p in pts], [p["half"] for p in pts], marker="o", capsize=3, label=name,
+                    color=COLORS[name])
+    ax.axhline(accuracy([r["teacher"] for r in runs.values()])["mean"], color=COLORS["teacher"], ls="--", label="teacher")
     ax.set_xscale("log", base=2)
     ax.minorticks_off()
     ax.set(xticks=budgets, xticklabels=[f"{m}x" for m in budgets], xlabel="student training budget (steps, x the default)",
-           ylabel="test exact match", title=f"Does more training close the gap? ({len(runs)} seed(s))")
+           ylabel="test exact match", title=f"Does more training close the gap? ({len(runs)} seed(s), 95% intervals)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -348,15 +406,20 @@ def report(cfg, runs, sweeps, wall, command):
         plots.append("budget")
 
     names = [n for n in r0 if n not in ("teacher", "SFT student")]
+    rows = claim_rows(runs)
     sched = {n: [" -> ".join(str("-" if c is None else c) for c in teacher_numbers(r, n)[0]) for r in runs.values()] for n in names}
     lines = [f"# Results: `{command}`", "",
-             f"Seeds: {cfg.seeds} (mean ± std over seeds where > 1). Data: {cfg.data}. "
+             f"Seeds: {cfg.seeds}; every figure is the mean over seeds ± the half-width of its 95% interval over seeds "
+             "and test examples (stats.py says how). One teacher per seed; seeds vary the models' initialisation, the "
+             f"data order, dropout and the probe. Data: {cfg.data}. "
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {setup_device(cfg.device, cfg.dtype)[0]}. "
              f"Wall time of the phases, as each run recorded it: {sum(wall.values()) / 60:.1f} min. "
              "Every choice was made on validation; this report is the test split.", "",
              "## Test exact match, best-on-validation students", "", accuracy_table(runs, "best"), "",
              "## Test exact match, final students", "", accuracy_table(runs, "final"), "",
-             "## The paper's claims, test", "", claims(runs), "",
+             "## The paper's claims, test", "", "Each row: the paired difference in macro-average exact match (points), "
+             "on the same test examples for every seed; holds = its 95% interval lies above 0.", "", claims_table(rows), "",
+             "## What this comparison can resolve", "", resolution(rows, len(records(r0["teacher"]))), "",
              "## AW's weight per stage (SCD+AW, seed 0, training examples)", "",
              "Mean w on TFS-like / SFS-like examples: " + ", ".join(f"stage {k} {w[tfs].mean():.2f} / {w[~tfs].mean():.2f}"
                                                                     for k, w in enumerate(ws)) + "."
@@ -376,8 +439,7 @@ def report(cfg, runs, sweeps, wall, command):
         lines += ["## Student budget, test exact match (best-on-validation)", "", "| model | " + " | ".join(f"{m}x" for m in budgets)
                   + " |", "| --- |" + " --- |" * len(budgets)]
         for name in ("SFT student", "KD"):
-            cells = [mean_std([data.summarize(records(r[name] if m == 1 else sweeps[seed][name, m]))["acc"]
-                               for seed, r in runs.items()]) for m in budgets]
+            cells = [interval(budget_accuracy(runs, sweeps, name, m)) for m in budgets]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Schedules (the teacher's checkpoint chosen per stage, per seed; T* = "

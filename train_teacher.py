@@ -15,7 +15,6 @@ train_losses.json (its per-example training loss, with the data's fingerprint), 
 state.pt (the full training state: rerun the same command to resume).
 """
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -26,12 +25,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import scd
-from common import (RunError, arg, atomic_save, check_finite, global_mean, optimizer_step, out_folder, parse_config,
-                    progress, read_json, resumable, run_main, setup_device, shard)
-from model import GPT, GPTConfig, PRESETS
-
-GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-
+from common import (RunError, arg, atomic_save, check_finite, fingerprints, global_mean, load_checkpoint, lr_at,
+                    optimizer_step, out_folder, parse_config, prepare, probe_file, progress, read_json, resumable,
+                    run_main, setup_device, shard)
+from model import GPT2_NAMES, PRESETS
 
 @dataclass
 class TrainConfig:
@@ -59,78 +56,6 @@ class TrainConfig:
 
 
 # -----------------------------------------------------------------------------
-# pieces distill.py shares
-
-def lr_at(step, total, peak, warmup_frac):
-    """Linear warm-up over the first warmup_frac of steps, then cosine decay to zero."""
-    warmup = max(1, int(warmup_frac * total))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def load_checkpoint(path, device="cpu"):
-    """A weights file -> (model in eval mode, tokenizer)."""
-    try:
-        ck = torch.load(path, map_location=device, weights_only=True)
-        model = GPT(GPTConfig(**ck["model_config"]))
-        model.load_state_dict(ck["model"])
-    except Exception as e:
-        raise RunError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    return model.to(device).eval(), data.Tokenizer(ck["vocab"])
-
-
-def prepare(cfg_data, preset, seed, init_from=""):
-    """Domain, tokenizer, a model, and every split encoded (an example too long for the
-    model's context is an error naming its file and line, before anything is written).
-    Pretrained GPT-2 weights (init_from) bring the full vocabulary; a fresh preset gets the
-    compact vocabulary of the training split. Teacher and student built from the same data
-    get the same vocabulary."""
-    splits = data.load_domain(cfg_data)
-    if init_from:
-        tok, model = data.Tokenizer(None), GPT.from_pretrained(init_from)
-    else:
-        tok = data.Tokenizer.compact([ex["prompt"] + ex["answer"] for ex in splits["train"]])
-        torch.manual_seed(seed)
-        model = GPT(GPTConfig(**{**PRESETS[preset], "vocab_size": tok.vocab_size}))
-    enc = {s: data.encode(v, tok, model.config.block_size) for s, v in splits.items()}
-    return splits, tok, model, enc
-
-
-def fingerprints(splits):
-    """One fingerprint per split: a run's state depends on all three (the vocabulary on
-    train, model selection on val, the reports on test), so resuming checks all three."""
-    return {s: data.fingerprint(v) for s, v in splits.items()}
-
-
-def probe_examples(train_enc, size, seed):
-    """The schedule's probe: a seeded subset of the training set, sorted by length so that
-    chunks of it pad little."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(train_enc), generator=g)[:size].tolist()
-    return sorted((train_enc[i] for i in idx), key=lambda e: len(e[0]) + len(e[1]))
-
-
-@torch.no_grad()
-def answer_logits(model, enc, eot, device, ctx, chunk):
-    """(logits at the answer positions, y, mask) for consecutive chunks of encoded examples."""
-    for s in range(0, len(enc), chunk):
-        x, y, mask = data.make_batch(enc, range(s, min(s + chunk, len(enc))), eot, device)
-        with ctx:
-            yield model(x, positions=mask), y, mask
-
-
-def probe_logprobs(model, probe, eot, device, ctx, chunk=32):
-    """Log-probabilities at the probe's answer positions: (N answer tokens, V), float32."""
-    return torch.cat([torch.log_softmax(lg.float(), -1) for lg, _, _ in answer_logits(model, probe, eot, device, ctx, chunk)])
-
-
-def probe_file(out, seed, size, topk):
-    return Path(out) / f"probe_s{seed}_n{size}_k{topk}.pt"
-
-
-# -----------------------------------------------------------------------------
 
 def train(cfg):
     t_start = time.time()
@@ -147,7 +72,7 @@ def train(cfg):
     n_ckpt = cfg.epochs * cfg.ckpt_per_epoch
     ckpt_steps = sorted({round(total * j / n_ckpt) for j in range(1, n_ckpt + 1)})
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, 0.95), device.split(":")[0])
-    probe = probe_examples(train_enc, cfg.probe_size, cfg.seed)
+    _, probe, probe_id = data.probe_examples(train_enc, cfg.probe_size, cfg.seed)
     print(f"{cfg.init_from or cfg.preset}: {model.num_params() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, "
           f"context {model.config.block_size} | {len(train_enc)} train examples, {total} steps, "
           f"{len(ckpt_steps)} checkpoints | {device}, {dtype}")
@@ -157,7 +82,7 @@ def train(cfg):
     config.pop("out_dir")
     manifest = dict(config=config, fingerprint=config["fingerprint"]["train"], checkpoints=[], best=None)
     pfile = probe_file(out, cfg.seed, cfg.probe_size, cfg.probe_topk)
-    probe_lp = dict(fingerprint=manifest["fingerprint"], steps=[], values=[], indices=[])
+    probe_lp = dict(fingerprint=manifest["fingerprint"], probe=probe_id, steps=[], values=[], indices=[])
     step, skipped = 0, 0
     if resumable(out, config, asdict(TrainConfig())):
         state = torch.load(out / "state.pt", map_location=device, weights_only=True)
@@ -209,7 +134,7 @@ def train(cfg):
                                                 train_loss=round(loss_sum / loss_n, 5),
                                                 val_loss=round(summary["loss"], 5), val_acc=round(summary["acc"], 4)))
             manifest["best"] = scd.best_checkpoint([c["val_loss"] for c in manifest["checkpoints"]])
-            v, i = scd.compress_logprobs(probe_logprobs(model.eval(), probe, tok.eot, device, ctx), cfg.probe_topk)
+            v, i = scd.compress_logprobs(data.probe_logprobs(model.eval(), probe, tok.eot, device, ctx), cfg.probe_topk)
             model.train()
             probe_lp["steps"].append(step), probe_lp["values"].append(v.cpu()), probe_lp["indices"].append(i.cpu())
             atomic_save(probe_lp, pfile)
@@ -240,7 +165,7 @@ def finish(cfg, out, manifest, splits, device, ctx):
     model, tok = load_checkpoint(out / best["file"], device)
     summary, records = data.evaluate(model, splits["test"], tok, device, ctx=ctx, decode=True)
     atomic_save(records, out / "test_records.jsonl")
-    losses = example_losses(model, data.encode(splits["train"], tok, model.config.block_size), tok.eot, device, ctx)
+    losses = data.example_losses(model, data.encode(splits["train"], tok, model.config.block_size), tok.eot, device, ctx)
     atomic_save(dict(fingerprint=manifest["fingerprint"], checkpoint=best["file"], loss=losses), out / "train_losses.json")
     manifest["test"] = {k: round(v, 4) for k, v in summary.items()}
     atomic_save(manifest, out / "manifest.json")
@@ -250,11 +175,6 @@ def finish(cfg, out, manifest, splits, device, ctx):
         teacher = [json.loads(line) for line in open(Path(cfg.compare_to) / "test_records.jsonl", encoding="utf-8")]
         print(comparison_table(teacher, records))
     return summary
-
-
-def example_losses(model, enc, eot, device, ctx, chunk=256):
-    """Per-example gold CE (mean over answer tokens) of model on encoded examples: a list."""
-    return [v for lg, y, mask in answer_logits(model, enc, eot, device, ctx, chunk) for v in scd.gold_ce(lg, y, mask).tolist()]
 
 
 def comparison_table(teacher, sft):

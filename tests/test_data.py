@@ -5,6 +5,7 @@ import torch
 from torch.nn import functional as F
 
 import data
+import domains
 import scd
 
 # ids from tiktoken.get_encoding("gpt2")'s rules built from OpenAI's original encoder.json and
@@ -43,11 +44,11 @@ def test_compact_vocabulary_round_trips_maps_unknown_ids_and_has_no_padding_rows
 
 
 def test_noisy_default_domain_has_the_same_prompts_and_clean_held_out_splits():
-    clean, noisy = data.default_domain(0, noise=0.0), data.default_domain(0)
+    clean, noisy = domains.default_domain(0, noise=0.0), domains.default_domain(0)
     assert [e["prompt"] for e in clean["train"]] == [e["prompt"] for e in noisy["train"]]
     assert clean["val"] == noisy["val"] and clean["test"] == noisy["test"]
     wrong = [(c, n) for c, n in zip(clean["train"], noisy["train"]) if c["answer"] != n["answer"]]
-    assert abs(len(wrong) / len(clean["train"]) - data.NOISE) < 0.02
+    assert abs(len(wrong) / len(clean["train"]) - domains.NOISE) < 0.02
     assert all(n.get("noisy") for _, n in wrong) and sum(e.get("noisy", False) for e in noisy["train"]) == len(wrong)
     for c, n in wrong:  # a wrong answer of the right form
         if c["subdomain"].startswith("cls"):
@@ -58,7 +59,7 @@ def test_noisy_default_domain_has_the_same_prompts_and_clean_held_out_splits():
 
 
 def test_default_domain_is_deterministic_with_disjoint_splits():
-    a, b, c = data.default_domain(0), data.default_domain(0), data.default_domain(1)
+    a, b, c = domains.default_domain(0), domains.default_domain(0), domains.default_domain(1)
     assert a == b and a != c
     assert sorted({e["subdomain"] for e in a["test"]}) == ["cls_en", "cls_ja", "ner_en", "ner_ja", "qa_en", "qa_ja"]
     prompts = {s: {e["prompt"] for e in a[s]} for s in a}
@@ -67,7 +68,7 @@ def test_default_domain_is_deterministic_with_disjoint_splits():
 
 
 def test_qa_test_questions_ask_known_facts_in_unseen_phrasing():
-    d = data.default_domain(0)
+    d = domains.default_domain(0)
     train = [e for e in d["train"] if e["subdomain"] == "qa_en"]
     for e in [e for e in d["test"] if e["subdomain"] == "qa_en"][:20]:
         name = e["prompt"].split("\n")[0]
@@ -189,7 +190,7 @@ def test_summary_accuracy_per_subdomain_and_entity_f1_by_hand():
 
 
 def test_parity_label_is_the_xor_of_the_hidden_support_and_splits_are_disjoint():
-    from parity import parity_domain, parity_support
+    from domains import parity_domain, parity_support
     d = parity_domain(0, 12, 3, (1000, 200, 200))
     support = parity_support(0, 12, 3)
     bits = lambda ex: [int(b) for b in ex["prompt"].rstrip(" =").split()]

@@ -47,12 +47,12 @@ def test_scd_schedule_terms_match_an_independent_computation(tiny_domain, runs):
     student's seeded initialisation, without the probe cache or scd.scd_checkpoint."""
     distill.main(dcfg(tiny_domain, runs, "scd_exact", method="scd", stages=1, probe_topk=10_000))
     st = json.loads((runs / "scd_exact" / "schedule.json").read_text())["stages"][0]
-    splits, tok, student, enc = tt.prepare(str(tiny_domain), "student", seed=0)
-    probe = tt.probe_examples(enc["train"], 16, seed=0)
+    splits, tok, student, enc = common.prepare(str(tiny_domain), "student", seed=0)
+    _, probe, _ = data.probe_examples(enc["train"], 16, seed=0)
     x, y, mask = data.make_batch(probe, range(len(probe)), tok.eot)
     lp = lambda m: torch.log_softmax(m.eval()(x, positions=mask), -1).detach()
     m = json.loads((runs / "teacher" / "manifest.json").read_text())
-    cands = [lp(tt.load_checkpoint(runs / "teacher" / c["file"])[0]) for c in m["checkpoints"]]
+    cands = [lp(common.load_checkpoint(runs / "teacher" / c["file"])[0]) for c in m["checkpoints"]]
     best, s_lp = cands[m["best"]], lp(student)
     kl = lambda p, q: (p.exp() * (p - q)).sum(-1).mean().item()
     assert st["kl_best"] == pytest.approx([kl(best, c) for c in cands], rel=1e-4, abs=1e-6)
@@ -73,7 +73,7 @@ def test_aw_reads_each_examples_own_anchor_loss(tiny_domain, runs, tmp_path):
     distill.main(dcfg(tiny_domain, runs, "aw_lookup", method="kd", aw=True, stages=1, steps_per_stage=6, log_every=1,
                       anchor_dir=str(anchor)))
     logged = [float(re.search(r"\| w (\S+) \|", line).group(1)) for line in (runs / "aw_lookup" / "log.txt").read_text().splitlines()]
-    _, _, _, enc = tt.prepare(str(tiny_domain), "student", seed=0)
+    _, _, _, enc = common.prepare(str(tiny_domain), "student", seed=0)
     lengths = [len(p) + len(a) for p, a in enc["train"]]
     want = [sum(i % 2 == 0 for i in data.batch_indices(lengths, 16, 0, step)) / 16 for step in range(6)]
     assert len(set(want)) > 1, "the check needs batches with different shares"
@@ -159,9 +159,9 @@ def test_clear_errors_for_bad_teacher_folders(tiny_domain, runs, tmp_path):
 def test_cached_teacher_logits_equal_the_teacher_in_the_loop(tiny_domain, runs):
     """The stage's cache holds, per example, the logits the teacher gives that example in any
     batch (padding does not leak into answer positions); too small a memory cap switches it off."""
-    _, tok, _, enc = tt.prepare(str(tiny_domain), "teacher", seed=0)
+    _, tok, _, enc = common.prepare(str(tiny_domain), "teacher", seed=0)
     m = json.loads((runs / "teacher" / "manifest.json").read_text())
-    teacher, _ = tt.load_checkpoint(runs / "teacher" / m["checkpoints"][m["best"]]["file"])
+    teacher, _ = common.load_checkpoint(runs / "teacher" / m["checkpoints"][m["best"]]["file"])
     rows = distill.teacher_logits(teacher, enc["train"], tok.eot, "cpu", torch.no_grad(), max_gib=1.0, chunk=7)
     idx = [5, 0, 17, 3, 40, 41, 90, 2]
     x, _, mask = data.make_batch(enc["train"], idx, tok.eot)

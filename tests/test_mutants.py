@@ -41,6 +41,19 @@ MUTANTS = {
     "AW anchor looked up by batch position": ("distill.py", "anchor[idx]", "anchor[:len(idx)]", "test_distill.py"),
     "exact match against the inputs, not the targets": ("data.py", "(logits.argmax(-1) != y[mask])", "(logits.argmax(-1) != x[mask])", "test_data.py"),
     "padding rows in the vocabulary": ("data.py", "self.eot, self.vocab_size = 0, len(ids)", "self.eot, self.vocab_size = 0, -(-len(ids) // 64) * 64", "test_data.py"),
+    "one LR schedule over all stages": ("distill.py", 'grp["lr"] = lr_at(i, cfg.steps_per_stage, cfg.lr, cfg.warmup_frac)',
+                                        'grp["lr"] = lr_at(step, total, cfg.lr, cfg.warmup_frac)', "test_plumbing.py"),
+    "best.pt written after every stage": ("distill.py", 'if summary["acc"] >= best_val:', "if True:", "test_plumbing.py"),
+    "AW anchor from the SFT student's last checkpoint": ("train_teacher.py", 'best = manifest["checkpoints"][manifest["best"]]',
+                                                         'best = manifest["checkpoints"][-1]', "test_plumbing.py"),
+    "teacher's probe drawn with another seed": ("train_teacher.py", "data.probe_examples(train_enc, cfg.probe_size, cfg.seed)",
+                                                "data.probe_examples(train_enc, cfg.probe_size, cfg.seed + 1)", "test_plumbing.py"),
+    "monotone against the first stage's choice": ("distill.py", 'prev = schedule[-1]["ckpt"] if schedule else None',
+                                                  'prev = schedule[0]["ckpt"] if schedule else None', "test_plumbing.py"),
+    "--pool_start ignored": ("distill.py", 'pool = [c for c in ckpts if c["step"] >= cfg.pool_start * ckpts[-1]["step"]]',
+                             "pool = list(ckpts)", "test_plumbing.py"),
+    "distillation KL direction flag dropped": ("distill.py", "cfg.kl_direction, cfg.temperature)", '"forward", cfg.temperature)',
+                                               "test_plumbing.py"),
 }
 
 

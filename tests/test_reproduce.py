@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import gpu_check
 import reproduce
 
@@ -23,11 +25,16 @@ def test_one_command_writes_the_report_and_reuses_finished_phases(tiny_domain, t
             for s in (0, 1)]
     row = next(line for line in text.splitlines() if line.startswith("| teacher |"))
     assert row.split("**")[1].startswith(f"{(accs[0] + accs[1]) / 2:.3f} ± ")
-    # a claim row carries each seed's difference, and the verdict follows from them
+    # a claim row carries each seed's difference (points), its interval, and the verdict that follows from it
     kd = [json.loads((tmp_path / "runs" / f"seed{s}" / "kd" / "results.json").read_text())["best"]["acc"] for s in (0, 1)]
     sft = [json.loads((tmp_path / "runs" / f"seed{s}" / "student_sft" / "manifest.json").read_text())["test"]["acc"] for s in (0, 1)]
-    claim = next(line for line in text.splitlines() if line.startswith("| (a) KD > SFT student |"))
-    assert f"per seed: {kd[0] - sft[0]:+.3f}, {kd[1] - sft[1]:+.3f}" in claim
+    claim = next(line for line in text.splitlines() if line.startswith("| (a) KD > SFT student |")).split(" | ")
+    assert claim[-1] == f"{100 * (kd[0] - sft[0]):+.1f}, {100 * (kd[1] - sft[1]):+.1f} |"
+    lo, hi = (float(x) for x in claim[3].strip("[]").split(", "))
+    if lo > 0 or hi < 0:
+        assert claim[5] == ("holds" if lo > 0 else "does not hold")
+    else:
+        assert float(claim[5].split("± ")[1].split()[0]) == pytest.approx((hi - lo) / 2, abs=0.11)
     # each distilled student got the SFT student's steps: 2 epochs of 96 // 16 = 6 steps, in 2 stages
     assert json.loads((tmp_path / "runs" / "seed0" / "kd" / "config.json").read_text())["steps_per_stage"] == 6
     assert "finished phases reused" not in capsys.readouterr().out
@@ -49,4 +56,4 @@ def test_bench_prints_medians_and_spread():
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-2])  # the JSON line, before the wall time
     lo, hi = out["ratio_range"]
-    assert lo <= out["ratio"] <= hi and out["vocab"] == 378 and out["tokens_per_step"] > 0
+    assert lo <= out["ratio"] <= hi and out["vocab"] == 395 and out["tokens_per_step"] > 0  # the default domain's train tokens

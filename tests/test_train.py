@@ -9,6 +9,7 @@ import torch
 
 import common
 import data
+import domains
 import scd
 import train_teacher as tt
 
@@ -25,10 +26,10 @@ def weights(path):
 
 
 def test_lr_schedule_warmup_then_cosine_to_zero():
-    assert tt.lr_at(0, 100, 1.0, 0.1) == pytest.approx(0.1)     # step 1 of 10 warm-up steps
-    assert tt.lr_at(9, 100, 1.0, 0.1) == pytest.approx(1.0)     # peak at the end of warm-up
-    assert tt.lr_at(55, 100, 1.0, 0.1) == pytest.approx(0.5)    # half way through the cosine
-    assert tt.lr_at(100, 100, 1.0, 0.1) == pytest.approx(0.0)
+    assert common.lr_at(0, 100, 1.0, 0.1) == pytest.approx(0.1)     # step 1 of 10 warm-up steps
+    assert common.lr_at(9, 100, 1.0, 0.1) == pytest.approx(1.0)     # peak at the end of warm-up
+    assert common.lr_at(55, 100, 1.0, 0.1) == pytest.approx(0.5)    # half way through the cosine
+    assert common.lr_at(100, 100, 1.0, 0.1) == pytest.approx(0.0)
 
 
 def test_manifest_lists_evenly_spaced_checkpoints_and_the_best(tiny_domain, tmp_path):
@@ -42,7 +43,7 @@ def test_manifest_lists_evenly_spaced_checkpoints_and_the_best(tiny_domain, tmp_
         assert (tmp_path / c["file"]).exists() and set(c) >= {"train_loss", "val_loss", "val_acc", "epoch"}
     # a saved checkpoint reproduces its logged validation loss
     best = m["checkpoints"][m["best"]]
-    model, tok = tt.load_checkpoint(tmp_path / best["file"])
+    model, tok = common.load_checkpoint(tmp_path / best["file"])
     summary, _ = data.evaluate(model, data.load_domain(str(tiny_domain))["val"], tok)
     assert summary["loss"] == pytest.approx(best["val_loss"], abs=1e-4)
     # the AW anchor: one training loss per example, tied to the data by fingerprint
@@ -72,7 +73,7 @@ def test_resume_refuses_a_different_config(tiny_domain, tmp_path):
 def test_corrupt_checkpoint_is_named_in_the_error(tmp_path):
     (tmp_path / "ckpt_000001.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(common.RunError, match="ckpt_000001.pt: not a readable checkpoint"):
-        tt.load_checkpoint(tmp_path / "ckpt_000001.pt")
+        common.load_checkpoint(tmp_path / "ckpt_000001.pt")
 
 
 def test_cpu_bf16_autocast_trains_with_finite_float32_losses(tiny_domain, tmp_path):
@@ -82,7 +83,7 @@ def test_cpu_bf16_autocast_trains_with_finite_float32_losses(tiny_domain, tmp_pa
     assert torch.isfinite(torch.tensor(summary["loss"]))
     _, _, ctx, scaler, _, _ = common.setup_device("cpu", "bfloat16")
     assert scaler is None  # only fp16 needs a gradient scaler
-    model, tok = tt.load_checkpoint(tmp_path / m["checkpoints"][-1]["file"])
+    model, tok = common.load_checkpoint(tmp_path / m["checkpoints"][-1]["file"])
     x = torch.randint(0, 50, (2, 8))
     mask = torch.ones(2, 8, dtype=torch.bool)
     with ctx:
@@ -98,7 +99,7 @@ def test_init_from_gpt2_weights_uses_the_full_vocabulary(tiny_domain, tmp_path, 
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=128, n_embd=32, n_layer=1, n_head=2))
     monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", classmethod(lambda cls, name: hf))
     tt.train(cfg(tiny_domain, tmp_path, init_from="gpt2", epochs=1, ckpt_per_epoch=1))
-    model, tok = tt.load_checkpoint(tmp_path / "ckpt_000006.pt")
+    model, tok = common.load_checkpoint(tmp_path / "ckpt_000006.pt")
     assert tok.ids is None and tok.eot == 50256 and model.config.vocab_size == 50257
     assert model.config.block_size == 128 and model.config.n_layer == 1
     enc = data.encode(data.load_domain(str(tiny_domain))["test"][:1], tok, 128)
@@ -109,7 +110,7 @@ def test_exact_match_from_one_forward_pass_equals_greedy_decoding(tmp_path):
     """Two ways to score exact match, on real checkpoints: the argmax at every answer position
     with the gold answer fed in (what validation uses), and greedy generation. They can only
     differ where another token sequence decodes to the same text; here they never do."""
-    d = data.default_domain(0, noise=0.0)
+    d = domains.default_domain(0, noise=0.0)
     pick = lambda split, sub, n: [e for e in d[split] if e["subdomain"] == sub][:n]
     for split, n in (("train", 48), ("val", 12), ("test", 12)):  # short answers: learnt in seconds
         data.write_jsonl(pick(split, "cls_en", n) + pick(split, "qa_en", n), tmp_path / "dom" / f"{split}.jsonl")
@@ -118,7 +119,7 @@ def test_exact_match_from_one_forward_pass_equals_greedy_decoding(tmp_path):
     splits = data.load_domain(str(tmp_path / "dom"))
     both = []
     for c in m["checkpoints"][::3]:
-        model, tok = tt.load_checkpoint(tmp_path / "run" / c["file"])
+        model, tok = common.load_checkpoint(tmp_path / "run" / c["file"])
         for split in ("train", "val"):
             forced = [r["correct"] for r in data.evaluate(model, splits[split], tok)[1]]
             decoded = [r["correct"] for r in data.evaluate(model, splits[split], tok, decode=True)[1]]

@@ -1,0 +1,123 @@
+"""The plumbing between the method's functions and the runs: which LR each step gets, which
+checkpoint each stage reads, which weights are kept, which examples the probe holds. Each
+test here fails under a one-line change that would otherwise give a silently different
+method (tests/test_mutants.py applies them)."""
+import json
+import re
+
+import pytest
+import torch
+
+import common
+import data
+import distill
+import scd
+import train_teacher as tt
+from test_distill import dcfg, runs  # noqa: F401  (the module's teacher and SFT student runs)
+from test_train import cfg
+
+
+def test_the_lr_schedule_restarts_at_every_stage(tiny_domain, runs):  # noqa: F811
+    distill.main(dcfg(tiny_domain, runs, "lr", method="kd", stages=3, steps_per_stage=5, log_every=1, lr=1e-3))
+    lrs = [float(re.search(r"\| lr (\S+) \|", line).group(1)) for line in (runs / "lr" / "log.txt").read_text().splitlines()]
+    want = [common.lr_at(i, 5, 1e-3, 0.1) for _ in range(3) for i in range(5)]  # warm-up and cosine within each stage
+    assert lrs == pytest.approx(want, rel=1e-2, abs=1e-9)
+
+
+def test_best_pt_is_the_stage_with_the_best_validation_accuracy(tiny_domain, runs, monkeypatch):  # noqa: F811
+    """Validation accuracy is scripted to peak at stage 1 of 3: best.pt must hold the weights the
+    student had at the end of stage 1, not the last stage's."""
+    real, seen = data.evaluate, []
+
+    def scripted(model, examples, *a, **kw):
+        summary, records = real(model, examples, *a, **kw)
+        if len(examples) == 24 and not kw.get("decode"):  # a stage's validation
+            seen.append({k: v.clone() for k, v in model.state_dict().items()})
+            summary = dict(summary, acc=[0.3, 0.9, 0.5][len(seen) - 1])
+        return summary, records
+    monkeypatch.setattr(distill.data, "evaluate", scripted)
+    res = distill.main(dcfg(tiny_domain, runs, "best", method="kd", stages=3))
+    best = torch.load(runs / "best" / "best.pt", weights_only=True)
+    assert res["best_stage"] == best["stage"] == 1
+    assert all(torch.equal(best["model"][k], seen[1][k]) for k in best["model"])
+    assert not all(torch.equal(best["model"][k], seen[2][k]) for k in best["model"])
+
+
+def test_the_aw_anchor_comes_from_the_sft_students_best_checkpoint(tiny_domain, tmp_path):
+    """finish() is told the best is the first checkpoint: the anchor file must hold that
+    checkpoint's per-example losses, recomputed here, and not the last one's."""
+    out = tmp_path / "sft"
+    tt.train(cfg(tiny_domain, out))
+    m = json.loads((out / "manifest.json").read_text())
+    m["best"] = 0
+    splits = data.load_domain(str(tiny_domain))
+    tt.finish(cfg(tiny_domain, out), out, m, splits, "cpu", torch.no_grad())
+    anchor = json.loads((out / "train_losses.json").read_text())
+    first, last = (common.load_checkpoint(out / m["checkpoints"][j]["file"]) for j in (0, -1))
+    losses = [data.example_losses(model, data.encode(splits["train"], tok, 128), tok.eot, "cpu", torch.no_grad())
+              for model, tok in (first, last)]
+    assert anchor["checkpoint"] == m["checkpoints"][0]["file"]
+    assert anchor["loss"] == pytest.approx(losses[0], abs=1e-5) and anchor["loss"] != pytest.approx(losses[1], abs=1e-5)
+
+
+def test_distill_reads_the_teachers_probe_only_if_it_holds_the_same_examples(tiny_domain, runs, capsys):  # noqa: F811
+    """The teacher run stores its probe's log-probs with the probe's id (indices and tokens);
+    distill.py uses them only when its own probe has that id. A stored file whose id is
+    changed is never used: the log-probs are computed again and the run says so."""
+    _, tok, _, enc = common.prepare(str(tiny_domain), "student", seed=0)
+    idx, _, probe_id = data.probe_examples(enc["train"], 64, seed=0)
+    path = common.probe_file(runs / "teacher", 0, 256, 64)  # the teacher's default probe size, on 96 training examples
+    stored = torch.load(path, weights_only=True)
+    assert stored["probe"] == data.probe_examples(enc["train"], 256, seed=0)[2]
+    assert data.probe_examples(enc["train"], 64, seed=1)[2] != probe_id and len(idx) == 64  # another seed, another id
+    distill.main(dcfg(tiny_domain, runs, "probe_ok", method="scd", stages=1, probe_size=256))
+    assert "computing the probe" not in capsys.readouterr().out  # the teacher's file was read
+    torch.save(dict(stored, probe="0" * 16, values=[v + 1 for v in stored["values"]]), path)  # made on "other examples"
+    try:
+        distill.main(dcfg(tiny_domain, runs, "probe_bad", method="scd", stages=1, probe_size=256))
+        assert "computing the probe's log-probs here" in capsys.readouterr().out
+        a, b = (json.loads((runs / d / "schedule.json").read_text())["stages"][0] for d in ("probe_ok", "probe_bad"))
+        assert a["kl_best"] == pytest.approx(b["kl_best"]) and a["kl_student"] == pytest.approx(b["kl_student"])
+        assert torch.load(path, weights_only=True)["probe"] == stored["probe"]  # and the right one is stored again
+    finally:
+        torch.save(stored, path)
+
+
+def test_monotone_compares_with_the_previous_stages_choice(tiny_domain, runs, monkeypatch):  # noqa: F811
+    """The criterion is scripted to choose 1, 3, 2, 3: each stage must be handed the choice of
+    the stage just before it (not the first stage's) as the earliest allowed checkpoint."""
+    script, prevs = iter([1, 3, 2, 3]), []
+
+    def scripted(best_lp, ckpt_lps, student_lp, student_term, prev, monotone):
+        prevs.append((prev, monotone))
+        n = len(list(ckpt_lps))
+        return next(script), [0.0] * n, [0.0] * n
+    monkeypatch.setattr(distill.scd, "scd_checkpoint", scripted)
+    distill.main(dcfg(tiny_domain, runs, "mono", method="scd", stages=4, monotone=True))
+    assert prevs == [(None, True), (1, True), (3, True), (2, True)]
+    sched = json.loads((runs / "mono" / "schedule.json").read_text())["stages"]
+    assert [s["ckpt"] for s in sched] == [1, 3, 2, 3]
+
+
+def test_pool_start_drops_the_early_checkpoints_from_every_schedule(tiny_domain, runs, monkeypatch):  # noqa: F811
+    """4 teacher checkpoints at steps 3, 6, 9, 12: --pool_start 0.5 keeps steps 6 to 12. SCD
+    scores 3 candidates, CD starts at the pool's first, and each stage loads the checkpoint
+    it chose."""
+    loaded, real = [], common.load_checkpoint
+    monkeypatch.setattr(distill, "load_checkpoint", lambda path, *a: loaded.append(path.name) or real(path, *a))
+    distill.main(dcfg(tiny_domain, runs, "pool_scd", method="scd", stages=2, pool_start=0.5))
+    sched = json.loads((runs / "pool_scd" / "schedule.json").read_text())
+    assert sched["pool"] == ["ckpt_000006.pt", "ckpt_000009.pt", "ckpt_000012.pt"] and sched["best"] == 2
+    assert all(len(s["kl_best"]) == 3 and s["file"] == sched["pool"][s["ckpt"]] for s in sched["stages"])
+    loaded.clear()
+    distill.main(dcfg(tiny_domain, runs, "pool_cd", method="cd", stages=2, pool_start=0.5))
+    assert [s["file"] for s in json.loads((runs / "pool_cd" / "schedule.json").read_text())["stages"]] == \
+        ["ckpt_000006.pt", "ckpt_000012.pt"]
+    assert loaded[1:] == ["ckpt_000006.pt", "ckpt_000012.pt", "best.pt", "final.pt"]  # after the vocabulary check on T*
+
+
+def test_the_loss_gets_the_runs_alpha_direction_and_temperature(tiny_domain, runs, monkeypatch):  # noqa: F811
+    calls, real = [], scd.distill_loss
+    monkeypatch.setattr(distill.scd, "distill_loss", lambda *a: calls.append(a[4:]) or real(*a))
+    distill.main(dcfg(tiny_domain, runs, "flags", method="kd", stages=1, alpha=0.25, kl_direction="reverse", temperature=2.0))
+    assert calls and all(c[0] == 0.25 and c[1] is None and c[2:] == ("reverse", 2.0) for c in calls)
