@@ -62,7 +62,6 @@ class DistillConfig:
                      choices=("auto", "float32", "bfloat16", "float16"))
     log_every: int = arg(40, "steps between progress lines", low=1)
     compile: bool = arg(False, "torch.compile the trained model (CUDA; slow to start, faster per step)")
-    decode_test: bool = arg(True, "test records by greedy decoding (false: the forced-answer match of validation, faster)")
     eval_every: int = arg(0, "steps between validation-accuracy points of a learning curve in schedule.json (0: none)", low=0)
     stop_at_stage: int = arg(0, "stop after this many stages as if interrupted (to test resuming; 0: off)", low=0)
 
@@ -186,12 +185,13 @@ def resume(cfg, out, config, student, device):
     return None, 0, -1.0, []
 
 
-def test_students(out, test, tok, device, ctx, decode):
-    """The best-on-validation and the final student on test: records and summaries."""
+def test_students(out, test, tok, device, ctx):
+    """The best-on-validation and the final student on test: records and summaries. Exact
+    match as on validation, from one forward pass (data.evaluate: it equals greedy decoding)."""
     results = {}
     for name in ("best", "final"):
         model, _ = load_checkpoint(out / f"{name}.pt", device)
-        summary, records = data.evaluate(model, test, tok, device, ctx=ctx, decode=decode)
+        summary, records = data.evaluate(model, test, tok, device, ctx=ctx)
         atomic_save(records, out / f"test_records_{name}.jsonl")
         results[name] = {k: round(v, 4) for k, v in summary.items()}
         print(f"{name} student on test: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
@@ -303,7 +303,7 @@ def main(cfg):
         return None
 
     t = time.time()
-    results = test_students(out, splits["test"], tok, device, ctx, cfg.decode_test)
+    results = test_students(out, splits["test"], tok, device, ctx)
     wall, t_eval = time.time() - t_start, t_eval + time.time() - t
     results.update(wall_s=round(wall, 1), schedule_s=round(t_sched, 1), eval_s=round(t_eval, 1),
                    val_acc=[r["val_acc"] for r in schedule])

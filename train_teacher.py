@@ -106,7 +106,7 @@ def train(cfg):
     log = open(out / "log.txt" if rank == 0 else os.devnull, "a")
     net = DDP(model) if world > 1 else model  # DDP: the same model, gradients averaged over processes
     net = torch.compile(net) if cfg.compile else net
-    t0, start_step, loss_sum, loss_n, tokens = time.time(), step, 0.0, 0, 0
+    t0, start_step, loss_sum, loss_n, tokens, t_eval = time.time(), step, 0.0, 0, 0, 0.0
     model.train()
     while step < total:
         idx = shard(data.batch_indices(lengths, cfg.batch_size, cfg.seed, step), rank, world)
@@ -127,7 +127,9 @@ def train(cfg):
             print(line, flush=True)
             log.write(line + "\n")
         if step in ckpt_steps:  # a dense checkpoint: weights, a manifest row, the probe, the full state
+            t = time.time()
             summary, _ = data.evaluate(model, splits["val"], tok, device, ctx=ctx)
+            t_eval += time.time() - t
             name = f"ckpt_{step:06d}.pt"
             atomic_save(dict(model=model.state_dict(), model_config=asdict(model.config), vocab=tok.ids), out / name)
             manifest["checkpoints"].append(dict(file=name, step=step, epoch=round(step / steps_per_epoch, 3),
@@ -155,15 +157,21 @@ def train(cfg):
         print(f"fp16: the gradient scaler skipped {skipped} of the {total - start_step} steps of this sitting (overflow)")
     if rank > 0:  # the test pass and the anchor file are rank 0's
         return None
-    manifest["wall_s"] = round(time.time() - t_start, 1)  # of the sitting that finished the run
-    return finish(cfg, out, manifest, splits, device, ctx)
+    t = time.time()
+    summary = finish(cfg, out, manifest, splits, device, ctx)
+    wall, t_eval = time.time() - t_start, t_eval + time.time() - t
+    manifest.update(wall_s=round(wall, 1), eval_s=round(t_eval, 1))  # of the sitting that finished the run
+    atomic_save(manifest, out / "manifest.json")
+    print(f"evaluation (validation at every checkpoint, test, the anchor's training losses) took {t_eval:.1f}s "
+          f"of {wall:.0f}s ({100 * t_eval / wall:.1f}%)")
+    return summary
 
 
 def finish(cfg, out, manifest, splits, device, ctx):
-    """The best checkpoint on test (per-example records, decoded) and on train (the AW anchor l_S)."""
+    """The best checkpoint on test (per-example records) and on train (the AW anchor l_S)."""
     best = manifest["checkpoints"][manifest["best"]]
     model, tok = load_checkpoint(out / best["file"], device)
-    summary, records = data.evaluate(model, splits["test"], tok, device, ctx=ctx, decode=True)
+    summary, records = data.evaluate(model, splits["test"], tok, device, ctx=ctx)  # forced match, as validation
     atomic_save(records, out / "test_records.jsonl")
     losses = data.example_losses(model, data.encode(splits["train"], tok, model.config.block_size), tok.eot, device, ctx)
     atomic_save(dict(fingerprint=manifest["fingerprint"], checkpoint=best["file"], loss=losses), out / "train_losses.json")

@@ -39,7 +39,7 @@ def test_each_method_writes_its_schedule_and_two_students(tiny_domain, runs, met
     if method != "scd":
         assert chosen == {"sft": [None] * 3, "kd": [best] * 3, "cd": [0, 2, 3]}[method]  # cd: round(0, 1.5, 3)
     assert len((out / "test_records_best.jsonl").read_text().splitlines()) == 24
-    assert "prediction" in json.loads((out / "test_records_best.jsonl").read_text().splitlines()[0])  # decoded on test
+    assert "prediction" not in json.loads((out / "test_records_best.jsonl").read_text().splitlines()[0])  # forced match on test
 
 
 def test_scd_schedule_terms_match_an_independent_computation(tiny_domain, runs):

@@ -31,7 +31,7 @@ def test_best_pt_is_the_stage_with_the_best_validation_accuracy(tiny_domain, run
 
     def scripted(model, examples, *a, **kw):
         summary, records = real(model, examples, *a, **kw)
-        if len(examples) == 24 and not kw.get("decode"):  # a stage's validation
+        if "val.jsonl" in examples[0]["src"]:  # a stage's validation
             seen.append({k: v.clone() for k, v in model.state_dict().items()})
             summary = dict(summary, acc=[0.3, 0.9, 0.5][len(seen) - 1])
         return summary, records

@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -111,9 +112,11 @@ def test_exact_match_from_one_forward_pass_equals_greedy_decoding(tmp_path):
     with the gold answer fed in (what validation uses), and greedy generation. They can only
     differ where another token sequence decodes to the same text; here they never do."""
     d = domains.default_domain(0, noise=0.0)
-    pick = lambda split, sub, n: [e for e in d[split] if e["subdomain"] == sub][:n]
+    pick = lambda split, sub, n, keep=lambda e: True: [e for e in d[split] if e["subdomain"] == sub and keep(e)][:n]
+    people = {m for e in pick("train", "qa_en", 48) for m in re.findall(r"[A-Z][a-z]+ [A-Z][a-z]+", e["prompt"])}
+    asks_known = lambda e: any(p in e["prompt"] for p in people)  # held-out questions about the 6 people in train
     for split, n in (("train", 48), ("val", 12), ("test", 12)):  # short answers: learnt in seconds
-        data.write_jsonl(pick(split, "cls_en", n) + pick(split, "qa_en", n), tmp_path / "dom" / f"{split}.jsonl")
+        data.write_jsonl(pick(split, "cls_en", n) + pick(split, "qa_en", n, asks_known), tmp_path / "dom" / f"{split}.jsonl")
     tt.train(cfg(tmp_path / "dom", tmp_path / "run", preset="teacher", epochs=12, ckpt_per_epoch=1, lr=1e-2))
     m = json.loads((tmp_path / "run" / "manifest.json").read_text())
     splits = data.load_domain(str(tmp_path / "dom"))
@@ -125,7 +128,7 @@ def test_exact_match_from_one_forward_pass_equals_greedy_decoding(tmp_path):
             decoded = [r["correct"] for r in data.evaluate(model, splits[split], tok, decode=True)[1]]
             assert forced == decoded, f"{c['file']} on {split}: forced and decoded exact match differ"
             both += forced
-    assert 0.2 < sum(both) / len(both) < 0.9, "the check needs checkpoints that get some answers right and some wrong"
+    assert 0.1 < sum(both) / len(both) < 0.9, "the check needs checkpoints that get some answers right and some wrong"
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_state(tiny_domain, tmp_path, monkeypatch):
