@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 import data
-from model import GPT, GPTConfig, PRESETS
+import hf
+from model import GPT, GPT2_NAMES, GPTConfig, PRESETS, build
 
 
 def arg(default, help, choices=None, low=None):
@@ -70,7 +71,7 @@ def run_main(fn, cfg):
     t = time.time()
     try:
         fn(cfg)
-    except (data.DataError, RunError) as e:
+    except (data.DataError, RunError, hf.UnsupportedModel) as e:
         sys.exit(f"error: {e}")
     print(f"wall time {time.time() - t:.0f}s")
     if dist.is_initialized():
@@ -122,12 +123,18 @@ def lr_at(step, total, peak, warmup_frac):
 def prepare(cfg_data, preset, seed, init_from=""):
     """Domain, tokenizer, a model, and every split encoded (an example too long for the
     model's context is an error naming its file and line, before anything is written).
-    Pretrained GPT-2 weights (init_from) bring the full vocabulary; a fresh preset gets the
-    compact vocabulary of the training split. Teacher and student built from the same data
-    get the same vocabulary."""
+    init_from: '' builds --preset with the compact vocabulary of the training split (teacher
+    and student built from the same data get the same one); a GPT-2 name loads those weights
+    and GPT-2's vocabulary; a folder loads a Hugging Face model and its tokenizer.json."""
     splits = data.load_domain(cfg_data)
-    if init_from:
+    if init_from in GPT2_NAMES:
         tok, model = data.Tokenizer(None), GPT.from_pretrained(init_from)
+    elif init_from:
+        if not (Path(init_from) / "config.json").is_file():
+            raise RunError(f"--init_from {init_from}: not a GPT-2 name ({', '.join(GPT2_NAMES)}) nor a folder with config.json; "
+                           f"nothing is downloaded here: fetch it first (huggingface-cli download {init_from} --local-dir "
+                           f"models/{Path(init_from).name}) and pass that folder")
+        tok, model = hf.FolderTokenizer(init_from), hf.load_folder(init_from)
     else:
         tok = data.Tokenizer.compact([ex["prompt"] + ex["answer"] for ex in splits["train"]])
         torch.manual_seed(seed)
@@ -136,15 +143,50 @@ def prepare(cfg_data, preset, seed, init_from=""):
     return splits, tok, model, enc
 
 
+def tokenizer(spec):
+    """A checkpoint's tokenizer from what it stored: GPT-2 ids (None or a compact list), or a model folder."""
+    return hf.FolderTokenizer(spec) if isinstance(spec, dict) else data.Tokenizer(spec)
+
+
 def load_checkpoint(path, device="cpu"):
     """A weights file -> (model in eval mode, tokenizer)."""
     try:
         ck = torch.load(path, map_location=device, weights_only=True)
-        model = GPT(GPTConfig(**ck["model_config"]))
+        model = build(GPTConfig(**ck["model_config"]))
         model.load_state_dict(ck["model"])
     except Exception as e:
         raise RunError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    return model.to(device).eval(), data.Tokenizer(ck["vocab"])
+    return model.to(device).eval(), tokenizer(ck["vocab"])
+
+
+def memory_plan(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt, device, n_ckpt=0):
+    """What a training step will hold, estimated before the first step; printed, and a plan
+    over the device's memory is refused with its figures. Bytes per part: the trained model's
+    float32 weights and gradients and AdamW's two moments; the frozen teacher in the autocast
+    dtype; the activations kept for the backward pass (about 7 C + 2 kv + 4 I values per
+    token and layer, or with activation checkpointing each block's input and one block's
+    whole); the float32 logits at the answer positions (the student's, their log-softmax and
+    gradient, and the teacher's). The dense checkpoints' disk is what n_ckpt of them take."""
+    c, half = model.config, dtype in ("bfloat16", "float16")
+    P, b = model.num_params(), 2 if half else 4
+    per_layer = 7 * c.n_embd + 2 * c.n_kv_head * c.head_dim + 4 * c.intermediate_size  # values per token
+    acts = batch_size * seq_len * b * (c.n_layer * c.n_embd + per_layer if grad_ckpt else c.n_layer * per_layer)
+    parts = dict(weights=4 * P, gradients=4 * P, AdamW=8 * P, teacher=teacher.num_params() * b if teacher else 0,
+                 activations=acts, logits=batch_size * answer_len * c.vocab_size * 4 * (4 if teacher else 3))
+    total, gib = sum(parts.values()), lambda x: f"{x / 2**30:.2f}"
+    if device.startswith("cuda"):
+        have = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    line = (f"memory plan (GiB, estimated): " + " | ".join(f"{k} {gib(v)}" for k, v in parts.items() if v)
+            + f" | total {gib(total)} of {gib(have)} on {device}")
+    if n_ckpt:
+        line += f"; disk: {n_ckpt} dense checkpoints x {gib(P * (2 if dtype == 'bfloat16' else 4))} GiB"
+    print(line)
+    if total > have:
+        raise RunError(f"the run does not fit: {line.split(': ', 1)[1]}; use a smaller --batch_size, --grad_ckpt true, "
+                       "a smaller model, or several GPUs (torchrun)")
+    return parts
 
 
 def fingerprints(splits):

@@ -58,6 +58,7 @@ class Tokenizer:
             assert ids[0] == GPT2_EOT and ids[1] == UNK, "compact vocabularies start with [EOT, UNK]"
             self.to_model = {g: i for i, g in enumerate(ids)}
             self.eot, self.vocab_size = 0, len(ids)
+        self.identity = ("gpt2", None if ids is None else tuple(ids))  # what teacher and student must share
 
     @classmethod
     def compact(cls, texts):

@@ -21,9 +21,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import scd
 from common import (RunError, arg, atomic_save, check_finite, dist, fingerprints, global_mean, load_checkpoint, lr_at,
-                    optimizer_step, out_folder, parse_config, prepare, probe_file, progress, read_json, resumable,
+                    memory_plan, optimizer_step, out_folder, parse_config, prepare, probe_file, progress, read_json, resumable,
                     run_main, setup_device, shard)
-from model import GPT2_NAMES, PRESETS
+from model import PRESETS
 
 
 @dataclass
@@ -33,7 +33,7 @@ class DistillConfig:
     anchor_dir: str = arg("runs/student_sft", "the SFT student run: its train_losses.json is l_S (AW), its config the init")
     out_dir: str = arg("runs/scd_aw", "output folder; rerunning the same command resumes it")
     preset: str = arg("student", "student model preset", choices=tuple(PRESETS))
-    init_from: str = arg("", "'' (random init of --preset) or pretrained GPT-2 weights", choices=("",) + GPT2_NAMES)
+    init_from: str = arg("", "'' (random init of --preset), a GPT-2 name (gpt2, gpt2-medium, ...) or a Hugging Face model folder")
     method: str = arg("scd", "teacher schedule: sft (no teacher), kd (T* only), cd (fixed order), scd (adaptive)",
                       choices=("sft", "kd", "cd", "scd"))
     aw: bool = arg(False, "Adaptive Weighting instead of the fixed alpha")
@@ -62,6 +62,7 @@ class DistillConfig:
                      choices=("auto", "float32", "bfloat16", "float16"))
     log_every: int = arg(40, "steps between progress lines", low=1)
     compile: bool = arg(False, "torch.compile the trained model (CUDA; slow to start, faster per step)")
+    grad_ckpt: bool = arg(False, "activation checkpointing: recompute each block in the backward pass (less memory, more time)")
     eval_every: int = arg(0, "steps between validation-accuracy points of a learning curve in schedule.json (0: none)", low=0)
     stop_at_stage: int = arg(0, "stop after this many stages as if interrupted (to test resuming; 0: off)", low=0)
 
@@ -80,10 +81,14 @@ def teacher_pool(cfg, student, tok):
     if ckpts[manifest["best"]] not in pool:
         raise RunError(f"--pool_start {cfg.pool_start} leaves the best checkpoint out of the pool")
     best = pool.index(ckpts[manifest["best"]])
-    t_model, t_tok = load_checkpoint(tdir / pool[best]["file"])
-    if t_tok.ids != tok.ids or t_model.config.block_size != student.config.block_size:
-        raise RunError(f"{tdir} was trained with another vocabulary or context length than --data {cfg.data} gives the student")
-    return tdir, pool, best
+    t_model, t_tok = load_checkpoint(tdir / pool[best]["file"])  # on the CPU: checked here, counted in the memory plan
+    if t_tok.identity != tok.identity:
+        raise RunError(f"{tdir} has another tokenizer than the student (vocabulary {t_tok.vocab_size} vs {tok.vocab_size}"
+                       + (f", tokenizer.json sha {t_tok.identity[2]} vs {tok.identity[2]})" if t_tok.identity[0] == tok.identity[0]
+                          == "tokenizer.json" else ")") + ": distillation compares their distributions token by token")
+    if t_model.config.block_size < student.config.block_size:
+        raise RunError(f"{tdir} has a shorter context ({t_model.config.block_size}) than the student ({student.config.block_size})")
+    return tdir, pool, best, t_model
 
 
 def sft_anchor(cfg, train_fp, n_train, device):
@@ -97,7 +102,7 @@ def sft_anchor(cfg, train_fp, n_train, device):
         anchor = torch.tensor(a["loss"], device=device)
     if cfg.start == "anchor" or cfg.aw or (adir / "config.json").exists():
         a = read_json(adir / "config.json")
-        for k in ("seed", "preset", "init_from"):  # "the SFT student's initialisation" holds only if these match
+        for k in ("seed", "init_from") + (() if cfg.init_from else ("preset",)):  # "the SFT student's initialisation"
             if a.get(k) != getattr(cfg, k):
                 raise RunError(f"--{k} {getattr(cfg, k)!r} differs from the SFT student's ({a.get(k)!r} in {adir}): "
                                "the student would not start where the SFT student did")
@@ -203,13 +208,17 @@ def main(cfg):
     t_start = time.time()
     device, dtype, ctx, scaler, rank, world = setup_device(cfg.device, cfg.dtype)
     splits, tok, student, enc = prepare(cfg.data, cfg.preset, cfg.seed, cfg.init_from)
-    student.to(device)
     train_enc = enc["train"]
     if len(train_enc) < cfg.batch_size:
         raise RunError(f"--batch_size {cfg.batch_size} is larger than the {len(train_enc)} training examples")
     lengths = [len(p) + len(a) for p, a in train_enc]
     fps = fingerprints(splits)
-    tdir, pool, best = teacher_pool(cfg, student, tok)
+    tdir, pool, best, t_star = teacher_pool(cfg, student, tok)
+    student.grad_checkpointing = cfg.grad_ckpt
+    memory_plan(student, t_star if cfg.method != "sft" else None, cfg.batch_size // world, max(lengths),
+                max(len(a) for _, a in train_enc) + 1, dtype, cfg.grad_ckpt, device)
+    del t_star
+    student.to(device)
     anchor = sft_anchor(cfg, fps["train"], len(train_enc), device)
 
     out = out_folder(cfg.out_dir)
@@ -244,6 +253,8 @@ def main(cfg):
             if pool[k]["file"] != loaded:
                 teacher = rows = None
                 teacher, _ = load_checkpoint(tdir / pool[k]["file"], device)
+                if device.startswith("cuda") and dtype != "float32":  # frozen: half the memory in the autocast dtype
+                    teacher.to(ctx.fast_dtype)
                 rows, loaded = teacher_logits(teacher, train_enc, tok.eot, device, ctx, cfg.teacher_cache_gib), pool[k]["file"]
             row.update(ckpt=k, file=pool[k]["file"], teacher_step=pool[k]["step"])
         print(f"stage {stage}: teacher {row.get('file', 'none (sft)')}")

@@ -1,16 +1,147 @@
 """
-A small GPT (GPT-2 architecture) for teacher and student.
+The models: the GPT-2 architecture and the Llama family, one interface (LM) for both.
 
-Read bottom-up: attention -> MLP -> block -> config -> GPT. Parameter names follow
-Hugging Face's GPT2LMHeadModel (transformer.wte, transformer.h.0.attn.c_attn, ...) so
-loading GPT-2 weights is a rename-free copy, apart from Conv1D's transposed matrices.
+Read top-down: the config and presets, what both share (LM), then GPT-2 (attention -> MLP
+-> block -> GPT), then the Llama family (RMSNorm, rotary embeddings -> grouped-query
+attention -> SwiGLU -> block -> Llama). Parameter names follow Hugging Face's
+GPT2LMHeadModel and LlamaForCausalLM, so loading their weights (hf.py) is a copy.
 """
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
+
+@dataclass
+class GPTConfig:
+    block_size: int = 64     # context length
+    vocab_size: int = 50257  # rows of the head; the compact vocabulary has one per token, no padding rows
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True
+    arch: str = "gpt2"       # "gpt2" or "llama"; the fields below are the Llama family's
+    n_kv_head: int = 0       # grouped-query attention: key/value heads (0: n_head)
+    head_dim: int = 0        # 0: n_embd // n_head
+    intermediate_size: int = 0  # the SwiGLU width (0: 4 * n_embd)
+    rope_theta: float = 10000.0
+    rope_scaling: dict = field(default_factory=dict)  # Llama 3's: factor, low/high_freq_factor, original_max_position_embeddings
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False   # Qwen2 has biases on q, k and v
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.head_dim = self.head_dim or self.n_embd // self.n_head
+        self.intermediate_size = self.intermediate_size or 4 * self.n_embd
+
+
+# Named presets. The CPU pair is sized for the embedded domain on a 2-core laptop; their
+# vocab_size is set from the data at build time, their context is fixed (the longest
+# default example is 84 tokens), and longer data is an error, never a silent truncation.
+# The teacher has GPT-2's dropout of 0.1, which keeps it from memorising the default
+# domain's wrong labels as fast (README); the 1-layer student has too little capacity to
+# overfit, and no dropout. The llama presets have Llama 3.2's shapes, for memory plans and
+# benchmarks from random weights; real runs load a folder with --init_from.
+PRESETS = {
+    "teacher": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.1),
+    "student": dict(n_layer=1, n_head=2, n_embd=32, block_size=128),
+    "student-2l": dict(n_layer=2, n_head=2, n_embd=64, block_size=128),  # the sparse-parity student
+    "wide": dict(n_layer=2, n_head=8, n_embd=256, block_size=128),  # the sparse-parity teacher: width learns parity fast
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),          # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024),   # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024),      # 1558M
+    "llama-1b": dict(arch="llama", n_layer=16, n_head=32, n_kv_head=8, n_embd=2048, intermediate_size=8192, block_size=2048,
+                     vocab_size=128256, rope_theta=500000.0, bias=False),      # Llama 3.2 1B's shape
+    "llama-3b": dict(arch="llama", n_layer=28, n_head=24, n_kv_head=8, n_embd=3072, intermediate_size=8192, block_size=2048,
+                     vocab_size=128256, rope_theta=500000.0, bias=False),      # Llama 3.2 3B's shape
+}
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # Hugging Face names, for GPT.from_pretrained
+
+
+class LM(nn.Module):
+    """What both architectures share: initialisation, the answer-only head, activation
+    checkpointing, AdamW groups and greedy decoding. A subclass builds its modules and
+    body(idx) -> (B, T, C) final hidden states."""
+    grad_checkpointing = False  # recompute each block in the backward pass instead of keeping its activations
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if hasattr(module, "SCALE_INIT"):  # residual projections: GPT-2 scales by 1/sqrt(2 * n_layer)
+                std *= (2 * self.config.n_layer) ** -0.5
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # tied weights are counted once
+
+    def run_block(self, block, x, *args):
+        if self.grad_checkpointing and self.training:
+            return checkpoint(block, x, *args, use_reentrant=False)
+        return block(x, *args)
+
+    def forward(self, idx, positions=None):
+        """idx (B, T) token ids -> logits.
+
+        positions=None: logits at every position, (B, T, V) (what a soft-target teacher needs).
+        positions=(B, T) bool mask: logits only where it is True, (N, V) in row-major order.
+        Answer tokens are a small share of each sequence, and the vocabulary-sized head is
+        the expensive part of the model, so training asks only for the answer positions.
+        """
+        assert idx.size(1) <= self.config.block_size, f"sequence of {idx.size(1)} tokens > block_size {self.config.block_size}"
+        x = self.body(idx)
+        return self.lm_head(x if positions is None else x[positions])
+
+    def configure_optimizer(self, lr, weight_decay, betas, device_type):
+        # decay the matrices of the blocks; no decay on biases, norms or the embeddings (tied
+        # to the head or not), which are lookup tables rather than linear maps
+        tables = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        decay = [p for p in self.parameters() if p.dim() >= 2 and id(p) not in tables]
+        rest = [p for p in self.parameters() if p.dim() < 2 or id(p) in tables]
+        groups = [dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0.0)]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == "cuda"))
+
+    @torch.no_grad()
+    def generate(self, idx, lengths, max_new_tokens, stop_id):
+        """Greedy decoding of a right-padded batch: row b's prompt is idx[b, :lengths[b]].
+
+        Each row continues at its own position; the padding after it cannot reach an earlier
+        position through the causal mask, so no attention mask is needed and no KV cache is
+        worth it for answers of a few tokens. Returns one list of new ids per row, stop_id cut.
+        """
+        B, rows = idx.size(0), torch.arange(idx.size(0), device=idx.device)
+        total = min(int(lengths.max()) + max_new_tokens, self.config.block_size)
+        buf = torch.full((B, total), stop_id, dtype=idx.dtype, device=idx.device)
+        buf[:, :min(idx.size(1), total)] = idx[:, :total]
+        start, lengths = lengths.clone(), lengths.clone()
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            done |= lengths >= total  # out of context: stop this row
+            if done.all():
+                break
+            live = rows[~done]  # finished rows drop out of the forward pass
+            T = int(lengths[live].max())
+            at = torch.zeros(len(live), T, dtype=torch.bool, device=idx.device)
+            at[torch.arange(len(live)), lengths[live] - 1] = True  # the last token of each row
+            nxt = self(buf[live, :T], positions=at).argmax(-1)  # (live,)
+            buf[live, lengths[live]] = nxt
+            lengths[live] += 1
+            done[live] |= nxt == stop_id
+        out = [buf[b, start[b]:lengths[b]].tolist() for b in range(B)]
+        return [o[:o.index(stop_id)] if stop_id in o else o for o in out]
+
+
+# -----------------------------------------------------------------------------
+# GPT-2
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
@@ -60,39 +191,7 @@ class Block(nn.Module):
         return x
 
 
-GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # Hugging Face names, for from_pretrained
-
-
-@dataclass
-class GPTConfig:
-    block_size: int = 64     # context length
-    vocab_size: int = 50257  # tokens only: rows that are not tokens would take probability mass
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    bias: bool = True
-
-
-# Named presets. The CPU pair is sized for the embedded domain on a 2-core laptop; their
-# vocab_size is set from the data at build time, their context is fixed (the longest
-# default example is 83 tokens), and longer data is an error, never a silent truncation.
-# The teacher has GPT-2's dropout of 0.1, which keeps it from memorising the default
-# domain's wrong labels as fast (README); the 1-layer student has too little capacity to
-# overfit, and no dropout.
-PRESETS = {
-    "teacher": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.1),
-    "student": dict(n_layer=1, n_head=2, n_embd=32, block_size=128),
-    "student-2l": dict(n_layer=2, n_head=2, n_embd=64, block_size=128),  # the sparse-parity student
-    "wide": dict(n_layer=2, n_head=8, n_embd=256, block_size=128),  # the sparse-parity teacher: width learns parity fast
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),          # 124M
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),  # 350M
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024),   # 774M
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024),      # 1558M
-}
-
-
-class GPT(nn.Module):
+class GPT(LM):
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -107,38 +206,12 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
         self.apply(self._init_weights)
 
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            std = 0.02
-            if hasattr(module, "SCALE_INIT"):  # residual projections: GPT-2 scales by 1/sqrt(2 * n_layer)
-                std *= (2 * self.config.n_layer) ** -0.5
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    def num_params(self):
-        return sum(p.numel() for p in self.parameters())  # tied weights are counted once
-
-    def forward(self, idx, positions=None):
-        """idx (B, T) token ids -> logits.
-
-        positions=None: logits at every position, (B, T, V) (what a soft-target teacher needs).
-        positions=(B, T) bool mask: logits only where it is True, (N, V) in row-major order.
-        Answer tokens are a small share of each sequence, and the vocabulary-sized head is
-        the expensive part of the model, so training asks only for the answer positions.
-        """
-        B, T = idx.size()
-        assert T <= self.config.block_size, f"sequence of {T} tokens > block_size {self.config.block_size}"
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+    def body(self, idx):
+        pos = torch.arange(idx.size(1), dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x)
-        x = self.transformer.ln_f(x)
-        if positions is not None:
-            x = x[positions]  # (N, C)
-        return self.lm_head(x)
+            x = self.run_block(block, x)
+        return self.transformer.ln_f(x)
 
     @classmethod
     def from_hf(cls, state_dict, config):
@@ -161,46 +234,113 @@ class GPT(nn.Module):
         config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
         return cls.from_hf(hf.state_dict(), config)
 
-    def configure_optimizer(self, lr, weight_decay, betas, device_type):
-        # decay the matrices of the blocks; no decay on biases, LayerNorms or the (tied)
-        # embeddings, which are lookup tables rather than linear maps
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            (decay if p.dim() >= 2 and not name.startswith("transformer.w") else no_decay).append(p)
-        groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == "cuda"))
 
-    @torch.no_grad()
-    def generate(self, idx, lengths, max_new_tokens, stop_id):
-        """Greedy decoding of a right-padded batch: row b's prompt is idx[b, :lengths[b]].
+# -----------------------------------------------------------------------------
+# the Llama family (Llama 2/3, Qwen2, Mistral and SmolLM2 configs)
 
-        Each row continues at its own position; the padding after it cannot reach an earlier
-        position through the causal mask, so no attention mask is needed and no KV cache is
-        worth it for answers of a few tokens. Returns one list of new ids per row, stop_id cut.
-        """
-        B, rows = idx.size(0), torch.arange(idx.size(0), device=idx.device)
-        total = min(int(lengths.max()) + max_new_tokens, self.config.block_size)
-        buf = torch.full((B, total), stop_id, dtype=idx.dtype, device=idx.device)
-        buf[:, :min(idx.size(1), total)] = idx[:, :total]
-        start, lengths = lengths.clone(), lengths.clone()
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            done |= lengths >= total  # out of context: stop this row
-            if done.all():
-                break
-            live = rows[~done]  # finished rows drop out of the forward pass
-            T = int(lengths[live].max())
-            at = torch.zeros(len(live), T, dtype=torch.bool, device=idx.device)
-            at[torch.arange(len(live)), lengths[live] - 1] = True  # the last token of each row
-            nxt = self(buf[live, :T], positions=at).argmax(-1)  # (live,)
-            buf[live, lengths[live]] = nxt
-            lengths[live] += 1
-            done[live] |= nxt == stop_id
-        out = [buf[b, start[b]:lengths[b]].tolist() for b in range(B)]
-        return [o[:o.index(stop_id)] if stop_id in o else o for o in out]
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()  # the mean square in float32, as Llama computes it
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rope_frequencies(c):
+    """The rotary embedding's inverse frequencies, (head_dim / 2,). Llama 3's rescaling:
+    wavelengths longer than the original context / low_freq_factor are slowed by factor,
+    those shorter than original context / high_freq_factor kept, those between blended."""
+    inv = 1.0 / c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim)
+    s = c.rope_scaling
+    if s:
+        old, lo, hi = s["original_max_position_embeddings"], s["low_freq_factor"], s["high_freq_factor"]
+        smooth = ((old * inv / (2 * math.pi) - lo) / (hi - lo)).clamp(0, 1)  # old / wavelength, mapped onto [0, 1]
+        inv = (1 - smooth) * inv / s["factor"] + smooth * inv
+    return inv
+
+
+def rotate(x, cos, sin):
+    """x (B, nh, T, hs) turned by position: the pair (i, i + hs/2) by angle position * freq_i."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.n_head, self.n_kv, self.hs = c.n_head, c.n_kv_head, c.head_dim
+        self.q_proj = nn.Linear(c.n_embd, c.n_head * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.n_embd, c.n_kv_head * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.n_embd, c.n_kv_head * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.n_head * c.head_dim, c.n_embd, bias=False)
+        self.o_proj.SCALE_INIT = True
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.size()
+        q = self.q_proj(x).view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)    # (B, n_kv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        rep = self.n_head // self.n_kv  # grouped-query attention: each key/value head serves rep query heads
+        y = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.n_embd, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.n_embd, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.n_embd, bias=False)
+        self.down_proj.SCALE_INIT = True
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.n_embd, c.norm_eps)
+        self.self_attn = LlamaAttention(c)
+        self.post_attention_layernorm = RMSNorm(c.n_embd, c.norm_eps)
+        self.mlp = SwiGLU(c)
+
+    def forward(self, x, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)  # pre-norm residual blocks, as GPT-2
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(LM):
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        self.model = nn.ModuleDict(dict(embed_tokens=nn.Embedding(c.vocab_size, c.n_embd),
+                                        layers=nn.ModuleList([LlamaBlock(c) for _ in range(c.n_layer)]),
+                                        norm=RMSNorm(c.n_embd, c.norm_eps)))
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_frequencies(c), persistent=False)
+        self.apply(self._init_weights)
+
+    def body(self, idx):
+        angles = torch.arange(idx.size(1), device=idx.device, dtype=torch.float32)[:, None] * self.inv_freq  # (T, hs/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (T, hs), in float32 whatever the autocast
+        x = self.model.embed_tokens(idx)  # (B, T, C)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        for block in self.model.layers:
+            x = self.run_block(block, x, cos, sin)
+        return self.model.norm(x)
+
+
+def build(config):
+    return (Llama if config.arch == "llama" else GPT)(config)
 
 
 if __name__ == "__main__":
     for name, p in PRESETS.items():
-        m = GPT(GPTConfig(**p))
+        m = build(GPTConfig(**p))
         print(f"{name:12s} {m.num_params() / 1e6:8.1f}M parameters")

@@ -26,15 +26,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import scd
 from common import (RunError, arg, atomic_save, check_finite, fingerprints, global_mean, load_checkpoint, lr_at,
-                    optimizer_step, out_folder, parse_config, prepare, probe_file, progress, read_json, resumable,
+                    memory_plan, optimizer_step, out_folder, parse_config, prepare, probe_file, progress, read_json, resumable,
                     run_main, setup_device, shard)
-from model import GPT2_NAMES, PRESETS
+from model import PRESETS
 
 @dataclass
 class TrainConfig:
     data: str = arg("default", "'default' (the embedded domain), 'default:NOISE', 'parity:N:K' or a folder with train/val/test.jsonl")
     preset: str = arg("teacher", "model preset", choices=tuple(PRESETS))
-    init_from: str = arg("", "'' (random init of --preset) or pretrained GPT-2 weights", choices=("",) + GPT2_NAMES)
+    init_from: str = arg("", "'' (random init of --preset), a GPT-2 name (gpt2, gpt2-medium, ...) or a Hugging Face model folder")
     out_dir: str = arg("runs/teacher", "output folder; rerunning the same command resumes it")
     epochs: int = arg(24, "passes over the training set", low=1)
     batch_size: int = arg(16, "examples per step", low=1)
@@ -51,6 +51,7 @@ class TrainConfig:
                      choices=("auto", "float32", "bfloat16", "float16"))
     log_every: int = arg(20, "steps between progress lines", low=1)
     compile: bool = arg(False, "torch.compile the trained model (CUDA; slow to start, faster per step)")
+    grad_ckpt: bool = arg(False, "activation checkpointing: recompute each block in the backward pass (less memory, more time)")
     compare_to: str = arg("", "a teacher run folder: print the SFS/TFS table of that teacher vs this model")
     stop_at_step: int = arg(0, "stop after this step as if interrupted (to test resuming; 0: off)", low=0)
 
@@ -61,16 +62,19 @@ def train(cfg):
     t_start = time.time()
     device, dtype, ctx, scaler, rank, world = setup_device(cfg.device, cfg.dtype)
     splits, tok, model, enc = prepare(cfg.data, cfg.preset, cfg.seed, cfg.init_from)
-    model.to(device)
     train_enc = enc["train"]
     if len(train_enc) < cfg.batch_size:
         raise RunError(f"--batch_size {cfg.batch_size} is larger than the {len(train_enc)} training examples")
-    out = out_folder(cfg.out_dir)
     lengths = [len(p) + len(a) for p, a in train_enc]
     steps_per_epoch = len(train_enc) // cfg.batch_size
     total = cfg.epochs * steps_per_epoch
     n_ckpt = cfg.epochs * cfg.ckpt_per_epoch
     ckpt_steps = sorted({round(total * j / n_ckpt) for j in range(1, n_ckpt + 1)})
+    model.grad_checkpointing = cfg.grad_ckpt
+    memory_plan(model, None, cfg.batch_size // world, max(lengths), max(len(a) for _, a in train_enc) + 1, dtype,
+                cfg.grad_ckpt, device, len(ckpt_steps))
+    model.to(device)
+    out = out_folder(cfg.out_dir)
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, 0.95), device.split(":")[0])
     _, probe, probe_id = data.probe_examples(train_enc, cfg.probe_size, cfg.seed)
     print(f"{cfg.init_from or cfg.preset}: {model.num_params() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, "
@@ -131,7 +135,8 @@ def train(cfg):
             summary, _ = data.evaluate(model, splits["val"], tok, device, ctx=ctx)
             t_eval += time.time() - t
             name = f"ckpt_{step:06d}.pt"
-            atomic_save(dict(model=model.state_dict(), model_config=asdict(model.config), vocab=tok.ids), out / name)
+            weights = {k: v.to(torch.bfloat16) if dtype == "bfloat16" else v for k, v in model.state_dict().items()}
+            atomic_save(dict(model=weights, model_config=asdict(model.config), vocab=tok.ids), out / name)  # bf16 if trained in bf16
             manifest["checkpoints"].append(dict(file=name, step=step, epoch=round(step / steps_per_epoch, 3),
                                                 train_loss=round(loss_sum / loss_n, 5),
                                                 val_loss=round(summary["loss"], 5), val_acc=round(summary["acc"], 4)))

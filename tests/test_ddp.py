@@ -47,7 +47,9 @@ def test_two_processes_train_and_distil_like_one(tiny_domain, tmp_path):
     torchrun("distill.py", *(f"--{k}={v}" for k, v in kw.items()), f"--out_dir={tmp_path / 'd2'}")
     s1, s2 = (json.loads((tmp_path / d / "schedule.json").read_text()) for d in ("d1", "d2"))
     assert [s["ckpt"] for s in s1["stages"]] == [s["ckpt"] for s in s2["stages"]]
-    assert max_diff(tmp_path / "d1" / "final.pt", tmp_path / "d2" / "final.pt") < 1e-4
+    # Adam divides by the gradient's running scale, so sums taken in another order move a weight by more than in
+    # SFT; a step in another direction would move it by the LR, 6e-3
+    assert max_diff(tmp_path / "d1" / "final.pt", tmp_path / "d2" / "final.pt") < 5e-4
 
 
 def test_shards_split_the_global_batch():

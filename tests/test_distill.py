@@ -142,18 +142,19 @@ def test_clear_errors_for_bad_teacher_folders(tiny_domain, runs, tmp_path):
     with pytest.raises(common.RunError, match=f"{bad.name}: not a readable checkpoint"):
         distill.main(dcfg(tiny_domain, runs, "c", teacher_dir=str(d)))
 
-    for field, change in (("vocab", lambda ck: ck["vocab"][:-1] + [99999]),
-                          ("model_config", lambda ck: {**ck["model_config"], "block_size": 2 * ck["model_config"]["block_size"]})):
+    for field, change, msg in (("vocab", lambda ck: ck["vocab"][:-1] + [99999], "another tokenizer than the student"),
+                               ("model_config", lambda ck: {**ck["model_config"], "block_size": ck["model_config"]["block_size"] // 2},
+                                r"shorter context \(64\) than the student \(128\)")):
         d, m = teacher_copy(field)
         path = d / m["checkpoints"][m["best"]]["file"]
         ck = torch.load(path, weights_only=True)
         ck[field] = change(ck)
-        if field == "model_config":  # a longer context needs a longer position table
-            wpe = ck["model"]["transformer.wpe.weight"]
-            ck["model"]["transformer.wpe.weight"] = torch.cat([wpe, wpe])
+        if field == "model_config":  # a shorter context has a shorter position table
+            ck["model"]["transformer.wpe.weight"] = ck["model"]["transformer.wpe.weight"][:64]
         torch.save(ck, path)
-        with pytest.raises(common.RunError, match="another vocabulary or context length"):
+        with pytest.raises(common.RunError, match=msg):
             distill.main(dcfg(tiny_domain, runs, "v", teacher_dir=str(d)))
+        assert not (runs / "v").exists()  # refused before anything is written
 
 
 def test_cached_teacher_logits_equal_the_teacher_in_the_loop(tiny_domain, runs):

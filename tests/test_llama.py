@@ -1,0 +1,140 @@
+"""The Llama family against transformers (a test-only reference; random configs, nothing
+downloaded): the same logits from a saved folder, the folder's tokenizer, clear refusals,
+and the whole pipeline on tiny Llama-architecture models."""
+import json
+
+import pytest
+import torch
+
+import common
+import data
+import distill
+import hf
+import train_teacher as tt
+
+transformers = pytest.importorskip("transformers", reason="test-only dependency: pip install -r requirements-test.txt")
+pytest.importorskip("safetensors", reason="optional extra: pip install safetensors")
+tokenizers = pytest.importorskip("tokenizers", reason="optional extra: pip install tokenizers")
+
+SHAPE = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64)
+LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)
+CONFIGS = {
+    "llama3": lambda: transformers.LlamaConfig(**SHAPE, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE),
+    "llama-tied": lambda: transformers.LlamaConfig(**SHAPE, tie_word_embeddings=True, rms_norm_eps=1e-5),  # SmolLM2's shape
+    "qwen2": lambda: transformers.Qwen2Config(**SHAPE, tie_word_embeddings=True),  # biases on q, k, v
+    "mistral": lambda: transformers.MistralConfig(**SHAPE, sliding_window=None, head_dim=24),  # head_dim != hidden / heads
+}
+
+
+def save(name, folder, **kw):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[name]()).eval()
+    with torch.no_grad():  # random non-trivial norms and biases, so a missed one shows
+        for n, p in model.named_parameters():
+            if n.endswith(("norm.weight", "bias")):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(folder, **kw)
+    return model
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_a_saved_folder_gives_transformers_logits(name, tmp_path):
+    ref = save(name, tmp_path)
+    ours = hf.load_folder(tmp_path).eval()
+    idx = torch.randint(0, 101, (2, 40), generator=torch.Generator().manual_seed(1))  # past the original context of 16
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), ref(idx).logits, rtol=0, atol=1e-5)
+    assert ours.num_params() == sum(p.numel() for p in ref.parameters())  # tied embeddings counted once, as there
+
+
+def test_a_sharded_folder_loads_the_same_weights(tmp_path):
+    save("llama3", tmp_path / "one")
+    save("llama3", tmp_path / "shards", max_shard_size="50KB")
+    assert (tmp_path / "shards" / "model.safetensors.index.json").exists()
+    a, b = hf.load_folder(tmp_path / "one").state_dict(), hf.load_folder(tmp_path / "shards").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(model_type="mixtral"), "model_type"),
+    (dict(num_local_experts=8), "num_local_experts"),
+    (dict(model_type="mistral", sliding_window=4096), "sliding_window"),
+    (dict(model_type="qwen2", use_sliding_window=True, sliding_window=4096), "sliding_window"),
+    (dict(rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=1e4)), "rope_parameters"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(attention_bias=True), "attention_bias"),
+])
+def test_an_unsupported_config_is_refused_naming_its_field(change, field, tmp_path):
+    save("llama3", tmp_path)
+    c = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**c, **change}))
+    with pytest.raises(hf.UnsupportedModel, match=f"config.json: field '{field}'"):
+        hf.load_folder(tmp_path)
+
+
+def write_tokenizer(folder, texts, vocab_size=400):
+    """A small byte-level BPE trained on texts, saved as the folder's tokenizer.json; <eos> is id 0."""
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = tokenizers.decoders.ByteLevel()
+    tk.train_from_iterator(texts, tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
+                                                                   initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    tk.save(str(folder / "tokenizer.json"))
+    return tk
+
+
+def test_the_folders_tokenizer_is_the_tokenizers_library(tmp_path):
+    texts = ["Question: Where does Wendy Clark live?\nAnswer: London", "文: 田中太郎は東京の桜電機に入った。"]
+    ref = write_tokenizer(tmp_path, texts * 20)
+    (tmp_path / "config.json").write_text(json.dumps(dict(vocab_size=400, eos_token_id=0)))
+    tok = hf.FolderTokenizer(tmp_path)
+    for t in texts + ["Review: The room was not wonderful.\nSentiment: negative"]:
+        assert tok.encode(t) == ref.encode(t, add_special_tokens=False).ids and tok.decode(tok.encode(t)) == t
+    assert tok.eot == 0 and tok.vocab_size == 400 and len(tok.ids["sha"]) == 16
+    assert common.tokenizer(tok.ids).identity == tok.identity  # what a checkpoint stores brings the same tokenizer back
+    (tmp_path / "tokenizer.json").write_text((tmp_path / "tokenizer.json").read_text().replace('"<eos>"', '"<end>"'))
+    with pytest.raises(hf.UnsupportedModel, match="tokenizer.json has changed since the run was made"):
+        common.tokenizer(tok.ids)
+
+
+@pytest.fixture(scope="module")
+def llama_folders(tiny_domain, tmp_path_factory):
+    """A teacher (2 layers x 64) and a student (1 layer x 32) of the Llama architecture from
+    random weights, sharing a tokenizer trained on the tiny domain; and a second student
+    folder whose tokenizer.json differs."""
+    root = tmp_path_factory.mktemp("llama")
+    texts = [ex["prompt"] + ex["answer"] for s in ("train", "val", "test") for ex in data.load_domain(str(tiny_domain))[s]]
+    for name, shape in (("teacher", dict(hidden_size=64, num_hidden_layers=2)), ("student", dict(hidden_size=32, num_hidden_layers=1)),
+                        ("other", dict(hidden_size=32, num_hidden_layers=1))):
+        cfg = transformers.LlamaConfig(**{**SHAPE, **shape, "vocab_size": 400, "intermediate_size": 2 * shape["hidden_size"],
+                                          "max_position_embeddings": 128, "eos_token_id": 0, "bos_token_id": 0})
+        torch.manual_seed(0)
+        transformers.LlamaForCausalLM(cfg).save_pretrained(root / name)
+        write_tokenizer(root / name, texts, vocab_size=400 if name != "other" else 390)
+    return root
+
+
+def test_a_tiny_llama_pipeline_runs_end_to_end(tiny_domain, llama_folders, tmp_path):
+    kw = dict(data=str(tiny_domain), epochs=2, batch_size=16, ckpt_per_epoch=2, log_every=1000, lr=1e-3, probe_size=16)
+    tt.train(tt.TrainConfig(**kw, init_from=str(llama_folders / "teacher"), out_dir=str(tmp_path / "teacher")))
+    tt.train(tt.TrainConfig(**kw, init_from=str(llama_folders / "student"), out_dir=str(tmp_path / "sft")))
+    d = dict(data=str(tiny_domain), teacher_dir=str(tmp_path / "teacher"), anchor_dir=str(tmp_path / "sft"), stages=2,
+             steps_per_stage=4, probe_size=16, log_every=1000, pool_start=0.0, lr=1e-3, init_from=str(llama_folders / "student"))
+    res = distill.main(distill.DistillConfig(**d, method="scd", aw=True, out_dir=str(tmp_path / "scd_aw")))
+    sched = json.loads((tmp_path / "scd_aw" / "schedule.json").read_text())
+    assert len(sched["stages"]) == 2 and all(len(s["kl_best"]) == 4 for s in sched["stages"])
+    assert 0 <= res["best"]["acc"] <= 1
+    model, tok = common.load_checkpoint(tmp_path / "scd_aw" / "best.pt")
+    assert model.config.arch == "llama" and tok.identity == hf.FolderTokenizer(llama_folders / "student").identity
+    # a student folder with another tokenizer.json is refused in one line, before anything is written
+    with pytest.raises(common.RunError, match=r"another tokenizer than the student \(vocabulary 400 vs 400, tokenizer.json sha"):
+        distill.main(distill.DistillConfig(**{**d, "init_from": str(llama_folders / "other")}, method="kd",
+                                           out_dir=str(tmp_path / "mismatch")))
+    assert not (tmp_path / "mismatch").exists()
+
+
+def test_a_name_that_would_need_a_download_says_what_to_do(tiny_domain, tmp_path):
+    with pytest.raises(common.RunError, match=r"nothing is downloaded here: fetch it first \(huggingface-cli download "
+                                              r"meta-llama/Llama-3.2-1B --local-dir models/Llama-3.2-1B\)"):
+        tt.train(tt.TrainConfig(data=str(tiny_domain), init_from="meta-llama/Llama-3.2-1B", out_dir=str(tmp_path / "x")))

@@ -1,0 +1,74 @@
+"""Running on one GPU: the memory plan said before the first step, activation checkpointing,
+dense checkpoints in bf16, and a run folder that one process holds at a time."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+import data
+import scd
+import train_teacher as tt
+from model import PRESETS, GPTConfig, build
+from test_train import cfg
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_memory_plan_counts_each_part_and_refuses_what_cannot_fit(capsys):
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        small, big = build(GPTConfig(**{**PRESETS["student"], "vocab_size": 1000})), build(GPTConfig(**PRESETS["llama-3b"]))
+    assert round(big.num_params() / 1e9, 2) == 3.21  # Llama 3.2 3B
+    P = small.num_params()
+    parts = common.memory_plan(small, small, batch_size=4, seq_len=10, answer_len=3, dtype="float32", grad_ckpt=False,
+                               device="cpu", n_ckpt=24)
+    c = small.config  # 1 layer x 32, 4 x MLP: 7 * 32 + 2 * 32 + 4 * 128 = 800 values per token and layer
+    assert parts == dict(weights=4 * P, gradients=4 * P, AdamW=8 * P, teacher=4 * P, activations=4 * 10 * 4 * 800,
+                         logits=4 * 3 * 1000 * 4 * 4)
+    assert c.n_layer == 1 and "disk: 24 dense checkpoints" in capsys.readouterr().out
+    ckpt = common.memory_plan(small, None, 4, 10, 3, "bfloat16", True, "cpu")
+    assert ckpt["activations"] == 4 * 10 * 2 * (32 + 800) and "teacher" not in {k for k, v in ckpt.items() if v}
+    with pytest.raises(common.RunError, match=r"the run does not fit: weights 11\.97 \| gradients 11\.97 \| AdamW 23\.94"):
+        common.memory_plan(big, None, batch_size=512, seq_len=2048, answer_len=512, dtype="bfloat16", grad_ckpt=False, device="cpu")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_activation_checkpointing_gives_the_same_gradients(arch):
+    torch.manual_seed(0)
+    model = build(GPTConfig(arch=arch, n_layer=2, n_head=4, n_kv_head=2 if arch == "llama" else 0, n_embd=32,
+                            vocab_size=50, block_size=16)).train()
+    x, y = torch.randint(0, 50, (3, 12)), torch.randint(0, 50, (3, 12))
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    grads = []
+    for on in (False, True):
+        model.grad_checkpointing = on
+        model.zero_grad()
+        scd.gold_ce(model(x, positions=mask), y, mask).mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_dense_checkpoints_trained_in_bf16_are_stored_in_bf16(tiny_domain, tmp_path):
+    tt.train(cfg(tiny_domain, tmp_path, dtype="bfloat16", epochs=1))
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    ck = torch.load(tmp_path / m["checkpoints"][0]["file"], weights_only=True)
+    assert all(v.dtype == torch.bfloat16 for v in ck["model"].values())
+    model, _ = common.load_checkpoint(tmp_path / m["checkpoints"][0]["file"])
+    assert next(model.parameters()).dtype == torch.float32  # trained on in float32 (autocast does the rest)
+
+
+def test_a_run_folder_is_held_by_one_process(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", f"import common, time; common.out_folder({str(tmp_path)!r}); "
+                               "print('held', flush=True); time.sleep(120)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(common.RunError, match=f"{tmp_path} is in use by process {holder.pid}; wait for it"):
+            common.out_folder(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    common.out_folder(tmp_path)  # the holder died: its lock does not block a resume
+    assert (tmp_path / "run.lock").read_text() == str(__import__("os").getpid())
