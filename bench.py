@@ -23,16 +23,29 @@ import torch
 import data
 import domains
 import scd
-from model import GPT, GPTConfig, PRESETS
+from model import GPTConfig, PRESETS, build
 from common import arg, optimizer_step, parse_config, run_main, setup_device
 
+# The Llama family's shapes (from the models' config.json files), for timings and memory plans from random weights
+LLAMA = dict(arch="llama", bias=False, block_size=2048, rope_theta=500000.0, vocab_size=128256)
+SHAPES = {
+    "llama-3.1-8b": dict(LLAMA, n_layer=32, n_head=32, n_kv_head=8, n_embd=4096, intermediate_size=14336, tie_embeddings=False),
+    "llama-3.2-3b": dict(LLAMA, n_layer=28, n_head=24, n_kv_head=8, n_embd=3072, intermediate_size=8192),
+    "llama-3.2-1b": dict(LLAMA, n_layer=16, n_head=32, n_kv_head=8, n_embd=2048, intermediate_size=8192),
+    "qwen2.5-1.5b": dict(LLAMA, n_layer=28, n_head=12, n_kv_head=2, n_embd=1536, intermediate_size=8960, vocab_size=151936,
+                         qkv_bias=True, rope_theta=1e6),
+    "qwen2.5-0.5b": dict(LLAMA, n_layer=24, n_head=14, n_kv_head=2, n_embd=896, intermediate_size=4864, vocab_size=151936,
+                         qkv_bias=True, rope_theta=1e6),
+}
+SHAPES.update(PRESETS)
 PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L4": 121, "A10": 125, "4090": 165}  # dense bf16, datasheets
 
 
 @dataclass
 class BenchConfig:
-    teacher: str = arg("teacher", "teacher preset", choices=tuple(PRESETS))
-    student: str = arg("student", "student preset", choices=tuple(PRESETS))
+    teacher: str = arg("teacher", "teacher shape", choices=tuple(SHAPES))
+    student: str = arg("student", "student shape", choices=tuple(SHAPES))
+    grad_ckpt: bool = arg(False, "activation checkpointing in the student")
     batch_size: int = arg(16, "examples per step", low=1)
     seq_len: int = arg(0, "0: real batches of the default domain (CPU presets); N: random tokens of length N", low=0)
     answer_len: int = arg(128, "scored tokens at the end of each random example (with --seq_len)", low=1)
@@ -59,22 +72,27 @@ def batches(cfg, vocab, device):
 
 
 def flops_per_step(model, x, mask, train):
-    """Matmul FLOPs of one pass, x3 with the backward pass: 2 per weight per token in the blocks,
-    the head only at answer positions, and attention's scores and mixing, 4 L C T per token
-    (nanoGPT's 12 L C T for forward and backward)."""
+    """Matmul FLOPs of one pass, x3 with the backward pass: 2 per weight per token in the blocks
+    (their matrices, whatever the architecture), the head only at answer positions, and
+    attention's scores and mixing, 4 L (heads x head size) T per token."""
     c = model.config
-    blocks = 12 * c.n_layer * c.n_embd ** 2
-    f = 2 * blocks * x.numel() + 2 * c.vocab_size * c.n_embd * int(mask.sum()) + 4 * c.n_layer * c.n_embd * x.size(1) * x.numel()
+    head = {id(model.lm_head.weight)} | {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    blocks = sum(p.numel() for p in model.parameters() if p.dim() == 2 and id(p) not in head)
+    attn = 4 * c.n_layer * c.n_head * c.head_dim * x.size(1)
+    f = (2 * blocks + attn) * x.numel() + 2 * c.vocab_size * c.n_embd * int(mask.sum())
     return 3 * f if train else f
 
 
 def measure(cfg):
     device, dtype, ctx, scaler, _, _ = setup_device(cfg.device, cfg.dtype)
-    vocab, data_ = batches(cfg, 50257, device)
+    vocab, data_ = batches(cfg, SHAPES[cfg.student].get("vocab_size", 50257), device)
     block = max(128, cfg.seq_len)
-    build = lambda name: GPT(GPTConfig(**{**PRESETS[name], "block_size": block, "vocab_size": vocab})).to(device)
+    make = lambda name: build(GPTConfig(**{**SHAPES[name], "block_size": block, "vocab_size": vocab})).to(device)
     torch.manual_seed(0)
-    teacher, student = build(cfg.teacher).eval(), build(cfg.student)
+    teacher, student = make(cfg.teacher).eval(), make(cfg.student)
+    if device.startswith("cuda") and dtype != "float32":  # the frozen teacher in the autocast dtype, as distill.py keeps it
+        teacher.to(ctx.fast_dtype)
+    student.grad_checkpointing = cfg.grad_ckpt
     opt = student.configure_optimizer(1e-4, 0.1, (0.9, 0.95), device.split(":")[0])
     t_net, s_net = (torch.compile(m) if cfg.compile else m for m in (teacher, student))
     anchor = torch.rand(cfg.batch_size, device=device) + 0.5
@@ -140,6 +158,8 @@ def measure(cfg):
         flops = flops_per_step(student, x, m, True) + flops_per_step(teacher, x, m, False)
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in out["device"]), None)
         out["mfu"] = round(flops / statistics.median(runs["distill"]) / (peak * 1e12), 3) if peak else None
+        sft_flops = flops_per_step(student, x, m, True)
+        out["sft_mfu"] = round(sft_flops / statistics.median(runs["sft"]) / (peak * 1e12), 3) if peak else None
         out["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     else:
         out["peak_mem_GiB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # process RSS

@@ -159,20 +159,24 @@ def load_checkpoint(path, device="cpu"):
     return model.to(device).eval(), tokenizer(ck["vocab"])
 
 
-def memory_plan(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt, device, n_ckpt=0):
-    """What a training step will hold, estimated before the first step; printed, and a plan
-    over the device's memory is refused with its figures. Bytes per part: the trained model's
-    float32 weights and gradients and AdamW's two moments; the frozen teacher in the autocast
-    dtype; the activations kept for the backward pass (about 7 C + 2 kv + 4 I values per
-    token and layer, or with activation checkpointing each block's input and one block's
-    whole); the float32 logits at the answer positions (the student's, their log-softmax and
-    gradient, and the teacher's). The dense checkpoints' disk is what n_ckpt of them take."""
-    c, half = model.config, dtype in ("bfloat16", "float16")
-    P, b = model.num_params(), 2 if half else 4
+def plan_parts(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt):
+    """Bytes a training step holds, by part (an estimate, made before the first step): the
+    trained model's float32 weights and gradients and AdamW's two moments; the frozen teacher
+    in the autocast dtype; the activations kept for the backward pass (about 7 C + 2 kv + 4 I
+    values per token and layer, or with activation checkpointing each block's input and one
+    block's whole); the float32 logits at the answer positions (the student's, their
+    log-softmax and gradient, and the teacher's)."""
+    c, P, b = model.config, model.num_params(), 2 if dtype in ("bfloat16", "float16") else 4
     per_layer = 7 * c.n_embd + 2 * c.n_kv_head * c.head_dim + 4 * c.intermediate_size  # values per token
     acts = batch_size * seq_len * b * (c.n_layer * c.n_embd + per_layer if grad_ckpt else c.n_layer * per_layer)
-    parts = dict(weights=4 * P, gradients=4 * P, AdamW=8 * P, teacher=teacher.num_params() * b if teacher else 0,
-                 activations=acts, logits=batch_size * answer_len * c.vocab_size * 4 * (4 if teacher else 3))
+    return dict(weights=4 * P, gradients=4 * P, AdamW=8 * P, teacher=teacher.num_params() * b if teacher else 0,
+                activations=acts, logits=batch_size * answer_len * c.vocab_size * 4 * (4 if teacher else 3))
+
+
+def memory_plan(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt, device, n_ckpt=0):
+    """Print plan_parts before the first step, with the disk n_ckpt dense checkpoints take,
+    and refuse a run over the device's memory with its figures."""
+    parts = plan_parts(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt)
     total, gib = sum(parts.values()), lambda x: f"{x / 2**30:.2f}"
     if device.startswith("cuda"):
         have = torch.cuda.get_device_properties(torch.device(device)).total_memory
@@ -181,7 +185,7 @@ def memory_plan(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckp
     line = (f"memory plan (GiB, estimated): " + " | ".join(f"{k} {gib(v)}" for k, v in parts.items() if v)
             + f" | total {gib(total)} of {gib(have)} on {device}")
     if n_ckpt:
-        line += f"; disk: {n_ckpt} dense checkpoints x {gib(P * (2 if dtype == 'bfloat16' else 4))} GiB"
+        line += f"; disk: {n_ckpt} dense checkpoints x {gib(model.num_params() * (2 if dtype == 'bfloat16' else 4))} GiB"
     print(line)
     if total > have:
         raise RunError(f"the run does not fit: {line.split(': ', 1)[1]}; use a smaller --batch_size, --grad_ckpt true, "

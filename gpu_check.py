@@ -1,15 +1,17 @@
 """
 A check for a machine with one CUDA GPU, in under 5 minutes: nothing is downloaded.
 
-1. Distillation steps at GPT-2 shapes from random initialisation (a gpt2-medium teacher, a
-   gpt2 student, GPT-2's 50,257-token vocabulary, batch 8 x 512 tokens with 128 scored),
-   under bf16 autocast and under fp16 autocast with the gradient scaler: step times,
-   tokens/s, model FLOPs utilisation against the card's peak, peak memory (bench.measure).
+1. Distillation steps from random initialisation, batch 8 x 512 tokens with 128 scored: GPT-2
+   shapes (a gpt2-medium teacher, a gpt2 student, 50,257 tokens) under bf16 autocast and
+   under fp16 with the gradient scaler, and the paper's family (Llama 3.2 3B -> 1B shapes,
+   128,256 tokens) under bf16: step times, tokens/s, model FLOPs utilisation against the
+   card's peak for the SFT step and the distillation step, peak memory (bench.measure).
 2. The main pipeline end to end on CUDA at a small budget (reproduce.py with bf16): every
    phase, the probe, the teacher-logit cache and the report.
 
     python gpu_check.py --out_dir runs/gpu_check     # on the GPU machine
     python gpu_check.py --small true                 # CPU-sized shapes: what the tests run
+    python gpu_check.py --plan true                  # the memory plans of the paper's pairs (no GPU needed)
 
 Writes gpu_check.json (every figure) and gpu_check.md (a table) to --out_dir.
 """
@@ -22,7 +24,8 @@ import torch
 
 import bench
 import reproduce
-from common import arg, parse_config, run_main
+from common import arg, parse_config, plan_parts, run_main
+from model import GPTConfig, build
 
 
 @dataclass
@@ -31,19 +34,48 @@ class GpuCheckConfig:
     small: bool = arg(False, "CPU-sized shapes and budget (to keep this script tested without a GPU)")
     data: str = arg("default", "the end-to-end run's data")
     device: str = arg("auto", "cuda, cuda:1, ... (auto: cuda if available)")
+    plan: bool = arg(False, "only print the memory plans of the paper's pairs at batch 8 x 512 (no GPU needed)")
+
+
+PAIRS = [("llama-3.1-8b", "llama-3.2-3b"), ("llama-3.2-3b", "llama-3.2-1b"), ("qwen2.5-1.5b", "qwen2.5-0.5b")]
+
+
+def plans(batch_size=8, seq_len=512, answer_len=128, cards=(24, 48, 80)):
+    """Markdown: what each phase of each pair needs on one GPU (common.plan_parts, bf16
+    autocast), without and with activation checkpointing, and on which cards it fits (within
+    95% of the card; the teacher-logit cache, up to --teacher_cache_gib, comes on top)."""
+    gib = lambda x: f"{x / 2**30:.1f}"
+    rows = ["| pair | phase | weights + grads + AdamW | frozen teacher | activations (ckpt off / on) | logits | "
+            "total (off / on) | fits (GB card, ckpt on) | 24 dense bf16 checkpoints |", "|" + " --- |" * 9]
+    for t, s in PAIRS:
+        with torch.device("meta"):  # shapes only
+            T, S = (build(GPTConfig(**bench.SHAPES[n])) for n in (t, s))
+        for phase, model, teacher in (("teacher SFT", T, None), ("SFT student", S, None), ("distillation", S, T)):
+            off, on = (plan_parts(model, teacher, batch_size, seq_len, answer_len, "bfloat16", c) for c in (False, True))
+            fits = [f"{g}" for g in cards if sum(on.values()) <= 0.95 * g * 1e9] or ["none"]  # 5% for CUDA's own use
+            disk = gib(24 * 2 * model.num_params()) + " GiB" if phase == "teacher SFT" else ""
+            rows.append(f"| {t} -> {s} | {phase} | {gib(off['weights'] + off['gradients'] + off['AdamW'])} | "
+                        f"{gib(off['teacher']) if teacher else '-'} | {gib(off['activations'])} / {gib(on['activations'])} | "
+                        f"{gib(off['logits'])} | {gib(sum(off.values()))} / {gib(sum(on.values()))} | {', '.join(fits)} | {disk} |")
+    return "\n".join(rows)
 
 
 def main(cfg):
+    if cfg.plan:
+        print(plans())
+        return None
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    shapes = (dict(teacher="teacher", student="student", batch_size=4, seq_len=0, steps=2, rounds=1)
-              if cfg.small else dict(teacher="gpt2-medium", student="gpt2", batch_size=8, seq_len=512, answer_len=128,
-                                     steps=10, rounds=3))
+    gpt2 = dict(teacher="gpt2-medium", student="gpt2", batch_size=8, seq_len=512, answer_len=128, steps=10, rounds=3)
+    runs = ([dict(teacher="teacher", student="student", batch_size=4, seq_len=0, steps=2, rounds=1, dtype=d)
+             for d in ("bfloat16", "float16")] if cfg.small else
+            [dict(gpt2, dtype="bfloat16"), dict(gpt2, dtype="float16"),  # and the paper's family, Llama 3.2 3B -> 1B
+             dict(gpt2, teacher="llama-3.2-3b", student="llama-3.2-1b", dtype="bfloat16")])
     rows = []
-    for dtype in ("bfloat16", "float16"):
+    for shapes in runs:
         t = time.time()
-        r = bench.measure(bench.BenchConfig(**shapes, device=dev, dtype=dtype))
+        r = bench.measure(bench.BenchConfig(**shapes, device=dev))
         r["wall_s"] = round(time.time() - t, 1)
         rows.append(r)
         print(json.dumps(r), flush=True)
@@ -58,13 +90,14 @@ def main(cfg):
                                                                    report=str(e2e / "report" / "results.md")))
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=1))
     lines = [f"# gpu_check.py on {summary['device']}", "",
-             f"{shapes['teacher']} teacher, {shapes['student']} student, batch {shapes['batch_size']} x "
-             f"{shapes['seq_len'] or 'default-domain'} tokens, random init, medians of {shapes['rounds']} rounds of {shapes['steps']} steps.", "",
-             "| autocast | SFT ms | teacher fwd ms | distill ms | distill, cached teacher ms | distill tok/s | ratio | MFU | peak GiB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"Random init, batch {rows[0]['batch_size']} x {rows[0]['seq_len'] or 'default-domain'} tokens, medians of "
+             f"{rows[0]['rounds']} rounds of {rows[0]['steps']} steps.", "",
+             "| teacher -> student | autocast | SFT ms | SFT MFU | teacher fwd ms | distill ms | distill, cached teacher ms | "
+             "distill tok/s | ratio | distill MFU | peak GiB |", "|" + " --- |" * 11]
     for r in rows:
-        lines.append(f"| {r['dtype']} | {r['sft_ms']} | {r['teacher_forward_ms']} | {r['distill_ms']} | {r['distill_cached_ms']} | "
-                     f"{r['distill_tok_s']:,} | {r['ratio']} | {r.get('mfu')} | {r['peak_mem_GiB']} |")
+        lines.append(f"| {r['teacher']} -> {r['student']} | {r['dtype']} | {r['sft_ms']} | {r.get('sft_mfu')} | "
+                     f"{r['teacher_forward_ms']} | {r['distill_ms']} | {r['distill_cached_ms']} | {r['distill_tok_s']:,} | "
+                     f"{r['ratio']} | {r.get('mfu')} | {r['peak_mem_GiB']} |")
     lines += ["", f"End to end (reproduce.py, bf16, small budget): {summary['e2e']['wall_s']} s, "
               f"SCD+AW test exact match {summary['e2e']['scd_aw_test_acc']:.3f}."]
     (out / "gpu_check.md").write_text("\n".join(lines) + "\n")

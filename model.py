@@ -45,8 +45,7 @@ class GPTConfig:
 # default example is 84 tokens), and longer data is an error, never a silent truncation.
 # The teacher has GPT-2's dropout of 0.1, which keeps it from memorising the default
 # domain's wrong labels as fast (README); the 1-layer student has too little capacity to
-# overfit, and no dropout. The llama presets have Llama 3.2's shapes, for memory plans and
-# benchmarks from random weights; real runs load a folder with --init_from.
+# overfit, and no dropout. Llama-family models come from a folder (--init_from, hf.py).
 PRESETS = {
     "teacher": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.1),
     "student": dict(n_layer=1, n_head=2, n_embd=32, block_size=128),
@@ -56,10 +55,6 @@ PRESETS = {
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),  # 350M
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024),   # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024),      # 1558M
-    "llama-1b": dict(arch="llama", n_layer=16, n_head=32, n_kv_head=8, n_embd=2048, intermediate_size=8192, block_size=2048,
-                     vocab_size=128256, rope_theta=500000.0, bias=False),      # Llama 3.2 1B's shape
-    "llama-3b": dict(arch="llama", n_layer=28, n_head=24, n_kv_head=8, n_embd=3072, intermediate_size=8192, block_size=2048,
-                     vocab_size=128256, rope_theta=500000.0, bias=False),      # Llama 3.2 3B's shape
 }
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # Hugging Face names, for GPT.from_pretrained
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import bench
 import common
 import data
 import scd
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_the_memory_plan_counts_each_part_and_refuses_what_cannot_fit(capsys):
     with torch.device("meta"):  # shapes only: nothing is allocated
-        small, big = build(GPTConfig(**{**PRESETS["student"], "vocab_size": 1000})), build(GPTConfig(**PRESETS["llama-3b"]))
+        small, big = build(GPTConfig(**{**PRESETS["student"], "vocab_size": 1000})), build(GPTConfig(**bench.SHAPES["llama-3.2-3b"]))
     assert round(big.num_params() / 1e9, 2) == 3.21  # Llama 3.2 3B
     P = small.num_params()
     parts = common.memory_plan(small, small, batch_size=4, seq_len=10, answer_len=3, dtype="float32", grad_ckpt=False,
@@ -33,6 +34,13 @@ def test_the_memory_plan_counts_each_part_and_refuses_what_cannot_fit(capsys):
     assert ckpt["activations"] == 4 * 10 * 2 * (32 + 800) and "teacher" not in {k for k, v in ckpt.items() if v}
     with pytest.raises(common.RunError, match=r"the run does not fit: weights 11\.97 \| gradients 11\.97 \| AdamW 23\.94"):
         common.memory_plan(big, None, batch_size=512, seq_len=2048, answer_len=512, dtype="bfloat16", grad_ckpt=False, device="cpu")
+
+
+def test_the_plan_table_says_an_8b_teacher_does_not_fit_one_gpu():
+    import gpu_check
+    rows = {tuple(c.strip() for c in r.split("|")[1:3]): r for r in gpu_check.plans().splitlines()[2:]}
+    assert rows["llama-3.1-8b -> llama-3.2-3b", "teacher SFT"].split("|")[8].strip() == "none"
+    assert rows["qwen2.5-1.5b -> qwen2.5-0.5b", "distillation"].split("|")[8].strip() == "24, 48, 80"
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
