@@ -40,12 +40,9 @@ class GPTConfig:
         self.intermediate_size = self.intermediate_size or 4 * self.n_embd
 
 
-# Named presets. The CPU pair is sized for the embedded domain on a 2-core laptop; their
-# vocab_size is set from the data at build time, their context is fixed (the longest
-# default example is 84 tokens), and longer data is an error, never a silent truncation.
-# The teacher has GPT-2's dropout of 0.1, which keeps it from memorising the default
-# domain's wrong labels as fast (README); the 1-layer student has too little capacity to
-# overfit, and no dropout. Llama-family models come from a folder (--init_from, hf.py).
+# Named presets. The CPU pair fits the embedded domain on a 2-core laptop (vocab_size from the
+# data; a longer example than the context is an error, never a truncation); the teacher's
+# dropout of 0.1 slows its memorising of wrong labels (README). Llama models come from folders.
 PRESETS = {
     "teacher": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.1),
     "student": dict(n_layer=1, n_head=2, n_embd=32, block_size=128),
@@ -60,9 +57,8 @@ GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # Hugging Face na
 
 
 class LM(nn.Module):
-    """What both architectures share: initialisation, the answer-only head, activation
-    checkpointing, AdamW groups and greedy decoding. A subclass builds its modules and
-    body(idx) -> (B, T, C) final hidden states."""
+    """What both architectures share: initialisation, the answer-only head, activation checkpointing,
+    AdamW groups, greedy decoding. A subclass builds its modules and body(idx) -> (B, T, C)."""
     grad_checkpointing = False  # recompute each block in the backward pass instead of keeping its activations
 
     def _init_weights(self, module):
@@ -85,20 +81,15 @@ class LM(nn.Module):
         return block(x, *args)
 
     def forward(self, idx, positions=None):
-        """idx (B, T) token ids -> logits.
-
-        positions=None: logits at every position, (B, T, V) (what a soft-target teacher needs).
-        positions=(B, T) bool mask: logits only where it is True, (N, V) in row-major order.
-        Answer tokens are a small share of each sequence, and the vocabulary-sized head is
-        the expensive part of the model, so training asks only for the answer positions.
-        """
+        """idx (B, T) token ids -> logits (B, T, V); with positions, a (B, T) bool mask, only
+        there: (N, V) in row-major order. Answers are a small share of each sequence and the
+        vocabulary-sized head is the expensive part, so training asks for answer positions only."""
         assert idx.size(1) <= self.config.block_size, f"sequence of {idx.size(1)} tokens > block_size {self.config.block_size}"
         x = self.body(idx)
         return self.lm_head(x if positions is None else x[positions])
 
     def configure_optimizer(self, lr, weight_decay, betas, device_type):
-        # decay the matrices of the blocks; no decay on biases, norms or the embeddings (tied
-        # to the head or not), which are lookup tables rather than linear maps
+        # decay the blocks' matrices; not biases, norms or embeddings (lookup tables, tied to the head or not)
         tables = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
         decay = [p for p in self.parameters() if p.dim() >= 2 and id(p) not in tables]
         rest = [p for p in self.parameters() if p.dim() < 2 or id(p) in tables]
@@ -107,12 +98,9 @@ class LM(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, lengths, max_new_tokens, stop_id):
-        """Greedy decoding of a right-padded batch: row b's prompt is idx[b, :lengths[b]].
-
-        Each row continues at its own position; the padding after it cannot reach an earlier
-        position through the causal mask, so no attention mask is needed and no KV cache is
-        worth it for answers of a few tokens. Returns one list of new ids per row, stop_id cut.
-        """
+        """Greedy decoding of a right-padded batch (row b's prompt is idx[b, :lengths[b]]): each row
+        continues at its own position, which the padding after it cannot reach through the causal
+        mask (no KV cache: answers are short). -> one list of new ids per row, stop_id cut."""
         B, rows = idx.size(0), torch.arange(idx.size(0), device=idx.device)
         total = min(int(lengths.max()) + max_new_tokens, self.config.block_size)
         buf = torch.full((B, total), stop_id, dtype=idx.dtype, device=idx.device)
@@ -141,12 +129,10 @@ class LM(nn.Module):
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.SCALE_INIT = True
-        self.n_head = config.n_head
-        self.dropout = config.dropout
+        self.n_head, self.dropout = config.n_head, config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -182,8 +168,7 @@ class Block(nn.Module):
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))  # pre-LayerNorm residual blocks
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        return x + self.mlp(self.ln_2(x))
 
 
 class GPT(LM):
@@ -226,8 +211,7 @@ class GPT(LM):
         from transformers import GPT2LMHeadModel
         hf = GPT2LMHeadModel.from_pretrained(name)
         c = hf.config
-        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
-        return cls.from_hf(hf.state_dict(), config)
+        return cls.from_hf(hf.state_dict(), GPTConfig(c.n_positions, c.vocab_size, c.n_layer, c.n_head, c.n_embd))
 
 
 # -----------------------------------------------------------------------------
@@ -334,8 +318,3 @@ class Llama(LM):
 def build(config):
     return (Llama if config.arch == "llama" else GPT)(config)
 
-
-if __name__ == "__main__":
-    for name, p in PRESETS.items():
-        m = build(GPTConfig(**p))
-        print(f"{name:12s} {m.num_params() / 1e6:8.1f}M parameters")
