@@ -49,6 +49,7 @@ class DistillConfig:
     temperature: float = arg(1.0, "softmax temperature of the distillation KL", low=1e-3)
     probe_size: int = arg(256, "probe examples (a seeded subset of train) for choosing checkpoints", low=1)
     probe_topk: int = arg(64, "log-probs kept per probe token (the rest as one tail mass)", low=1)
+    probe_resamples: int = arg(3, "SCD: also choose on this many probes drawn with other seeds, and log those choices", low=0)
     student_term: str = arg("flipped", "schedule's student term: flipped KL(p_c || p_student) or as_written KL(p_student || p_c)",
                             choices=("flipped", "as_written"))
     pool_start: float = arg(0.5, "candidate pool starts at this fraction of the teacher's training (0.5 chosen on SCD+AW's validation accuracy)", low=0)
@@ -109,12 +110,12 @@ def sft_anchor(cfg, train_fp, n_train, device):
     return anchor
 
 
-def probe_cache(cfg, tdir, pool, probe, probe_id, tok, device, ctx, train_fp):
+def probe_cache(cfg, tdir, pool, probe, probe_id, probe_seed, tok, device, ctx, train_fp):
     """Each pool checkpoint's compressed log-probs on the probe. The teacher run stores
     them (every checkpoint was in memory there) with the probe's id; a stored file made on
     other examples is never used: the log-probs are then computed here, and stored in the
     teacher's folder for the next run."""
-    path = probe_file(tdir, cfg.seed, cfg.probe_size, cfg.probe_topk)
+    path = probe_file(tdir, probe_seed, cfg.probe_size, cfg.probe_topk)
     steps = [c["step"] for c in pool]
     if path.exists():
         stored = torch.load(path, map_location=device, weights_only=True)
@@ -150,18 +151,21 @@ def teacher_logits(teacher, enc, eot, device, ctx, max_gib, chunk=64):
     return rows
 
 
-def choose(cfg, stage, schedule, student, probe, cache, best, tok, device, ctx, world):
+def choose(cfg, stage, schedule, student, probes, best, tok, device, ctx, world):
     """Stage k's teacher checkpoint c_k, an index into the pool (None: SFT), and the
-    schedule row that logs it (for SCD, both terms for every candidate)."""
+    schedule row that logs it: for SCD, both terms for every candidate on the run's probe,
+    and the choices the resampled probes would have made (the run uses the first)."""
     row, k = dict(stage=stage), None
     if cfg.method == "scd":
-        V = student.config.vocab_size
-        s_lp = data.probe_logprobs(student.eval(), probe, tok.eot, device, ctx)
-        dense = (scd.dense_logprobs(v, i, V) for v, i in cache)
+        V, picks = student.config.vocab_size, []
         prev = schedule[-1]["ckpt"] if schedule else None  # --monotone: never before the previous stage's choice
-        k, kl_best, kl_student = scd.scd_checkpoint(scd.dense_logprobs(*cache[best], V), dense, s_lp,
-                                                    cfg.student_term, prev, cfg.monotone)
-        row.update(kl_best=kl_best, kl_student=kl_student)
+        for probe, cache in probes:
+            s_lp = data.probe_logprobs(student.eval(), probe, tok.eot, device, ctx)
+            dense = (scd.dense_logprobs(v, i, V) for v, i in cache)
+            picks.append(scd.scd_checkpoint(scd.dense_logprobs(*cache[best], V), dense, s_lp, cfg.student_term, prev,
+                                            cfg.monotone))
+        k, kl_best, kl_student = picks[0]
+        row.update(kl_best=kl_best, kl_student=kl_student, resampled=[p[0] for p in picks[1:]])
     elif cfg.method != "sft":
         k = scd.fixed_checkpoint(cfg.method, stage, cfg.stages, best)
     if world > 1:  # every process computed the same choice; rank 0's is the one used
@@ -231,8 +235,10 @@ def main(cfg):
 
     # the probe: every candidate's log-probs on it are fixed, so they are read (or made) once
     t_sched = time.time()
-    _, probe, probe_id = data.probe_examples(train_enc, cfg.probe_size, cfg.seed)
-    cache = probe_cache(cfg, tdir, pool, probe, probe_id, tok, device, ctx, fps["train"]) if cfg.method == "scd" else None
+    probes = []  # the run's probe, then --probe_resamples others: does the choice survive another draw?
+    for pseed in (cfg.seed + 1000 * r for r in range(1 + cfg.probe_resamples) if cfg.method == "scd"):
+        _, probe, probe_id = data.probe_examples(train_enc, cfg.probe_size, pseed)
+        probes.append((probe, probe_cache(cfg, tdir, pool, probe, probe_id, pseed, tok, device, ctx, fps["train"])))
     t_sched, t_eval = time.time() - t_sched, 0.0
 
     atomic_save(dict(config, out_dir=str(out)), out / "config.json")
@@ -247,7 +253,7 @@ def main(cfg):
     for stage in range(stage, cfg.stages):
         # 1. choose this stage's teacher checkpoint c_k; one teacher in memory, its logits kept while the choice stays
         t = time.time()
-        k, row = choose(cfg, stage, schedule, student, probe, cache, best, tok, device, ctx, world)
+        k, row = choose(cfg, stage, schedule, student, probes, best, tok, device, ctx, world)
         t_sched += time.time() - t
         if k is not None:
             if pool[k]["file"] != loaded:

@@ -339,6 +339,28 @@ def claim_rows(runs):
     return out
 
 
+def criterion_table(runs):
+    """Markdown: what the adaptive schedule saw at each stage, per seed: the range over the
+    candidates of each term and of their sum, the sum's margin between the chosen checkpoint
+    and the runner-up, and how many probes drawn with other seeds chose the same checkpoint
+    (a choice that flips with the probe is a choice among near-equals)."""
+    out = ["| run | seed | stage | chosen | KL(T* ‖ c) range | student term range | score range | margin to runner-up | "
+           "resampled probes that agree |", "|" + " --- |" * 9]
+    agree = total = 0
+    for n in [n for n in runs[0] if n.startswith("SCD")]:
+        for seed, r in runs.items():
+            for st in json.loads((r[n] / "schedule.json").read_text())["stages"]:
+                score = sorted(a + b for a, b in zip(st["kl_best"], st["kl_student"]))
+                rng = lambda v: f"{min(v):.3f} to {max(v):.3f}"
+                same = sum(k == st["ckpt"] for k in st.get("resampled", []))
+                agree, total = agree + same, total + len(st.get("resampled", []))
+                out.append(f"| {n} | {seed} | {st['stage']} | {teacher_numbers(r, n)[0][st['stage']]} | {rng(st['kl_best'])} | "
+                           f"{rng(st['kl_student'])} | {rng(score)} | {score[1] - score[0] if len(score) > 1 else 0:.4f} | "
+                           f"{same} of {len(st.get('resampled', []))} |")
+    return (f"Over all stages and seeds, a resampled probe chose the run's checkpoint {agree} times of {total}.\n\n"
+            if total else "") + "\n".join(out)
+
+
 def claims_table(rows):
     out = ["| claim | paper | mean difference | 95% interval | from seeds / examples (se) | verdict | per seed |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -442,6 +464,7 @@ def report(cfg, runs, sweeps, wall, command):
             cells = [interval(budget_accuracy(runs, sweeps, name, m)) for m in budgets]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += ["## What the adaptive schedule saw (nats on the probe, per stage)", "", criterion_table(runs), ""]
     lines += ["## Schedules (the teacher's checkpoint chosen per stage, per seed; T* = "
               + ", ".join(str(teacher_numbers(r, "KD")[1]) for r in runs.values()) + ")", ""]
     lines += [f"- {n}: " + "; ".join(sched[n]) for n in names]

@@ -93,7 +93,7 @@ def test_monotone_compares_with_the_previous_stages_choice(tiny_domain, runs, mo
         n = len(list(ckpt_lps))
         return next(script), [0.0] * n, [0.0] * n
     monkeypatch.setattr(distill.scd, "scd_checkpoint", scripted)
-    distill.main(dcfg(tiny_domain, runs, "mono", method="scd", stages=4, monotone=True))
+    distill.main(dcfg(tiny_domain, runs, "mono", method="scd", stages=4, monotone=True, probe_resamples=0))
     assert prevs == [(None, True), (1, True), (3, True), (2, True)]
     sched = json.loads((runs / "mono" / "schedule.json").read_text())["stages"]
     assert [s["ckpt"] for s in sched] == [1, 3, 2, 3]
@@ -121,3 +121,14 @@ def test_the_loss_gets_the_runs_alpha_direction_and_temperature(tiny_domain, run
     monkeypatch.setattr(distill.scd, "distill_loss", lambda *a: calls.append(a[4:]) or real(*a))
     distill.main(dcfg(tiny_domain, runs, "flags", method="kd", stages=1, alpha=0.25, kl_direction="reverse", temperature=2.0))
     assert calls and all(c[0] == 0.25 and c[1] is None and c[2:] == ("reverse", 2.0) for c in calls)
+
+
+def test_resampled_probes_are_logged_and_change_nothing_in_the_run(tiny_domain, runs):  # noqa: F811
+    distill.main(dcfg(tiny_domain, runs, "resample2", method="scd", stages=2, probe_resamples=2))
+    distill.main(dcfg(tiny_domain, runs, "resample0", method="scd", stages=2, probe_resamples=0))
+    a, b = (json.loads((runs / d / "schedule.json").read_text())["stages"] for d in ("resample2", "resample0"))
+    assert [len(s["resampled"]) for s in a] == [2, 2] and [s["resampled"] for s in b] == [[], []]
+    assert [s["ckpt"] for s in a] == [s["ckpt"] for s in b] and [s["kl_best"] for s in a] == [s["kl_best"] for s in b]
+    wa, wb = (torch.load(runs / d / "final.pt", weights_only=True)["model"] for d in ("resample2", "resample0"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # the extra probes draw on no random stream of the run
+    assert common.probe_file(runs / "teacher", 2000, 16, 64).exists()  # stored with the teacher for the next run

@@ -35,8 +35,18 @@ def test_one_command_writes_the_report_and_reuses_finished_phases(tiny_domain, t
         assert claim[5] == ("holds" if lo > 0 else "does not hold")
     else:
         assert float(claim[5].split("± ")[1].split()[0]) == pytest.approx((hi - lo) / 2, abs=0.11)
-    # each distilled student got the SFT student's steps: 2 epochs of 96 // 16 = 6 steps, in 2 stages
-    assert json.loads((tmp_path / "runs" / "seed0" / "kd" / "config.json").read_text())["steps_per_stage"] == 6
+    # each distilled student got the SFT student's steps: 2 epochs of 96 // 16 = 6 steps, in 2 stages, and each phase
+    # its own seed's teacher and anchor, the students' LR, and the method its row names
+    conf = lambda s, d: json.loads((tmp_path / "runs" / f"seed{s}" / d / "config.json").read_text())
+    assert conf(0, "kd")["steps_per_stage"] == 6
+    for s in (0, 1):
+        assert conf(s, "teacher")["lr"] == cfg.teacher_lr and conf(s, "teacher")["seed"] == s
+        assert conf(s, "student_sft")["lr"] == cfg.student_lr and conf(s, "student_sft")["preset"] == cfg.student
+        for d, method, aw in (("sft_stages", "sft", False), ("kd", "kd", False), ("cd", "cd", False), ("scd", "scd", False),
+                              ("scd_aw", "scd", True)):
+            c = conf(s, d)
+            assert (c["method"], c["aw"], c["seed"], c["lr"]) == (method, aw, s, cfg.student_lr)
+            assert c["teacher_dir"].endswith(f"seed{s}/teacher") and c["anchor_dir"].endswith(f"seed{s}/student_sft")
     assert "finished phases reused" not in capsys.readouterr().out
     reproduce.main(cfg)  # everything finished: every phase of both seeds is reused
     out = capsys.readouterr().out
