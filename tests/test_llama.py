@@ -24,6 +24,7 @@ CONFIGS = {
     "llama-tied": lambda: transformers.LlamaConfig(**SHAPE, tie_word_embeddings=True, rms_norm_eps=1e-5),  # SmolLM2's shape
     "qwen2": lambda: transformers.Qwen2Config(**SHAPE, tie_word_embeddings=True),  # biases on q, k, v
     "mistral": lambda: transformers.MistralConfig(**SHAPE, sliding_window=None, head_dim=24),  # head_dim != hidden / heads
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=101, n_positions=64, n_embd=64, n_layer=2, n_head=4),  # a local GPT-2 folder
 }
 
 
