@@ -110,18 +110,18 @@ def sft_anchor(cfg, train_fp, n_train, device):
     return anchor
 
 
-def probe_cache(cfg, tdir, pool, probe, probe_id, probe_seed, tok, device, ctx, train_fp):
-    """Each pool checkpoint's compressed log-probs on the probe. The teacher run stores
-    them (every checkpoint was in memory there) with the probe's id; a stored file made on
-    other examples is never used: the log-probs are then computed here, and stored in the
-    teacher's folder for the next run."""
+def probe_cache(cfg, tdir, pool, train_enc, probe_seed, tok, device, ctx, train_fp):
+    """The probe drawn with probe_seed, and each pool checkpoint's compressed log-probs on it:
+    the teacher run stores them with the probe's id; a file made on other examples is never
+    used: they are computed here then, and stored in the teacher's folder for the next run."""
+    _, probe, probe_id = data.probe_examples(train_enc, cfg.probe_size, probe_seed)
     path = probe_file(tdir, probe_seed, cfg.probe_size, cfg.probe_topk)
     steps = [c["step"] for c in pool]
     if path.exists():
         stored = torch.load(path, map_location=device, weights_only=True)
         if stored["fingerprint"] == train_fp and stored.get("probe") == probe_id and set(steps) <= set(stored["steps"]):
             at = [stored["steps"].index(s) for s in steps]
-            return [(stored["values"][j], stored["indices"][j]) for j in at]
+            return probe, [(stored["values"][j], stored["indices"][j]) for j in at]
         print(f"note: {path} was made on another probe or other checkpoints; computing the probe's log-probs here")
     values, indices = [], []
     for c in pool:
@@ -132,7 +132,7 @@ def probe_cache(cfg, tdir, pool, probe, probe_id, probe_seed, tok, device, ctx, 
         atomic_save(dict(fingerprint=train_fp, probe=probe_id, steps=steps, values=values, indices=indices), path)
     except OSError as e:
         print(f"note: could not store the probe in {tdir} ({e.strerror}); the next run will compute it again")
-    return list(zip(values, indices))
+    return probe, list(zip(values, indices))
 
 
 @torch.no_grad()
@@ -226,19 +226,15 @@ def main(cfg):
     anchor = sft_anchor(cfg, fps["train"], len(train_enc), device)
 
     out = out_folder(cfg.out_dir)
-    config = dict(asdict(cfg), stop_at_stage=0, fingerprint=fps)
-    config.pop("out_dir")
-    state_path = out / "state.pt"
+    config = {k: v for k, v in dict(asdict(cfg), stop_at_stage=0, fingerprint=fps).items() if k != "out_dir"}
     done, stage, best_val, schedule = resume(cfg, out, config, student, device)
     if done is not None:
         return done
 
-    # the probe: every candidate's log-probs on it are fixed, so they are read (or made) once
-    t_sched = time.time()
-    probes = []  # the run's probe, then --probe_resamples others: does the choice survive another draw?
-    for pseed in (cfg.seed + 1000 * r for r in range(1 + cfg.probe_resamples) if cfg.method == "scd"):
-        _, probe, probe_id = data.probe_examples(train_enc, cfg.probe_size, pseed)
-        probes.append((probe, probe_cache(cfg, tdir, pool, probe, probe_id, pseed, tok, device, ctx, fps["train"])))
+    # the probe, and --probe_resamples others drawn with other seeds (does the choice survive another draw?):
+    t_sched = time.time()  # every candidate's log-probs on each are fixed, so they are read (or made) once
+    probes = [probe_cache(cfg, tdir, pool, train_enc, cfg.seed + 1000 * r, tok, device, ctx, fps["train"])
+              for r in range(1 + cfg.probe_resamples) if cfg.method == "scd"]
     t_sched, t_eval = time.time() - t_sched, 0.0
 
     atomic_save(dict(config, out_dir=str(out)), out / "config.json")
@@ -306,7 +302,7 @@ def main(cfg):
             atomic_save(dict(model=student.state_dict(), model_config=asdict(student.config), vocab=tok.ids, stage=stage),
                         out / "best.pt")
         atomic_save(dict(stages=schedule, pool=[c["file"] for c in pool], best=best), out / "schedule.json")
-        atomic_save(dict(model=student.state_dict(), stage=stage + 1, best_val=best_val), state_path)
+        atomic_save(dict(model=student.state_dict(), stage=stage + 1, best_val=best_val), out / "state.pt")
         print(f"stage {stage} done: val loss {summary['loss']:.4f}, val acc {summary['acc']:.3f}")
         if stage + 1 == cfg.stop_at_stage:
             print(f"stopping after stage {stage} as asked (--stop_at_stage); rerun to resume")
