@@ -182,7 +182,7 @@ def memory_plan(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckp
         have = torch.cuda.get_device_properties(torch.device(device)).total_memory
     else:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    line = (f"memory plan (GiB, estimated): " + " | ".join(f"{k} {gib(v)}" for k, v in parts.items() if v)
+    line = ("memory plan (GiB, estimated): " + " | ".join(f"{k} {gib(v)}" for k, v in parts.items() if v)
             + f" | total {gib(total)} of {gib(have)} on {device}")
     if n_ckpt:
         line += f"; disk: {n_ckpt} dense checkpoints x {gib(model.num_params() * (2 if dtype == 'bfloat16' else 4))} GiB"
@@ -223,19 +223,17 @@ def out_folder(path):
 
 
 def lock(path):
-    """Hold path for this process until it exits: the file names the holder's pid."""
+    """Hold path for this process until it exits: the file names the holder's pid. A holder
+    that no longer exists (signal 0 only asks) has left a stale lock, which is taken over."""
     try:
         holder = int(Path(path).read_text())
-    except (OSError, ValueError):
-        holder = None
-    if holder is not None and holder != os.getpid():
-        try:
-            os.kill(holder, 0)  # signal 0 only asks whether the process exists
+        if holder != os.getpid():
+            os.kill(holder, 0)
             raise RunError(f"{path.parent} is in use by process {holder}; wait for it or use another --out_dir")
-        except ProcessLookupError:
-            pass  # the holder died: the lock is stale
-        except PermissionError:
-            raise RunError(f"{path.parent} is in use by process {holder}; wait for it or use another --out_dir") from None
+    except PermissionError:  # it exists, under another user
+        raise RunError(f"{path.parent} is in use by process {holder}; wait for it or use another --out_dir") from None
+    except (OSError, ValueError):  # no lock, an unreadable one, or a dead holder
+        pass
     Path(path).write_text(str(os.getpid()))
 
 

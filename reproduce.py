@@ -314,7 +314,7 @@ def claim_rows(runs):
     sc = {n: scores([r[n] for r in runs.values()]) for n in names}
     g = sc["teacher"][1]
     out = [(f"(a) {n} > SFT student", stats.paired_interval(sc[n][0], sc["SFT student"][0], groups=g)) for n in distilled]
-    out += [(f"(a) KD > SFT in stages", stats.paired_interval(sc["KD"][0], sc["SFT, stages"][0], groups=g))]
+    out += [("(a) KD > SFT in stages", stats.paired_interval(sc["KD"][0], sc["SFT, stages"][0], groups=g))]
     pairs = [("CD", "KD"), ("SCD", "CD"), ("SCD+AW", "SCD"), ("SCD+AW", "KD")]
     pairs += [(f"{b}+AW", b) for b in ("KD", "CD") if f"{b}+AW" in sc]
     out += [(f"(b) {a} > {b}", stats.paired_interval(sc[a][0], sc[b][0], groups=g)) for a, b in pairs]
@@ -384,7 +384,7 @@ def resolution(rows, n_test):
             f"+1.2, SCD − CD +0.3, SCD+AW − SCD +2.1, SCD+AW − KD +3.6 points. The standard error of SCD+AW − KD splits into "
             f"{100 * r['se_seeds']:.2f} points from the seeds (which training run made the students; it shrinks as 1/sqrt(seeds)) "
             f"and {100 * r['se_examples']:.2f} from the test examples (which were drawn; a larger test set shrinks only this). "
-            + ("" if r["S"] < 2 else f"At this seed noise, a half-width of 1.5 points would take "
+            + ("" if r["S"] < 2 else "At this seed noise, a half-width of 1.5 points would take "
                + (f"{need} seeds." if need < math.inf else "more seeds than any number: the test set alone is too noisy.")))
 
 

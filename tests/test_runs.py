@@ -10,7 +10,6 @@ import torch
 
 import bench
 import common
-import data
 import scd
 import train_teacher as tt
 from model import PRESETS, GPTConfig, build
