@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import domains
 import hf
 from model import GPT, GPT2_NAMES, GPTConfig, PRESETS, build
 
@@ -124,11 +125,17 @@ def prepare(cfg_data, preset, seed, init_from=""):
     """Domain, tokenizer, a model, and every split encoded (an example too long for the
     model's context is an error naming its file and line, before anything is written).
     init_from: '' builds --preset with the compact vocabulary of the training split (teacher
-    and student built from the same data get the same one); a GPT-2 name loads those weights
-    and GPT-2's vocabulary; a folder loads a Hugging Face model and its tokenizer.json."""
+    and student built from the same data get the same one); 'base' loads the preset's committed
+    base model, a .pt file any checkpoint of ours (weights and vocabulary); a GPT-2 name loads
+    those weights and GPT-2's vocabulary; a folder a Hugging Face model and its tokenizer.json."""
     splits = data.load_domain(cfg_data)
     if init_from in GPT2_NAMES:
         tok, model = data.Tokenizer(None), GPT.from_pretrained(init_from)
+    elif init_from == "base" or init_from.endswith(".pt"):  # a committed base (pretrain.py) or a checkpoint of ours
+        try:
+            model, tok = load_checkpoint(domains.base_file(preset, cfg_data) if init_from == "base" else init_from)
+        except ValueError as e:
+            raise RunError(f"--init_from base: {e}") from None
     elif init_from:
         if not (Path(init_from) / "config.json").is_file():
             raise RunError(f"--init_from {init_from}: not a GPT-2 name ({', '.join(GPT2_NAMES)}) nor a folder with config.json; "

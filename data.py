@@ -118,14 +118,17 @@ def load_jsonl(path):
 
 def load_domain(data, seed=0):
     """'default' -> the embedded domain; 'default:NOISE' -> the same with another share of
-    wrong training answers (default:0 is the clean control); 'parity:N:K' -> sparse parity
-    (domains.py); a folder -> its train/val/test.jsonl."""
+    wrong training answers (default:0 is the clean control); 'parity:N:K' -> sparse parity;
+    'corpus' -> the general text the bases are pretrained on (domains.py); a folder -> its
+    train/val/test.jsonl."""
     name, *args = data.split(":")
     try:
         if name == "default" and len(args) <= 1:
             return domains.default_domain(seed, *map(float, args))
         if name == "parity" and len(args) in (0, 2):
             return domains.parity_domain(seed, *map(int, args))
+        if name == "corpus" and not args:  # the base models' pretraining text (pretrain.py)
+            return domains.corpus(seed)
     except ValueError as e:
         raise DataError(f"--data {data}: {e}") from None
     folder = Path(data)
@@ -158,7 +161,7 @@ def encode(examples, tok, block_size):
     naming its file and line: never a silent truncation."""
     out = []
     for i, ex in enumerate(examples):
-        p, a = tok.encode(ex["prompt"]), tok.encode(ex["answer"])
+        p, a = tok.encode(ex["prompt"]) or [tok.eot], tok.encode(ex["answer"])  # no prompt: EOT starts a text
         if len(p) + len(a) > block_size:  # the input drops the last token (EOT), so this is the limit
             where = ex.get("src", f"example {i}")
             raise DataError(f"{where}: field 'prompt'+'answer' is {len(p) + len(a)} tokens, more than the "

@@ -33,7 +33,7 @@ class DistillConfig:
     anchor_dir: str = arg("runs/student_sft", "the SFT student run: its train_losses.json is l_S (AW), its config the init")
     out_dir: str = arg("runs/scd_aw", "output folder; rerunning the same command resumes it")
     preset: str = arg("student", "student model preset", choices=tuple(PRESETS))
-    init_from: str = arg("", "'' (random init of --preset), a GPT-2 name (gpt2, gpt2-medium, ...) or a Hugging Face model folder")
+    init_from: str = arg("", "'' (random init of --preset), base (its committed base), a .pt checkpoint, a GPT-2 name or a model folder")
     method: str = arg("scd", "teacher schedule: sft (no teacher), kd (T* only), cd (fixed order), scd (adaptive)",
                       choices=("sft", "kd", "cd", "scd"))
     aw: bool = arg(False, "Adaptive Weighting instead of the fixed alpha")
@@ -103,7 +103,7 @@ def sft_anchor(cfg, train_fp, n_train, device):
         anchor = torch.tensor(a["loss"], device=device)
     if cfg.start == "anchor" or cfg.aw or (adir / "config.json").exists():
         a = read_json(adir / "config.json")
-        for k in ("seed", "init_from") + (() if cfg.init_from else ("preset",)):  # "the SFT student's initialisation"
+        for k in ("seed", "init_from") + (("preset",) if cfg.init_from in ("", "base") else ()):  # "the SFT student's initialisation"
             if a.get(k) != getattr(cfg, k):
                 raise RunError(f"--{k} {getattr(cfg, k)!r} differs from the SFT student's ({a.get(k)!r} in {adir}): "
                                "the student would not start where the SFT student did")

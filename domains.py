@@ -5,8 +5,10 @@ lists of {"prompt", "answer", "subdomain"} dicts, the same shape data.load_jsonl
 
     python data.py --out data/default   # writes the default domain as JSONL to look at
 """
+import hashlib
 import random
 import re
+from pathlib import Path
 
 # the embedded default domain: 3 task types x 2 languages = 6 subdomains
 #   qa   closed-book questions about a fixed cast of people (memorisation: capacity matters)
@@ -71,7 +73,7 @@ def _person(L, first, last):
     return f"{first} {last}" if L is EN else f"{last}{first}"
 
 
-def _qa(L, lang, rng, n_people, n_val):
+def _qa(L, lang, rng, n_people, n_val, facts):
     """Every (person, attribute) fact can be asked in 11 phrasings: 4 of them go to train,
     the other 7 are held out, n_val of a language's held-out questions to val and the rest
     to test. A held-out question asks a known fact in a phrasing that train uses for other
@@ -82,6 +84,7 @@ def _qa(L, lang, rng, n_people, n_val):
         p = _person(L, f, l)
         for attr, values in (("qa_city", L["city"]), ("qa_org", L["org"])):
             a = rng.choice(values)
+            facts.append((lang, p, attr, a))
             seen = set(rng.sample(range(len(L[attr])), 4))
             for j, q in enumerate(L[attr]):
                 ex = dict(prompt=L["qa_prompt"].format(q=q.format(p=p)), answer=L["qa_answer"].format(a=a), subdomain=f"qa_{lang}")
@@ -108,7 +111,9 @@ def _ner(L, lang, rng):
                 subdomain=f"ner_{lang}")
 
 
-def _cls(L, lang, rng):
+def _review(L, G, rng):
+    """A review in the sentiment grammar of G (EN or JA: the clause after the last "but"
+    decides, "not" flips a clause) with L's aspects and words -> (text, its polarity)."""
     segments, polarity = [], None
     for _ in range(rng.choice([1, 2])):  # segments joined by "but"
         polarity = rng.random() < 0.5
@@ -116,10 +121,14 @@ def _cls(L, lang, rng):
         for _ in range(rng.choice([1])):  # clauses joined by "and" share a polarity
             negated = rng.random() < 0.35
             word = rng.choice(L["pos"] if polarity != negated else L["neg"])
-            clauses.append(L["clause"].format(a=rng.choice(L["aspect"]), w=word, n=L["negation"] if negated else ""))
-        segments.append(L["joiner"].join(clauses))
-    text = L["but"].join(segments) + L["end"]
-    text = text[0].upper() + text[1:]
+            clauses.append(G["clause"].format(a=rng.choice(L["aspect"]), w=word, n=G["negation"] if negated else ""))
+        segments.append(G["joiner"].join(clauses))
+    text = G["but"].join(segments) + G["end"]
+    return text[0].upper() + text[1:], polarity
+
+
+def _cls(L, lang, rng):
+    text, polarity = _review(L, L, rng)
     return dict(prompt=L["cls_prompt"].format(t=text), answer=L["labels"][0 if polarity else 1],
                 subdomain=f"cls_{lang}")
 
@@ -152,10 +161,18 @@ def default_domain(seed=0, noise=NOISE, n_people=60, n_per_split=(720, 170, 700)
     held-out splits are large (about 1,000 val and 4,100 test examples) so that a paired
     difference of one point between two models is not lost in the test set's noise; QA's
     test split has the 670 held-out questions per language that val leaves."""
+    splits = _world(seed, n_people, n_per_split)[0]
+    nrng = random.Random(f"noise-{seed}")
+    splits["train"] = [_mislabel(ex, nrng) if nrng.random() < noise else ex for ex in splits["train"]]
+    return splits
+
+
+def _world(seed, n_people, n_per_split):
+    """The clean splits and the facts the QA questions ask: [(lang, person, attribute, value)]."""
     rng = random.Random(seed)
-    splits = {"train": [], "val": [], "test": []}
+    splits, facts = {"train": [], "val": [], "test": []}, []
     for lang, L in LANGS.items():
-        for k, v in _qa(L, lang, rng, n_people, n_per_split[1]).items():
+        for k, v in _qa(L, lang, rng, n_people, n_per_split[1], facts).items():
             splits[k] += v
         for make in (_ner, _cls):
             seen = set()
@@ -167,9 +184,121 @@ def default_domain(seed=0, noise=NOISE, n_people=60, n_per_split=(720, 170, 700)
                         seen.add(ex["prompt"])
                         splits[split].append(ex)
                         made += 1
-    nrng = random.Random(f"noise-{seed}")
-    splits["train"] = [_mislabel(ex, nrng) if nrng.random() < noise else ex for ex in splits["train"]]
-    return splits
+    return splits, facts
+
+
+# -----------------------------------------------------------------------------
+# the general corpus the base models are pretrained on (pretrain.py)
+#
+# Two kinds of text, none of it labelled and none of it noisy:
+#   prose about the default world: where each of its people lives and works (the facts the QA
+#     questions ask, in statements, never as questions), sentences with its names and what kind
+#     of name each is, reviews in its words
+#   generic text in the shapes the tasks use, about other content: questions about other people
+#     followed by their answer, sentences about other names followed by the names, reviews of
+#     other things followed by a verdict. Other names, other wording, other labels: never one of
+#     the domain's prompt templates.
+
+WORLD = dict(
+    en=dict(lives=["{p} lives in {a}.", "{p} has a home in {a}.", "{p} moved to {a} years ago."],
+            works=["{p} works for {a}.", "{p} is employed by {a}.", "{p} has a job at {a}."],
+            kinds=dict(PER="{n} is a person.", LOC="{n} is a city.", ORG="{n} is a company."),
+            said=["{PER} flew to {LOC} on Monday.", "{ORG} has an office in {LOC}.", "{PER} spoke with {PER} at {ORG}.",
+                  "People in {LOC} know {ORG}.", "{PER} wrote a letter to {ORG}."]),
+    ja=dict(lives=["{p}は{a}に住んでいる。", "{p}の家は{a}にある。", "{p}は{a}で暮らす。"],
+            works=["{p}は{a}で働いている。", "{p}は{a}の社員だ。", "{a}は{p}を雇っている。"],
+            kinds=dict(PER="{n}は人の名前だ。", LOC="{n}は都市だ。", ORG="{n}は会社だ。"),
+            said=["{PER}は月曜に{LOC}へ飛んだ。", "{ORG}は{LOC}に支店がある。", "{PER}と{PER}が{ORG}で話した。",
+                  "{LOC}の人は{ORG}を知っている。", "{PER}が{ORG}に手紙を書いた。"]),
+)
+OTHER = dict(
+    en=dict(first="Aaron Bella Carl Diana Ethan Fiona George Hannah Ivan Julia Kevin Laura Martin Nina Oscar".split(),
+            last="Moore Hill Ward Cook Bell Reed Gray Fox Stone Hunt".split(),
+            city="Munich Milan Zurich Geneva Naples Porto Krakow Bergen Kyoto Osaka Miami Austin".split(),
+            org="Nexus Orbit Vertex Zenith Apex Quantum Nimbus Pinnacle".split(),
+            subject="physics history music law medicine biology chemistry art".split(),
+            qa=[("Where was {p} born?", "city"), ("What does {p} study?", "subject")], qa_form="Q: {q}\nA: {a}",
+            text=["{PER} flew from {LOC} to {LOC}.", "{ORG} sold its shares in {LOC}.", "{PER} met {PER} at {ORG}.",
+                  "A storm hit {LOC} on Sunday."], names="{t}\nthe names here: {n}", sep=", ",
+            aspect=["the movie", "the book", "the song", "the game", "the show", "the hotel"],
+            pos="fun lovely superb nice clean tasty".split(), neg="dull boring ugly dirty bland weak".split(),
+            verdict="{t}\nso it was {v}.", labels=("good", "bad")),
+    ja=dict(first="一郎 次郎 明美 和也 久美 浩 裕子 勇 千尋 茂".split(), last="森 池田 橋本 石川 前田 藤田 岡田 後藤".split(),
+            city="千葉 埼玉 岐阜 富山 福井 高知 徳島 宮崎 大分 秋田".split(),
+            org="旭日工業 銀河商会 若松物産 富士通商 千代田電気 三河製作所".split(),
+            subject="物理 歴史 音楽 法律 医学 化学 美術 数学".split(),
+            qa=[("{p}の出身地は?", "city"), ("{p}の専攻は?", "subject")], qa_form="Q: {q}\nA: {a}",
+            text=["{PER}は{LOC}から{LOC}へ行った。", "{ORG}が{LOC}の株を売った。", "{PER}は{ORG}で{PER}に会った。",
+                  "日曜に{LOC}を嵐が襲った。"], names="{t}\n名前: {n}", sep="、",
+            aspect=["映画", "本", "歌", "試合", "番組", "宿"],
+            pos="面白い 綺麗 見事 上品 爽快 新鮮".split(), neg="退屈 地味 不快 貧弱 散漫 平凡".split(),
+            verdict="{t}\nつまり{v}だった。", labels=("好評", "不評")),
+)
+
+
+# the base models pretrained on this corpus (pretrain.py remakes them and prints these lines)
+ASSETS = Path(__file__).parent / "assets"
+BASES = {
+    "teacher": (ASSETS / "base_teacher.pt", "916312c48246772e172a2e88dfb0d0f0d26e915a6d3fc23a8b8e671e26a9b4eb"),
+    "student": (ASSETS / "base_student.pt", "a132a606397a2a35994e279222701bb13b8c5ea94e2a90934cd4800a1bb43b4b"),
+}
+
+
+def base_file(preset, data):
+    """The committed base of a preset, checked as the tokenizer's ranks file is: by its sha256.
+    The bases belong to the default world and its vocabulary: other data is refused."""
+    if data.split(":")[0] != "default":
+        raise ValueError(f"the committed bases belong to the default domain and its vocabulary, not to --data {data}; "
+                         "use --init_from '' (random init), a model folder or a checkpoint of your own")
+    if preset not in BASES:
+        raise ValueError(f"no committed base for --preset {preset} (there are: {', '.join(BASES)})")
+    path, sha = BASES[preset]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+    if digest != sha:
+        raise ValueError(f"{path}: sha256 {digest[:16]} is not the committed base's ({sha[:16]}): restore the file "
+                         "(git checkout) or remake both bases (python pretrain.py) and their sha256 in domains.BASES")
+    return path
+
+
+def _fill(text, names, rng):
+    """Replace {PER}, {LOC}, {ORG} in text by random names of that kind -> (text, [(kind, name)])."""
+    used = []
+
+    def one(m):
+        used.append((m.group(1), rng.choice(names[m.group(1)])))
+        return used[-1][1]
+    return re.sub(r"\{(PER|LOC|ORG)\}", one, text), used
+
+
+def corpus(seed=0, n_docs=900, n_val=300):
+    """The pretraining corpus: {"train", "val", "test"} lists of documents, each
+    {"prompt": "", "answer": text, "subdomain": kind_lang}; an empty prompt makes every token
+    of the text a target (data.encode starts it with EOT). Per language: every fact of the
+    default world in each of 3 statements, and n_docs documents of each other kind. val and
+    test are held-out documents of the same kinds (n_val each)."""
+    rng, docs = random.Random(f"corpus-{seed}"), []
+    for lang, p, attr, a in _world(0, 60, (720, 170, 700))[1]:  # the default world's facts (its seed is 0)
+        for t in WORLD[lang]["lives" if attr == "qa_city" else "works"]:
+            docs.append((f"world_{lang}", t.format(p=p, a=a)))
+    for lang, L in LANGS.items():
+        W, O = WORLD[lang], OTHER[lang]
+        mine = dict(PER=[_person(L, f, l) for f in L["first"] for l in L["last"]], LOC=L["city"], ORG=L["org"])
+        other = dict(PER=[_person(L, f, l) for f in O["first"] for l in O["last"]], LOC=O["city"], ORG=O["org"])
+        for _ in range(n_docs):
+            kind = rng.choice(list(W["kinds"]))
+            docs.append((f"world_{lang}", W["kinds"][kind].format(n=rng.choice(mine[kind]))))
+            docs.append((f"world_{lang}", _fill(rng.choice(W["said"]), mine, rng)[0]))
+            docs.append((f"world_{lang}", _review(L, L, rng)[0]))
+            q, field = rng.choice(O["qa"])
+            who = rng.choice(other["PER"])
+            docs.append((f"shape_{lang}", O["qa_form"].format(q=q.format(p=who), a=rng.choice(O[field]))))
+            text, used = _fill(rng.choice(O["text"]), other, rng)
+            docs.append((f"shape_{lang}", O["names"].format(t=text, n=O["sep"].join(n for _, n in used) or "-")))
+            text, polarity = _review(O, L, rng)
+            docs.append((f"shape_{lang}", O["verdict"].format(t=text, v=O["labels"][0 if polarity else 1])))
+    docs = [dict(prompt="", answer=t, subdomain=k) for k, t in dict.fromkeys(docs)]  # unique, in order
+    rng.shuffle(docs)
+    return {"train": docs[2 * n_val:], "val": docs[:n_val], "test": docs[n_val:2 * n_val]}
 
 
 # -----------------------------------------------------------------------------

@@ -45,8 +45,7 @@ class GPTConfig:
 # dropout of 0.1 slows its memorising of wrong labels (README). Llama models come from folders.
 PRESETS = {
     "teacher": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.1),
-    "student": dict(n_layer=1, n_head=2, n_embd=32, block_size=128),
-    "student-2l": dict(n_layer=2, n_head=2, n_embd=64, block_size=128),  # the sparse-parity student
+    "student": dict(n_layer=2, n_head=2, n_embd=64, block_size=128),  # 1/6 of the teacher's parameters
     "wide": dict(n_layer=2, n_head=8, n_embd=256, block_size=128),  # the sparse-parity teacher: width learns parity fast
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),          # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),  # 350M

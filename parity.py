@@ -32,7 +32,7 @@ class ParityConfig:
     seeds: int = arg(3, "seeds 0 .. seeds-1 (model init and data order; the hidden support stays)")
     methods: str = arg("sft,kd,cd,scd", "students to train, comma-separated")
     teacher_preset: str = arg("wide", "teacher model preset")
-    student_preset: str = arg("student-2l", "student model preset")
+    student_preset: str = arg("student", "student model preset")
     teacher_epochs: int = arg(1, "teacher SFT epochs")
     ckpt_per_epoch: int = arg(32, "teacher checkpoints per epoch: dense, to catch the sudden rise")
     batch_size: int = arg(32, "examples per step, teacher and students")

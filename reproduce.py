@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 import distill  # noqa: E402
+import domains  # noqa: E402
 import scd  # noqa: E402
 import stats  # noqa: E402
 import train_teacher as tt  # noqa: E402
@@ -49,15 +50,26 @@ class ReproduceConfig:
     report_dir: str = arg("runs/reproduce/report", "where results.md and the plots go")
     seeds: int = arg(1, "repeat with seeds 0 .. seeds-1; the table shows mean +- std", low=1)
     grid: bool = arg(False, "also run KD+AW and CD+AW")
-    budgets: str = arg("1", "student budgets, as multiples of --student_epochs: SFT and KD at each (e.g. 1,2,4)")
+    budgets: str = arg("1", "student budgets, as multiples of the students' N x T epochs: SFT and KD at each (e.g. 1,2,4)")
     teacher: str = arg("teacher", "teacher preset", choices=tuple(PRESETS))
     student: str = arg("student", "student preset", choices=tuple(PRESETS))
+    base: str = arg("auto", "pretrained: teacher and students fine-tune the committed bases (pretrain.py); none: random "
+                    "init, trained on the domain alone; auto: pretrained for the default domain, none for other data",
+                    choices=("auto", "pretrained", "none"))
     teacher_epochs: int = arg(24, "teacher SFT epochs", low=1)
-    ckpt_per_epoch: int = arg(1, "teacher checkpoints per epoch (train_teacher.py's default is 4; 1 keeps a CPU run's disk and time down)", low=1)
-    student_epochs: int = arg(24, "SFT student epochs; each distilled student gets the same number of steps", low=1)
+    ckpt_per_epoch: float = arg(0.25, "teacher checkpoints per epoch: N = epochs x this (0.25: one every 4 epochs)", low=0.01)
+    protocol: str = arg("paper", "paper: N stages of --stage_epochs, one per teacher checkpoint, every checkpoint a candidate; "
+                        "k4: --stages stages in the same budget, candidates from the second half", choices=("paper", "k4"))
+    stage_epochs: int = arg(2, "paper protocol: epochs per stage (T); the students' budget is N x T epochs", low=1)
+    stages: int = arg(4, "k4 protocol: the number of stages", low=1)
     teacher_lr: float = arg(3e-3, "the teacher's peak learning rate", low=0)
-    student_lr: float = arg(6e-3, "every student's peak learning rate (chosen on KD's validation accuracy)", low=0)
-    stages: int = arg(4, "K, distillation stages (the student's steps are split evenly over them)", low=1)
+    student_lr: float = arg(3e-3, "every student's peak learning rate (chosen on KD's validation accuracy)", low=0)
+    converge: bool = arg(False, "also train each seed's teacher for twice its epochs: is the teacher converged?")
+    compare_to: str = arg("", "the --out_dir of a finished run with the other --base: the report compares the two")
+
+    def __post_init__(self):  # the committed bases belong to the default world: other data starts from random init
+        if self.base == "auto":
+            self.base = "pretrained" if self.data.split(":")[0] == "default" else "none"
     probe_size: int = arg(256, "probe examples for the SCD schedule", low=1)
     device: str = arg("auto", "cpu, cuda, ... (auto: cuda if available)")
     dtype: str = arg("auto", "autocast precision", choices=("auto", "float32", "bfloat16", "float16"))
@@ -69,26 +81,29 @@ def run_all(cfg):
     runs, sweeps, wall, reused = {}, {}, {}, 0
     methods = METHODS + (GRID if cfg.grid else [])
     common = dict(data=cfg.data, device=cfg.device, dtype=cfg.dtype)
-    n_train = len(data.load_domain(cfg.data)["train"])
-    steps_per_stage = cfg.student_epochs * (n_train // 16) // cfg.stages  # the SFT student's steps, in K stages
+    init = "base" if cfg.base == "pretrained" else ""
+    stages, steps_per_stage, pool_start, epochs = protocol(cfg, len(data.load_domain(cfg.data)["train"]) // 16)
     budgets = sorted({int(b) for b in cfg.budgets.split(",")} - {1})
     for seed in range(cfg.seeds):
         root = Path(cfg.out_dir) / f"seed{seed}"
         r = runs[seed] = {"teacher": root / "teacher", "SFT student": root / "student_sft"}
+        teacher = lambda folder, m=1: tt.TrainConfig(**common, seed=seed, preset=cfg.teacher, out_dir=str(folder), init_from=init,
+                                                     epochs=m * cfg.teacher_epochs, ckpt_per_epoch=cfg.ckpt_per_epoch, lr=cfg.teacher_lr)
         sft = lambda name, folder, m=1: (name, tt.train, tt.TrainConfig(
-            **common, seed=seed, preset=cfg.student, out_dir=str(folder), epochs=m * cfg.student_epochs, lr=cfg.student_lr,
+            **common, seed=seed, preset=cfg.student, out_dir=str(folder), epochs=m * epochs, lr=cfg.student_lr, init_from=init,
             ckpt_per_epoch=cfg.ckpt_per_epoch, compare_to=str(r["teacher"])))
         dist = lambda name, folder, method, aw, m=1: (name, distill.main, distill.DistillConfig(
             **common, seed=seed, preset=cfg.student, method=method, aw=aw, out_dir=str(folder), teacher_dir=str(r["teacher"]),
-            anchor_dir=str(r["SFT student"]), stages=cfg.stages, steps_per_stage=m * steps_per_stage, probe_size=cfg.probe_size,
-            lr=cfg.student_lr))
-        phases = [("teacher", tt.train, tt.TrainConfig(**common, seed=seed, preset=cfg.teacher, out_dir=str(r["teacher"]),
-                                                         epochs=cfg.teacher_epochs, ckpt_per_epoch=cfg.ckpt_per_epoch, lr=cfg.teacher_lr)),
-                  sft("SFT student", r["SFT student"])]
-        for method, aw, name in methods:
-            r[name] = root / name.lower().replace("+", "_").replace(", ", "_")
-            phases.append(dist(name, r[name], method, aw))
+            anchor_dir=str(r["SFT student"]), stages=stages, steps_per_stage=m * steps_per_stage, probe_size=cfg.probe_size,
+            lr=cfg.student_lr, init_from=init, pool_start=pool_start))
+        phases = [("teacher", tt.train, teacher(r["teacher"])), sft("SFT student", r["SFT student"])]
         sw = sweeps[seed] = {}
+        if cfg.converge:  # twice the teacher's steps: how much lower does its best validation loss go?
+            sw["teacher", 2] = root / "teacher_x2"
+            phases.append(("teacher x2", tt.train, teacher(sw["teacher", 2], 2)))
+        for method, aw, name in methods:
+            r[name] = root / (name.lower().replace("+", "_").replace(", ", "_") + ("_k4" if cfg.protocol == "k4" else ""))
+            phases.append(dist(name, r[name], method, aw))
         for m in budgets:  # the capacity question: does more training close the gap to the teacher?
             sw["SFT student", m], sw["KD", m] = root / f"student_sft_x{m}", root / f"kd_x{m}"
             phases += [sft("SFT student", sw["SFT student", m], m), dist("KD", sw["KD", m], "kd", False, m)]
@@ -103,6 +118,17 @@ def run_all(cfg):
         for (name, m), folder in sw.items():
             wall[f"{name} x{m}"] = wall.get(f"{name} x{m}", 0.0) + finished(folder, name).get("wall_s", float("nan"))
     return runs, sweeps, wall, reused
+
+
+def protocol(cfg, steps_per_epoch):
+    """-> (stages, steps per stage, the candidate pool's start, the students' epochs). The
+    paper's protocol: a stage per teacher checkpoint, T epochs each, every checkpoint a
+    candidate. k4: the same budget in --stages stages, candidates from the teacher's second half."""
+    n = max(1, round(cfg.teacher_epochs * cfg.ckpt_per_epoch))
+    epochs = n * cfg.stage_epochs
+    if cfg.protocol == "paper":
+        return n, cfg.stage_epochs * steps_per_epoch, 0.0, epochs
+    return cfg.stages, epochs * steps_per_epoch // cfg.stages, 0.5, epochs
 
 
 def finished(folder, name):
@@ -210,23 +236,29 @@ def teacher_numbers(r, name):
 
 
 def plot_schedule(r, path):
+    """Top: the path each method's student follows along the teacher's trajectory, from its start to T*.
+    Below, for each adaptive method and at most 4 of its stages: both KL terms and the score per candidate."""
     names = [n for n in r if n not in ("teacher", "SFT student", "SFT, stages")]  # the methods with a teacher
     scheds = {n: json.loads((r[n] / "schedule.json").read_text()) for n in names}
     adaptive = [n for n in names if "kl_best" in scheds[n]["stages"][0]]
     K = len(scheds[names[0]]["stages"])
-    fig = plt.figure(figsize=(3 + 2.4 * K, 3.2 * (1 + len(adaptive))))
+    shown = sorted({round(i * (K - 1) / 3) for i in range(4)}) if K > 4 else list(range(K))
+    fig = plt.figure(figsize=(3 + 2.4 * len(shown), 3.2 * (1 + len(adaptive))))
     ax = fig.add_subplot(1 + len(adaptive), 1, 1)
     for i, n in enumerate(names):
-        ax.plot(range(K), teacher_numbers(r, n)[0], "-", label=n, lw=2, alpha=0.8, marker="os^dvx"[i % 6], color=COLORS.get(n))
+        ax.plot(range(-1, K), [-1] + teacher_numbers(r, n)[0], "-", label=n, lw=2, alpha=0.8, marker="os^dvx"[i % 6],
+                color=COLORS.get(n))
     _, best, first = teacher_numbers(r, names[0])
     ax.axhline(best, color="k", ls=":", lw=1)
-    ax.set(xlabel="stage k", ylabel="chosen teacher checkpoint c_k", xticks=range(K),
-           title=f"Chosen teacher checkpoint per stage (candidates {first} to {first + len(scheds[names[0]]['pool']) - 1}; "
-                 f"T* = {best}, dotted)")
+    ax.set(xlabel="stage k (start: the student's initialisation)", ylabel="teacher checkpoint c_k (-1: start)",
+           xticks=range(-1, K), xticklabels=["start"] + [str(k) for k in range(K)],
+           title=f"The student's path along the teacher's trajectory (candidates {first} to "
+                 f"{first + len(scheds[names[0]]['pool']) - 1}; T* = {best}, dotted)")
     ax.legend(fontsize=8, ncol=len(names))
-    for j, n in enumerate(adaptive):  # the two KL terms for every candidate at every stage
-        for k, st in enumerate(scheds[n]["stages"]):
-            a = fig.add_subplot(1 + len(adaptive), K, K * (j + 1) + k + 1)
+    for j, n in enumerate(adaptive):  # the two KL terms for every candidate at the shown stages
+        for col, k in enumerate(shown):
+            st = scheds[n]["stages"][k]
+            a = fig.add_subplot(1 + len(adaptive), len(shown), len(shown) * (j + 1) + col + 1)
             score = [x + y for x, y in zip(st["kl_best"], st["kl_student"])]
             cands = range(first, first + len(score))
             a.plot(cands, st["kl_best"], label="KL(T* || c)", color="C0")
@@ -234,8 +266,8 @@ def plot_schedule(r, path):
             a.plot(cands, score, label="sum", color="k", lw=1.5)
             a.axvline(first + st["ckpt"], color="C3", ls="--", lw=1)
             a.set(title=f"{n}, stage {k}: c = {first + st['ckpt']}", xlabel="candidate checkpoint c", yscale="log",
-                  ylabel="KL on the probe (nats)" if k == 0 else None)
-            if k == 0:
+                  ylabel="KL on the probe (nats)" if col == 0 else None)
+            if col == 0:
                 a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -361,6 +393,89 @@ def criterion_table(runs):
             if total else "") + "\n".join(out)
 
 
+def preconditions(runs, decs):
+    """Markdown: what a comparison of the paper's claims needs, each met or not, with its figure."""
+    sc = {n: scores([r[n] for r in runs.values()])[0] for n in ("teacher", "SFT student", "SFT, stages", "KD")}
+    g = scores([runs[0]["teacher"]])[1]
+    diff = lambda a, b: stats.paired_interval(sc[a], sc[b], groups=g)
+    fmt = lambda r: f"{100 * r['mean']:+.1f} [{100 * r['lo']:+.1f}, {100 * r['hi']:+.1f}]"
+    rows = ["| precondition | figure | met |", "| --- | --- | --- |"]
+    x2 = {s: r["teacher"].with_name("teacher_x2") for s, r in runs.items()}  # --converge true made these
+    x2 = {s: f for s, f in x2.items() if finished(f, "teacher")}
+    if x2:
+        best = lambda f: min(c["val_loss"] for c in json.loads((f / "manifest.json").read_text())["checkpoints"])
+        gains = {s: 1 - best(f) / best(runs[s]["teacher"]) for s, f in x2.items()}
+        met = "yes" if max(gains.values()) < 0.02 and len(x2) == len(runs) else "no"
+        rows.append("| teacher converged: twice its steps lower its best validation loss by < 2%, every seed | "
+                    + ", ".join(f"seed {s} {100 * v:.1f}%" for s, v in gains.items())
+                    + ("" if len(x2) == len(runs) else f" (measured on {len(x2)} of {len(runs)} seeds)") + f" | {met} |")
+    else:
+        rows.append("| teacher converged | not measured (--converge true) | – |")
+    for a, b, need in (("teacher", "SFT student", 0.08), ("KD", "SFT student", 0.03), ("KD", "SFT, stages", 0.0)):
+        r = diff(a, b)
+        rows.append(f"| {a} − {b} ≥ {100 * need:.0f} points, interval above 0 | {fmt(r)} | "
+                    f"{'yes' if r['mean'] >= need and r['lo'] > 0 else 'no'} |")
+    sfs = {s: d["p_sfs"] for s, d in decs[next(iter(decs))].items() if s != "all"}
+    top = max(sfs, key=sfs.get)
+    rows.append(f"| an SFS share ≥ 5% on some subdomain | {100 * sfs[top]:.1f}% on {top} | {'yes' if sfs[top] >= 0.05 else 'no'} |")
+    return "\n".join(rows)
+
+
+def bases_table(cfg):
+    """Markdown: the committed bases on the domain's test split before any SFT, as the paper reports its bases."""
+    rows = ["| base | parameters | test exact match (macro) |", "| --- | --- | --- |"]
+    device = setup_device(cfg.device, cfg.dtype)[0]
+    for preset in (cfg.teacher, cfg.student):
+        model, tok = load_checkpoint(domains.base_file(preset, cfg.data), device)
+        acc = data.evaluate(model, data.load_domain(cfg.data)["test"], tok, device)[0]["acc"]
+        rows.append(f"| {preset} | {model.num_params() / 1e6:.3f}M | {acc:.3f} |")
+    return "\n".join(rows)
+
+
+def stage0_terms(runs):
+    """The student term at stage 0 (the student is its start) to the teacher's first and last checkpoint, per seed."""
+    out = []
+    for r in runs.values():
+        st = json.loads((r["SCD"] / "schedule.json").read_text())["stages"][0]
+        out.append((st["kl_student"][0], st["kl_student"][-1]))
+    return out
+
+
+def protocol_table(runs, suffix):
+    """Markdown: best validation accuracy over the stages (what picks the reported student), mean over seeds,
+    of each method under this run's protocol and the other one's folders (suffix), where those exist."""
+    rows = ["| method | this protocol | the other | difference |", "| --- | --- | --- | --- |"]
+    for n in [n for n in runs[0] if n not in ("teacher", "SFT student")]:
+        folders = [(r[n], r[n].with_name(r[n].name.removesuffix("_k4") + suffix)) for r in runs.values()]
+        if not all((f / "results.json").exists() for pair in folders for f in pair):
+            continue
+        a, b = ([max(json.loads((f / "results.json").read_text())["val_acc"]) for f in fs] for fs in zip(*folders))
+        rows.append(f"| {n} | {statistics.mean(a):.3f} | {statistics.mean(b):.3f} | "
+                    f"{100 * (statistics.mean(a) - statistics.mean(b)):+.1f} (per seed "
+                    + ", ".join(f"{100 * (x - y):+.1f}" for x, y in zip(a, b)) + ") |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
+def regime_table(runs, other):
+    """Markdown: each model's test accuracy in this run and in the run with the other --base (same seeds and test
+    examples), with the difference's 95% interval, and what the schedule's criterion saw in each."""
+    rows = ["| model | this run | the other --base | difference (points) |", "| --- | --- | --- | --- |"]
+    for n in runs[0]:
+        a, g = scores([r[n] for r in runs.values()])
+        b, _ = scores([other[s][n] for s in runs])
+        d = stats.paired_interval(a, b, groups=g)
+        rows.append(f"| {n} | {interval(accuracy([r[n] for r in runs.values()]))} | {interval(accuracy([other[s][n] for s in runs]))} "
+                    f"| {100 * d['mean']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}] |")
+    for label, rs in (("this run", runs), ("the other --base", other)):
+        ranges = [max(v) - min(v) for r in rs.values() for st in json.loads((r["SCD"] / "schedule.json").read_text())["stages"]
+                  for v in [[a + b for a, b in zip(st["kl_best"], st["kl_student"])]]]
+        terms = stage0_terms(rs)
+        rows.append(f"\nSCD's criterion, {label}: the score's range across candidates is {min(ranges):.3f} to "
+                    f"{max(ranges):.3f} nats over stages and seeds; at stage 0 the student term to the first / last "
+                    "checkpoint is " + ", ".join(f"{x:.2f} / {y:.2f}" for x, y in terms) + " (per seed).")
+    return "\n".join(rows)
+
+
 def claims_table(rows):
     out = ["| claim | paper | mean difference | 95% interval | from seeds / examples (se) | verdict | per seed |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -422,23 +537,30 @@ def report(cfg, runs, sweeps, wall, command):
     decs = decompositions(runs)
     plot_decomposition(decs, rep / "decomposition.png")
     plot_subdomains(runs, rep / "subdomains.png")
-    budgets = [1] + sorted({m for sw in sweeps.values() for _, m in sw})
+    budgets = [1] + sorted({m for sw in sweeps.values() for n, m in sw if n == "KD"})
     if len(budgets) > 1:
         plot_budget(runs, sweeps, budgets, rep / "budget.png")
         plots.append("budget")
 
     names = [n for n in r0 if n not in ("teacher", "SFT student")]
     rows = claim_rows(runs)
+    stages, steps, pool, _ = protocol(cfg, len(data.load_domain(cfg.data)["train"]) // 16)
     sched = {n: [" -> ".join(str("-" if c is None else c) for c in teacher_numbers(r, n)[0]) for r in runs.values()] for n in names}
     lines = [f"# Results: `{command}`", "",
              f"Seeds: {cfg.seeds}; every figure is the mean over seeds ± the half-width of its 95% interval over seeds "
-             "and test examples (stats.py says how). One teacher per seed; seeds vary the models' initialisation, the "
-             f"data order, dropout and the probe. Data: {cfg.data}. "
+             "and test examples (stats.py says how). One teacher per seed; seeds vary "
+             + ("the data order, dropout and the probe, never the bases" if cfg.base == "pretrained" else
+                "the models' initialisation, the data order, dropout and the probe") + f". Data: {cfg.data}. "
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {setup_device(cfg.device, cfg.dtype)[0]}. "
              f"Wall time of the phases, as each run recorded it: {sum(wall.values()) / 60:.1f} min. "
              "Every choice was made on validation; this report is the test split.", "",
-             "## Test exact match, best-on-validation students", "", accuracy_table(runs, "best"), "",
+             f"Regime: {'the committed pretrained bases, fine-tuned (one pair of bases serves every seed)' if cfg.base == 'pretrained' else 'random init (--base none)'}; "
+             f"protocol {cfg.protocol}: {stages} stages of {steps} steps, candidates from {pool:.0%} of the teacher's run.", ""]
+    if cfg.base == "pretrained":
+        lines += ["## The bases before SFT", "", bases_table(cfg), ""]
+    lines += ["## Test exact match, best-on-validation students", "", accuracy_table(runs, "best"), "",
              "## Test exact match, final students", "", accuracy_table(runs, "final"), "",
+             "## Preconditions of the comparison", "", preconditions(runs, decs), "",
              "## The paper's claims, test", "", "Each row: the paired difference in macro-average exact match (points), "
              "on the same test examples for every seed; holds = its 95% interval lies above 0.", "", claims_table(rows), "",
              "## What this comparison can resolve", "", resolution(rows, len(records(r0["teacher"]))), "",
@@ -464,7 +586,17 @@ def report(cfg, runs, sweeps, wall, command):
             cells = [interval(budget_accuracy(runs, sweeps, name, m)) for m in budgets]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## What the adaptive schedule saw (nats on the probe, per stage)", "", criterion_table(runs), ""]
+    lines += ["## What the adaptive schedule saw (nats on the probe, per stage)", "",
+              "At stage 0 the student is its start" + (" (the student base)" if cfg.base == "pretrained" else " (a random init)")
+              + "; its term to the teacher's first / last candidate: " + ", ".join(f"{x:.2f} / {y:.2f}" for x, y in stage0_terms(runs))
+              + " nats (per seed).", "", criterion_table(runs), ""]
+    other_suffix = "_k4" if cfg.protocol == "paper" else ""
+    if table := protocol_table(runs, other_suffix):
+        lines += [f"## The two stage protocols, validation (this run: {cfg.protocol}; the other: "
+                  f"{'k4' if cfg.protocol == 'paper' else 'paper'})", "", table, ""]
+    if cfg.compare_to:
+        other = {s: {n: Path(cfg.compare_to) / f"seed{s}" / p.name for n, p in r.items()} for s, r in runs.items()}
+        lines += ["## What pretraining changes (this run vs --compare_to " + cfg.compare_to + ")", "", regime_table(runs, other), ""]
     lines += ["## Schedules (the teacher's checkpoint chosen per stage, per seed; T* = "
               + ", ".join(str(teacher_numbers(r, "KD")[1]) for r in runs.values()) + ")", ""]
     lines += [f"- {n}: " + "; ".join(sched[n]) for n in names]

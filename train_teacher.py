@@ -34,7 +34,7 @@ from model import PRESETS
 class TrainConfig:
     data: str = arg("default", "'default' (the embedded domain), 'default:NOISE', 'parity:N:K' or a folder with train/val/test.jsonl")
     preset: str = arg("teacher", "model preset", choices=tuple(PRESETS))
-    init_from: str = arg("", "'' (random init of --preset), a GPT-2 name (gpt2, gpt2-medium, ...) or a Hugging Face model folder")
+    init_from: str = arg("", "'' (random init of --preset), base (its committed base), a .pt checkpoint, a GPT-2 name or a model folder")
     out_dir: str = arg("runs/teacher", "output folder; rerunning the same command resumes it")
     epochs: int = arg(24, "passes over the training set", low=1)
     batch_size: int = arg(16, "examples per step", low=1)
@@ -42,7 +42,7 @@ class TrainConfig:
     weight_decay: float = arg(0.1, "AdamW weight decay on matrices", low=0)
     warmup_frac: float = arg(0.1, "share of steps with linear LR warm-up, then cosine decay to 0", low=0)
     grad_clip: float = arg(1.0, "clip the gradient norm to this (0: off)", low=0)
-    ckpt_per_epoch: int = arg(4, "dense checkpoints per epoch, evenly spaced", low=1)
+    ckpt_per_epoch: float = arg(4.0, "dense checkpoints per epoch, evenly spaced (0.5: one every 2 epochs)", low=0.01)
     probe_size: int = arg(256, "examples of the schedule's probe (a seeded subset of train) scored at every checkpoint", low=1)
     probe_topk: int = arg(64, "log-probs kept per probe token: the largest k, the rest as one tail mass", low=1)
     seed: int = arg(0, "seed of the model init, the data order and the probe")
@@ -68,7 +68,7 @@ def train(cfg):
     lengths = [len(p) + len(a) for p, a in train_enc]
     steps_per_epoch = len(train_enc) // cfg.batch_size
     total = cfg.epochs * steps_per_epoch
-    n_ckpt = cfg.epochs * cfg.ckpt_per_epoch
+    n_ckpt = max(1, round(cfg.epochs * cfg.ckpt_per_epoch))
     ckpt_steps = sorted({round(total * j / n_ckpt) for j in range(1, n_ckpt + 1)})
     model.grad_checkpointing = cfg.grad_ckpt
     memory_plan(model, None, cfg.batch_size // world, max(lengths), max(len(a) for _, a in train_enc) + 1, dtype,

@@ -54,6 +54,14 @@ MUTANTS = {
                              "pool = list(ckpts)", "test_plumbing.py"),
     "distillation KL direction flag dropped": ("distill.py", "cfg.kl_direction, cfg.temperature)", '"forward", cfg.temperature)',
                                                "test_plumbing.py"),
+    "base loaded without its sha check": ("domains.py", "    if digest != sha:", "    if False:", "test_bases.py"),
+    "bases paired with any data": ("domains.py", 'if data.split(":")[0] != "default":', "if False:", "test_bases.py"),
+    "an empty prompt's first token not a target": ("data.py", 'tok.encode(ex["prompt"]) or [tok.eot]', 'tok.encode(ex["prompt"])',
+                                                   "test_bases.py"),
+    "paper protocol: candidates from the second half": ("reproduce.py", "return n, cfg.stage_epochs * steps_per_epoch, 0.0, epochs",
+                                                        "return n, cfg.stage_epochs * steps_per_epoch, 0.5, epochs", "test_bases.py"),
+    "distilled students start from random init": ("reproduce.py", "lr=cfg.student_lr, init_from=init, pool_start=pool_start))",
+                                                  "lr=cfg.student_lr, init_from=\"\", pool_start=pool_start))", "test_bases.py"),
 }
 
 

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_one_command_writes_the_report_and_reuses_finished_phases(tiny_domain, tmp_path, capsys):
     cfg = reproduce.ReproduceConfig(data=str(tiny_domain), out_dir=str(tmp_path / "runs"), report_dir=str(tmp_path / "rep"),
-                                    seeds=2, teacher_epochs=2, student_epochs=2, stages=2, probe_size=16, budgets="1,2")
+                                    seeds=2, teacher_epochs=2, ckpt_per_epoch=1, stage_epochs=1, probe_size=16, budgets="1,2", base="none")
     path = reproduce.main(cfg)
     text = path.read_text()
     for row in ("teacher", "SFT student", "SFT, stages", "KD", "CD", "SCD", "SCD+AW"):
@@ -35,10 +35,11 @@ def test_one_command_writes_the_report_and_reuses_finished_phases(tiny_domain, t
         assert claim[5] == ("holds" if lo > 0 else "does not hold")
     else:
         assert float(claim[5].split("± ")[1].split()[0]) == pytest.approx((hi - lo) / 2, abs=0.11)
-    # each distilled student got the SFT student's steps: 2 epochs of 96 // 16 = 6 steps, in 2 stages, and each phase
+    # each distilled student got the SFT student's steps: one stage of 1 epoch (96 // 16 = 6 steps) per teacher
+    # checkpoint (2), every checkpoint a candidate, and each phase
     # its own seed's teacher and anchor, the students' LR, and the method its row names
     conf = lambda s, d: json.loads((tmp_path / "runs" / f"seed{s}" / d / "config.json").read_text())
-    assert conf(0, "kd")["steps_per_stage"] == 6
+    assert (conf(0, "kd")["steps_per_stage"], conf(0, "kd")["stages"], conf(0, "scd")["pool_start"]) == (6, 2, 0.0)
     for s in (0, 1):
         assert conf(s, "teacher")["lr"] == cfg.teacher_lr and conf(s, "teacher")["seed"] == s
         assert conf(s, "student_sft")["lr"] == cfg.student_lr and conf(s, "student_sft")["preset"] == cfg.student
@@ -52,6 +53,13 @@ def test_one_command_writes_the_report_and_reuses_finished_phases(tiny_domain, t
     out = capsys.readouterr().out
     assert out.count("finished: nothing to do") == 2 * 9 and "(18 finished phases reused)" in out
     assert path.read_text() == text  # the same report, wall times included (each run keeps its own)
+    assert "| teacher converged | not measured (--converge true) | – |" in text and "| KD − SFT student ≥ 3 points" in text
+    # the regime comparison, on a run compared with itself: every difference exactly 0, every criterion line twice
+    cfg.compare_to = cfg.out_dir
+    same = reproduce.main(cfg).read_text().split("## What pretraining changes")[1]
+    assert same.count("| +0.0 [+0.0, +0.0] |") == 7  # every model of the accuracy table
+    lines = [line.split(": ", 1)[1] for line in same.splitlines() if line.startswith("SCD's criterion")]
+    assert len(lines) == 2 and lines[0] == lines[1]
 
 
 def test_gpu_check_runs_on_cpu_at_small_shapes(tiny_domain, tmp_path):
