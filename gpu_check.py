@@ -81,11 +81,11 @@ def main(cfg):
         print(json.dumps(r), flush=True)
     t = time.time()
     e2e = out / "e2e"
-    budget = dict(teacher_epochs=1, student_epochs=1, stages=2, probe_size=16) if cfg.small else \
-        dict(teacher_epochs=4, student_epochs=4, stages=2, probe_size=64)
+    budget = dict(teacher_epochs=1, ckpt_per_epoch=1, stage_epochs=1, stages=2, probe_size=16) if cfg.small else \
+        dict(teacher_epochs=4, ckpt_per_epoch=1, stage_epochs=1, stages=2, probe_size=64)
     reproduce.main(reproduce.ReproduceConfig(data=cfg.data, out_dir=str(e2e), report_dir=str(e2e / "report"),
                                              device=dev, dtype="bfloat16", **budget), "gpu_check.py end to end")
-    results = json.loads((e2e / "seed0" / "scd_aw" / "results.json").read_text())
+    results = json.loads(next((e2e / "seed0").glob("scd_aw*/results.json")).read_text())  # scd_aw_k4 by default
     summary = dict(device=rows[0]["device"], steps=rows, e2e=dict(wall_s=round(time.time() - t, 1), scd_aw_test_acc=results["best"]["acc"],
                                                                    report=str(e2e / "report" / "results.md")))
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=1))

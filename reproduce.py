@@ -58,8 +58,9 @@ class ReproduceConfig:
                     choices=("auto", "pretrained", "none"))
     teacher_epochs: int = arg(24, "teacher SFT epochs", low=1)
     ckpt_per_epoch: float = arg(0.25, "teacher checkpoints per epoch: N = epochs x this (0.25: one every 4 epochs)", low=0.01)
-    protocol: str = arg("paper", "paper: N stages of --stage_epochs, one per teacher checkpoint, every checkpoint a candidate; "
-                        "k4: --stages stages in the same budget, candidates from the second half", choices=("paper", "k4"))
+    protocol: str = arg("k4", "k4: --stages stages in the N x T epochs, candidates from the second half (chosen on validation); "
+                        "paper: N stages of --stage_epochs (T), one per teacher checkpoint, every checkpoint a candidate",
+                        choices=("k4", "paper"))
     stage_epochs: int = arg(2, "paper protocol: epochs per stage (T); the students' budget is N x T epochs", low=1)
     stages: int = arg(4, "k4 protocol: the number of stages", low=1)
     teacher_lr: float = arg(3e-3, "the teacher's peak learning rate", low=0)
@@ -423,12 +424,12 @@ def preconditions(runs, decs):
 
 def bases_table(cfg):
     """Markdown: the committed bases on the domain's test split before any SFT, as the paper reports its bases."""
-    rows = ["| base | parameters | test exact match (macro) |", "| --- | --- | --- |"]
+    rows = ["| base | parameters | test exact match (macro) | test loss (answer tokens) |", "| --- | --- | --- | --- |"]
     device = setup_device(cfg.device, cfg.dtype)[0]
     for preset in (cfg.teacher, cfg.student):
         model, tok = load_checkpoint(domains.base_file(preset, cfg.data), device)
-        acc = data.evaluate(model, data.load_domain(cfg.data)["test"], tok, device)[0]["acc"]
-        rows.append(f"| {preset} | {model.num_params() / 1e6:.3f}M | {acc:.3f} |")
+        summary = data.evaluate(model, data.load_domain(cfg.data)["test"], tok, device)[0]
+        rows.append(f"| {preset} | {model.num_params() / 1e6:.3f}M | {summary['acc']:.3f} | {summary['loss']:.3f} |")
     return "\n".join(rows)
 
 
@@ -459,8 +460,11 @@ def protocol_table(runs, suffix):
 def regime_table(runs, other):
     """Markdown: each model's test accuracy in this run and in the run with the other --base (same seeds and test
     examples), with the difference's 95% interval, and what the schedule's criterion saw in each."""
-    rows = ["| model | this run | the other --base | difference (points) |", "| --- | --- | --- | --- |"]
-    for n in runs[0]:
+    seeds = [s for s in runs if all(finished(f, n) for n, f in other[s].items())]  # the seeds both runs have
+    runs, other = {s: runs[s] for s in seeds}, {s: other[s] for s in seeds}
+    rows = [f"Seeds {', '.join(map(str, seeds))} of both runs, paired by seed.", "",
+            "| model | this run | the other --base | difference (points) |", "| --- | --- | --- | --- |"]
+    for n in runs[seeds[0]]:
         a, g = scores([r[n] for r in runs.values()])
         b, _ = scores([other[s][n] for s in runs])
         d = stats.paired_interval(a, b, groups=g)

@@ -116,7 +116,8 @@ def test_each_phase_gets_its_base_protocol_and_budget(monkeypatch, tmp_path):
     monkeypatch.setattr(tt, "train", lambda c: seen.append(c))
     monkeypatch.setattr(distill, "main", lambda c: seen.append(c))
     monkeypatch.setattr(reproduce, "finished", lambda folder, name: {})
-    cfg = reproduce.ReproduceConfig(out_dir=str(tmp_path), teacher_epochs=3, ckpt_per_epoch=2, converge=True, seeds=2)
+    cfg = reproduce.ReproduceConfig(out_dir=str(tmp_path), teacher_epochs=3, ckpt_per_epoch=2, converge=True, seeds=2,
+                                    protocol="paper")
     reproduce.run_all(cfg)
     spe = 3840 // 16
     for s in (0, 1):

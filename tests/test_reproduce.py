@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_one_command_writes_the_report_and_reuses_finished_phases(tiny_domain, tmp_path, capsys):
     cfg = reproduce.ReproduceConfig(data=str(tiny_domain), out_dir=str(tmp_path / "runs"), report_dir=str(tmp_path / "rep"),
-                                    seeds=2, teacher_epochs=2, ckpt_per_epoch=1, stage_epochs=1, probe_size=16, budgets="1,2", base="none")
+                                    seeds=2, teacher_epochs=2, ckpt_per_epoch=1, stage_epochs=1, protocol="paper", probe_size=16, budgets="1,2", base="none")
     path = reproduce.main(cfg)
     text = path.read_text()
     for row in ("teacher", "SFT student", "SFT, stages", "KD", "CD", "SCD", "SCD+AW"):
