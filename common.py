@@ -129,6 +129,7 @@ def prepare(cfg_data, preset, seed, init_from=""):
     base model, a .pt file any checkpoint of ours (weights and vocabulary); a GPT-2 name loads
     those weights and GPT-2's vocabulary; a folder a Hugging Face model and its tokenizer.json."""
     splits = data.load_domain(cfg_data)
+    torch.manual_seed(seed)  # the init, and every random draw after it (dropout): torch seeds itself at random
     if init_from in GPT2_NAMES:
         tok, model = data.Tokenizer(None), GPT.from_pretrained(init_from)
     elif init_from == "base" or init_from.endswith(".pt"):  # a committed base (pretrain.py) or a checkpoint of ours
@@ -144,7 +145,6 @@ def prepare(cfg_data, preset, seed, init_from=""):
         tok, model = hf.FolderTokenizer(init_from), hf.load_folder(init_from)
     else:
         tok = data.Tokenizer.compact([ex["prompt"] + ex["answer"] for ex in splits["train"]])
-        torch.manual_seed(seed)
         model = GPT(GPTConfig(**{**PRESETS[preset], "vocab_size": tok.vocab_size}))
     enc = {s: data.encode(v, tok, model.config.block_size) for s, v in splits.items()}
     return splits, tok, model, enc

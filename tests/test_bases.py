@@ -146,3 +146,13 @@ def test_reproduce_pairs_the_bases_with_the_default_world_only(tiny_domain):
     assert reproduce.ReproduceConfig().base == "pretrained" and reproduce.ReproduceConfig(data="default:0").base == "pretrained"
     assert reproduce.ReproduceConfig(data=str(tiny_domain)).base == "none"  # a user's folder: today's random init
     assert reproduce.ReproduceConfig(data="default", base="none").base == "none"
+
+
+def test_a_run_from_a_base_draws_the_same_dropout_for_the_same_seed():
+    """torch seeds itself at random in each process: loading weights must not leave dropout unseeded."""
+    draws = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(12345 + len(draws))  # whatever came before
+        prepare("default", "teacher", seed, "base")
+        draws.append(torch.rand(3))
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
