@@ -8,7 +8,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's top-level modules
 torch.set_num_threads(int(os.environ.get("SCD_TEST_THREADS", 2)))  # the mutation check runs two suites at once
 
-import domains  # noqa: E402
 import data  # noqa: E402
 
 
@@ -16,7 +15,7 @@ import data  # noqa: E402
 def tiny_domain(tmp_path_factory):
     """A folder of JSONL cut from the default domain: small enough for seconds of training."""
     folder = tmp_path_factory.mktemp("domain")
-    d = domains.default_domain(0)
+    d = data.load_domain("default")
     for split, n in (("train", 96), ("val", 24), ("test", 24)):
         data.write_jsonl(d[split][::len(d[split]) // n][:n], folder / f"{split}.jsonl")
     return folder

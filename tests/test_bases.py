@@ -7,10 +7,11 @@ import torch
 
 import data
 import distill
-import domains
-import reproduce
+from lab import domains
+from lab import reproduce
 import train_teacher as tt
-from common import RunError, prepare
+import plumbing
+from plumbing import RunError, prepare
 
 
 @pytest.fixture(scope="module")
@@ -60,18 +61,18 @@ def test_corpus_verdicts_follow_the_sentiment_grammar(corpus):
 
 
 def test_committed_bases_load_checked_and_match_the_corpus():
-    teacher = torch.load(domains.BASES["teacher"][0], weights_only=True)
+    teacher = torch.load(plumbing.BASES["teacher"][0], weights_only=True)
     splits, tok, model, _ = prepare("default", "teacher", 0, "base")
     assert all(torch.equal(v, teacher["model"][k]) for k, v in model.state_dict().items())
     texts = [ex["prompt"] + ex["answer"] for ex in domains.corpus()["train"] + splits["train"]]
     assert tok.ids == data.Tokenizer.compact(texts).ids  # remade corpus or domain -> remake the bases (pretrain.py)
-    _, s_tok, student, _ = prepare("default:0", "student", 3, "base")  # the clean control has the same vocabulary
+    _, s_tok, student, _ = prepare("default:0", "student", 3, "base", domains.load("default:0"))  # the clean control has the same vocabulary
     assert s_tok.identity == tok.identity
     assert 3 <= model.num_params() / student.num_params() <= 10  # the paper's teacher:student is 8B:3B
 
 
 def test_a_changed_base_file_is_refused_with_its_sha(tmp_path, monkeypatch):
-    path, sha = domains.BASES["student"]
+    path, sha = plumbing.BASES["student"]
     bad = tmp_path / "base_student.pt"
     shutil.copyfile(path, bad)
     with open(bad, "r+b") as f:  # one byte changed
@@ -79,10 +80,10 @@ def test_a_changed_base_file_is_refused_with_its_sha(tmp_path, monkeypatch):
         b = f.read(1)
         f.seek(1000)
         f.write(bytes([b[0] ^ 1]))
-    monkeypatch.setitem(domains.BASES, "student", (bad, sha))
+    monkeypatch.setitem(plumbing.BASES, "student", (bad, sha))
     with pytest.raises(RunError, match=f"{re.escape(str(bad))}: sha256 [0-9a-f]{{16}} is not the committed base's \\({sha[:16]}\\)"):
         prepare("default", "student", 0, "base")
-    monkeypatch.setitem(domains.BASES, "student", (tmp_path / "gone.pt", sha))
+    monkeypatch.setitem(plumbing.BASES, "student", (tmp_path / "gone.pt", sha))
     with pytest.raises(RunError, match="sha256 missing"):
         prepare("default", "student", 0, "base")
 
@@ -113,8 +114,8 @@ def test_stage_protocols(name, expect):
 def test_each_phase_gets_its_base_protocol_and_budget(monkeypatch, tmp_path):
     """Plumbing: which init, how many stages of how many steps, which pool, which teacher for convergence."""
     seen = []
-    monkeypatch.setattr(tt, "train", lambda c: seen.append(c))
-    monkeypatch.setattr(distill, "main", lambda c: seen.append(c))
+    monkeypatch.setattr(tt, "train", lambda c, splits=None: seen.append(c))
+    monkeypatch.setattr(distill, "main", lambda c, splits=None: seen.append(c))
     monkeypatch.setattr(reproduce, "finished", lambda folder, name: {})
     cfg = reproduce.ReproduceConfig(out_dir=str(tmp_path), teacher_epochs=3, ckpt_per_epoch=2, converge=True, seeds=2,
                                     protocol="paper")
@@ -135,10 +136,10 @@ def test_each_phase_gets_its_base_protocol_and_budget(monkeypatch, tmp_path):
 
 
 def test_the_bases_vocabulary_covers_every_split_and_the_clean_control():
-    tok = torch.load(domains.BASES["student"][0], weights_only=True)["vocab"]
+    tok = torch.load(plumbing.BASES["student"][0], weights_only=True)["vocab"]
     tok = data.Tokenizer(tok)
     for spec in ("default", "default:0"):
-        for split, exs in data.load_domain(spec).items():
+        for split, exs in domains.load(spec).items():
             assert all(1 not in tok.encode(ex["prompt"] + ex["answer"]) for ex in exs), (spec, split)  # no UNK anywhere
 
 

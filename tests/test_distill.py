@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-import common
+import plumbing
 import data
 import distill
 import train_teacher as tt
@@ -47,12 +47,12 @@ def test_scd_schedule_terms_match_an_independent_computation(tiny_domain, runs):
     student's seeded initialisation, without the probe cache or scd.scd_checkpoint."""
     distill.main(dcfg(tiny_domain, runs, "scd_exact", method="scd", stages=1, probe_topk=10_000))
     st = json.loads((runs / "scd_exact" / "schedule.json").read_text())["stages"][0]
-    splits, tok, student, enc = common.prepare(str(tiny_domain), "student", seed=0)
+    splits, tok, student, enc = plumbing.prepare(str(tiny_domain), "student", seed=0)
     _, probe, _ = data.probe_examples(enc["train"], 16, seed=0)
     x, y, mask = data.make_batch(probe, range(len(probe)), tok.eot)
     lp = lambda m: torch.log_softmax(m.eval()(x, positions=mask), -1).detach()
     m = json.loads((runs / "teacher" / "manifest.json").read_text())
-    cands = [lp(common.load_checkpoint(runs / "teacher" / c["file"])[0]) for c in m["checkpoints"]]
+    cands = [lp(plumbing.load_checkpoint(runs / "teacher" / c["file"])[0]) for c in m["checkpoints"]]
     best, s_lp = cands[m["best"]], lp(student)
     kl = lambda p, q: (p.exp() * (p - q)).sum(-1).mean().item()
     assert st["kl_best"] == pytest.approx([kl(best, c) for c in cands], rel=1e-4, abs=1e-6)
@@ -73,7 +73,7 @@ def test_aw_reads_each_examples_own_anchor_loss(tiny_domain, runs, tmp_path):
     distill.main(dcfg(tiny_domain, runs, "aw_lookup", method="kd", aw=True, stages=1, steps_per_stage=6, log_every=1,
                       anchor_dir=str(anchor)))
     logged = [float(re.search(r"\| w (\S+) \|", line).group(1)) for line in (runs / "aw_lookup" / "log.txt").read_text().splitlines()]
-    _, _, _, enc = common.prepare(str(tiny_domain), "student", seed=0)
+    _, _, _, enc = plumbing.prepare(str(tiny_domain), "student", seed=0)
     lengths = [len(p) + len(a) for p, a in enc["train"]]
     want = [sum(i % 2 == 0 for i in data.batch_indices(lengths, 16, 0, step)) / 16 for step in range(6)]
     assert len(set(want)) > 1, "the check needs batches with different shares"
@@ -89,24 +89,24 @@ def test_zero_anchor_losses_train_and_a_nan_stops_the_run_loudly(tiny_domain, ru
     res = distill.main(dcfg(tiny_domain, runs, "zeros", method="scd", aw=True, anchor_dir=str(anchor)))
     assert math.isfinite(res["final"]["loss"])
     (anchor / "train_losses.json").write_text(json.dumps(dict(fingerprint=fp, loss=[0.0, float("nan")] * 48)))
-    with pytest.raises(common.RunError, match=r"non-finite w, loss at step \d+ \(stage 0\)"):
+    with pytest.raises(plumbing.RunError, match=r"non-finite w, loss at step \d+ \(stage 0\)"):
         distill.main(dcfg(tiny_domain, runs, "nan", method="scd", aw=True, anchor_dir=str(anchor)))
     assert not (runs / "nan" / "state.pt").exists()  # nothing saved after a bad step
 
 
 def test_start_init_must_match_the_sft_students_init(tiny_domain, runs):
-    with pytest.raises(common.RunError, match=r"--seed 1 differs from the SFT student's \(0"):
+    with pytest.raises(plumbing.RunError, match=r"--seed 1 differs from the SFT student's \(0"):
         distill.main(dcfg(tiny_domain, runs, "seed1", method="kd", seed=1))
 
 
 def test_clear_errors_for_missing_teacher_and_anchor(tiny_domain, runs, tmp_path):
-    with pytest.raises(common.RunError, match="no manifest.json"):
+    with pytest.raises(plumbing.RunError, match="no manifest.json"):
         distill.main(dcfg(tiny_domain, runs, "x", teacher_dir=str(tmp_path)))
-    with pytest.raises(common.RunError, match="train_losses.json: missing"):
+    with pytest.raises(plumbing.RunError, match="train_losses.json: missing"):
         distill.main(dcfg(tiny_domain, runs, "y", aw=True, anchor_dir=str(tmp_path)))
     bad = tmp_path / "train_losses.json"
     bad.write_text(json.dumps(dict(fingerprint="0" * 16, loss=[1.0] * 96)))
-    with pytest.raises(common.RunError, match="made for other training data"):
+    with pytest.raises(plumbing.RunError, match="made for other training data"):
         distill.main(dcfg(tiny_domain, runs, "z", aw=True, anchor_dir=str(tmp_path)))
 
 
@@ -121,7 +121,7 @@ def test_interrupted_run_resumes_to_the_same_students(tiny_domain, runs):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert (json.loads((runs / "whole" / "schedule.json").read_text())
             == json.loads((runs / "cut" / "schedule.json").read_text()))
-    with pytest.raises(common.RunError, match="another config"):  # a changed command is refused, not mixed in
+    with pytest.raises(plumbing.RunError, match="another config"):  # a changed command is refused, not mixed in
         distill.main(dcfg(tiny_domain, runs, "cut", **{**kw, "lr": 1e-3}))
 
 
@@ -133,13 +133,13 @@ def test_clear_errors_for_bad_teacher_folders(tiny_domain, runs, tmp_path):
 
     d, m = teacher_copy("empty")
     (d / "manifest.json").write_text(json.dumps({**m, "checkpoints": []}))
-    with pytest.raises(common.RunError, match="lists no checkpoints"):
+    with pytest.raises(plumbing.RunError, match="lists no checkpoints"):
         distill.main(dcfg(tiny_domain, runs, "e", teacher_dir=str(d)))
 
     d, m = teacher_copy("corrupt")  # a truncated checkpoint file is named in the error
     bad = d / m["checkpoints"][0]["file"]
     bad.write_bytes(bad.read_bytes()[:1000])
-    with pytest.raises(common.RunError, match=f"{bad.name}: not a readable checkpoint"):
+    with pytest.raises(plumbing.RunError, match=f"{bad.name}: not a readable checkpoint"):
         distill.main(dcfg(tiny_domain, runs, "c", teacher_dir=str(d)))
 
     for field, change, msg in (("vocab", lambda ck: ck["vocab"][:-1] + [99999], "another tokenizer than the student"),
@@ -152,7 +152,7 @@ def test_clear_errors_for_bad_teacher_folders(tiny_domain, runs, tmp_path):
         if field == "model_config":  # a shorter context has a shorter position table
             ck["model"]["transformer.wpe.weight"] = ck["model"]["transformer.wpe.weight"][:64]
         torch.save(ck, path)
-        with pytest.raises(common.RunError, match=msg):
+        with pytest.raises(plumbing.RunError, match=msg):
             distill.main(dcfg(tiny_domain, runs, "v", teacher_dir=str(d)))
         assert not (runs / "v").exists()  # refused before anything is written
 
@@ -160,9 +160,9 @@ def test_clear_errors_for_bad_teacher_folders(tiny_domain, runs, tmp_path):
 def test_cached_teacher_logits_equal_the_teacher_in_the_loop(tiny_domain, runs):
     """The stage's cache holds, per example, the logits the teacher gives that example in any
     batch (padding does not leak into answer positions); too small a memory cap switches it off."""
-    _, tok, _, enc = common.prepare(str(tiny_domain), "teacher", seed=0)
+    _, tok, _, enc = plumbing.prepare(str(tiny_domain), "teacher", seed=0)
     m = json.loads((runs / "teacher" / "manifest.json").read_text())
-    teacher, _ = common.load_checkpoint(runs / "teacher" / m["checkpoints"][m["best"]]["file"])
+    teacher, _ = plumbing.load_checkpoint(runs / "teacher" / m["checkpoints"][m["best"]]["file"])
     rows = distill.teacher_logits(teacher, enc["train"], tok.eot, "cpu", torch.no_grad(), max_gib=1.0, chunk=7)
     idx = [5, 0, 17, 3, 40, 41, 90, 2]
     x, _, mask = data.make_batch(enc["train"], idx, tok.eot)

@@ -5,7 +5,7 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import exercise
+from lab import exercise
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,6 +30,20 @@ def test_assignment_fails_with_not_implemented_exactly_where_work_is_left(tmp_pa
     assert passed == {"test_best_teacher_is_the_lowest_validation_loss_earliest_on_ties"}  # uses no exercise function
     assert all("NotImplementedError" in msg for msg in result.values() if msg), result
     assert not (tmp_path / "a" / "tests" / "test_mutants.py").exists()
+    assert not (tmp_path / "a" / "lab").exists() and not (tmp_path / "a" / "reproduce.py").exists()  # no lab file
+    tests = {p.name for p in (tmp_path / "a" / "tests").iterdir()}
+    assert "test_scd.py" in tests and not tests & {"test_reproduce.py", "test_stats.py", "test_exercise.py", "test_domains.py"}
+
+
+def test_sft_and_evaluation_run_before_any_part_is_written(tmp_path, tiny_domain):
+    """The copy's blanked scd.py must not stop what does not depend on it: the teacher's SFT,
+    its checkpoints and probe, the anchor file and evaluation run in the untouched copy."""
+    exercise.main(tmp_path / "c")
+    r = subprocess.run([sys.executable, "train_teacher.py", f"--data={tiny_domain}", "--preset=student", "--epochs=1",
+                        "--ckpt_per_epoch=1", "--probe_size=8", f"--out_dir={tmp_path / 'run'}"],
+                       cwd=tmp_path / "c", capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "run" / "train_losses.json").exists() and "best checkpoint" in r.stdout
 
 
 def test_a_plausible_wrong_answer_gets_expected_and_got(tmp_path):

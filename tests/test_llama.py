@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-import common
+import plumbing
 import data
 import distill
 import hf
@@ -93,10 +93,10 @@ def test_the_folders_tokenizer_is_the_tokenizers_library(tmp_path):
     for t in texts + ["Review: The room was not wonderful.\nSentiment: negative"]:
         assert tok.encode(t) == ref.encode(t, add_special_tokens=False).ids and tok.decode(tok.encode(t)) == t
     assert tok.eot == 0 and tok.vocab_size == 400 and len(tok.ids["sha"]) == 16
-    assert common.tokenizer(tok.ids).identity == tok.identity  # what a checkpoint stores brings the same tokenizer back
+    assert plumbing.tokenizer(tok.ids).identity == tok.identity  # what a checkpoint stores brings the same tokenizer back
     (tmp_path / "tokenizer.json").write_text((tmp_path / "tokenizer.json").read_text().replace('"<eos>"', '"<end>"'))
     with pytest.raises(hf.UnsupportedModel, match="tokenizer.json has changed since the run was made"):
-        common.tokenizer(tok.ids)
+        plumbing.tokenizer(tok.ids)
 
 
 @pytest.fixture(scope="module")
@@ -126,16 +126,16 @@ def test_a_tiny_llama_pipeline_runs_end_to_end(tiny_domain, llama_folders, tmp_p
     sched = json.loads((tmp_path / "scd_aw" / "schedule.json").read_text())
     assert len(sched["stages"]) == 2 and all(len(s["kl_best"]) == 4 for s in sched["stages"])
     assert 0 <= res["best"]["acc"] <= 1
-    model, tok = common.load_checkpoint(tmp_path / "scd_aw" / "best.pt")
+    model, tok = plumbing.load_checkpoint(tmp_path / "scd_aw" / "best.pt")
     assert model.config.arch == "llama" and tok.identity == hf.FolderTokenizer(llama_folders / "student").identity
     # a student folder with another tokenizer.json is refused in one line, before anything is written
-    with pytest.raises(common.RunError, match=r"another tokenizer than the student \(vocabulary 400 vs 400, tokenizer.json sha"):
+    with pytest.raises(plumbing.RunError, match=r"another tokenizer than the student \(vocabulary 400 vs 400, tokenizer.json sha"):
         distill.main(distill.DistillConfig(**{**d, "init_from": str(llama_folders / "other")}, method="kd",
                                            out_dir=str(tmp_path / "mismatch")))
     assert not (tmp_path / "mismatch").exists()
 
 
 def test_a_name_that_would_need_a_download_says_what_to_do(tiny_domain, tmp_path):
-    with pytest.raises(common.RunError, match=r"nothing is downloaded here: fetch it first \(huggingface-cli download "
+    with pytest.raises(plumbing.RunError, match=r"nothing is downloaded here: fetch it first \(huggingface-cli download "
                                               r"meta-llama/Llama-3.2-1B --local-dir models/Llama-3.2-1B\)"):
         tt.train(tt.TrainConfig(data=str(tiny_domain), init_from="meta-llama/Llama-3.2-1B", out_dir=str(tmp_path / "x")))

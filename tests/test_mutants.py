@@ -42,25 +42,27 @@ MUTANTS = {
     "exact match against the inputs, not the targets": ("data.py", "(logits.argmax(-1) != y[mask])", "(logits.argmax(-1) != x[mask])", "test_data.py"),
     "padding rows in the vocabulary": ("data.py", "self.eot, self.vocab_size = 0, len(ids)", "self.eot, self.vocab_size = 0, -(-len(ids) // 64) * 64", "test_data.py"),
     "one LR schedule over all stages": ("distill.py", 'grp["lr"] = lr_at(i, cfg.steps_per_stage, cfg.lr, cfg.warmup_frac)',
-                                        'grp["lr"] = lr_at(step, total, cfg.lr, cfg.warmup_frac)', "test_plumbing.py"),
+                                        'grp["lr"] = lr_at(step, cfg.stages * cfg.steps_per_stage, cfg.lr, cfg.warmup_frac)',
+                                        "test_plumbing.py"),
     "best.pt written after every stage": ("distill.py", 'if summary["acc"] >= best_val:', "if True:", "test_plumbing.py"),
     "AW anchor from the SFT student's last checkpoint": ("train_teacher.py", 'best = manifest["checkpoints"][manifest["best"]]',
                                                          'best = manifest["checkpoints"][-1]', "test_plumbing.py"),
-    "teacher's probe drawn with another seed": ("train_teacher.py", "data.probe_examples(train_enc, cfg.probe_size, cfg.seed)",
-                                                "data.probe_examples(train_enc, cfg.probe_size, cfg.seed + 1)", "test_plumbing.py"),
+    "teacher's probe drawn with another seed": ("train_teacher.py", "cfg.probe_size, cfg.seed, cfg.probe_topk)",
+                                                "cfg.probe_size, cfg.seed + 1, cfg.probe_topk)", "test_plumbing.py"),
     "monotone against the first stage's choice": ("distill.py", 'prev = schedule[-1]["ckpt"] if schedule else None',
                                                   'prev = schedule[0]["ckpt"] if schedule else None', "test_plumbing.py"),
     "--pool_start ignored": ("distill.py", 'pool = [c for c in ckpts if c["step"] >= cfg.pool_start * ckpts[-1]["step"]]',
                              "pool = list(ckpts)", "test_plumbing.py"),
     "distillation KL direction flag dropped": ("distill.py", "cfg.kl_direction, cfg.temperature)", '"forward", cfg.temperature)',
                                                "test_plumbing.py"),
-    "base loaded without its sha check": ("domains.py", "    if digest != sha:", "    if False:", "test_bases.py"),
-    "bases paired with any data": ("domains.py", 'if data.split(":")[0] != "default":', "if False:", "test_bases.py"),
+    "base loaded without its sha check": ("plumbing.py", "    if digest != sha:", "    if False:", "test_bases.py"),
+    "bases paired with any data": ("plumbing.py", 'if any(data.fingerprint(splits[s]) != data.fingerprint(default[s]) for s in ("val", "test")):',
+                                   "if False:", "test_bases.py"),
     "an empty prompt's first token not a target": ("data.py", 'tok.encode(ex["prompt"]) or [tok.eot]', 'tok.encode(ex["prompt"])',
                                                    "test_bases.py"),
-    "paper protocol: candidates from the second half": ("reproduce.py", "return n, cfg.stage_epochs * steps_per_epoch, 0.0, epochs",
+    "paper protocol: candidates from the second half": ("lab/reproduce.py", "return n, cfg.stage_epochs * steps_per_epoch, 0.0, epochs",
                                                         "return n, cfg.stage_epochs * steps_per_epoch, 0.5, epochs", "test_bases.py"),
-    "distilled students start from random init": ("reproduce.py", "lr=cfg.student_lr, init_from=init, pool_start=pool_start))",
+    "distilled students start from random init": ("lab/reproduce.py", "lr=cfg.student_lr, init_from=init, pool_start=pool_start))",
                                                   "lr=cfg.student_lr, init_from=\"\", pool_start=pool_start))", "test_bases.py"),
 }
 
@@ -70,7 +72,7 @@ def run_mutant(name, dst):
     (pytest's exit code, the end of its output)."""
     file, good, bad, tests = MUTANTS[name]
     for p in ROOT.iterdir():
-        if p.suffix == ".py" or p.name in ("tests", "assets"):
+        if p.suffix == ".py" or p.name in ("tests", "assets", "lab", "data"):
             (shutil.copytree if p.is_dir() else shutil.copy)(p, dst / p.name)
     src = (ROOT / file).read_text(encoding="utf-8")
     if src.count(good) != 1:

@@ -1,6 +1,6 @@
 import json
 
-import parity
+from lab import parity
 
 
 def test_parity_script_writes_curves_for_every_method(tmp_path):

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-import common
+import plumbing
 import data
 import distill
 import scd
@@ -20,7 +20,7 @@ from test_train import cfg
 def test_the_lr_schedule_restarts_at_every_stage(tiny_domain, runs):  # noqa: F811
     distill.main(dcfg(tiny_domain, runs, "lr", method="kd", stages=3, steps_per_stage=5, log_every=1, lr=1e-3))
     lrs = [float(re.search(r"\| lr (\S+) \|", line).group(1)) for line in (runs / "lr" / "log.txt").read_text().splitlines()]
-    want = [common.lr_at(i, 5, 1e-3, 0.1) for _ in range(3) for i in range(5)]  # warm-up and cosine within each stage
+    want = [plumbing.lr_at(i, 5, 1e-3, 0.1) for _ in range(3) for i in range(5)]  # warm-up and cosine within each stage
     assert lrs == pytest.approx(want, rel=1e-2, abs=1e-9)
 
 
@@ -53,7 +53,7 @@ def test_the_aw_anchor_comes_from_the_sft_students_best_checkpoint(tiny_domain, 
     splits = data.load_domain(str(tiny_domain))
     tt.finish(cfg(tiny_domain, out), out, m, splits, "cpu", torch.no_grad())
     anchor = json.loads((out / "train_losses.json").read_text())
-    first, last = (common.load_checkpoint(out / m["checkpoints"][j]["file"]) for j in (0, -1))
+    first, last = (plumbing.load_checkpoint(out / m["checkpoints"][j]["file"]) for j in (0, -1))
     losses = [data.example_losses(model, data.encode(splits["train"], tok, 128), tok.eot, "cpu", torch.no_grad())
               for model, tok in (first, last)]
     assert anchor["checkpoint"] == m["checkpoints"][0]["file"]
@@ -64,9 +64,9 @@ def test_distill_reads_the_teachers_probe_only_if_it_holds_the_same_examples(tin
     """The teacher run stores its probe's log-probs with the probe's id (indices and tokens);
     distill.py uses them only when its own probe has that id. A stored file whose id is
     changed is never used: the log-probs are computed again and the run says so."""
-    _, tok, _, enc = common.prepare(str(tiny_domain), "student", seed=0)
+    _, tok, _, enc = plumbing.prepare(str(tiny_domain), "student", seed=0)
     idx, _, probe_id = data.probe_examples(enc["train"], 64, seed=0)
-    path = common.probe_file(runs / "teacher", 0, 256, 64)  # the teacher's default probe size, on 96 training examples
+    path = data.probe_file(runs / "teacher", 0, 256, 64)  # the teacher's default probe size, on 96 training examples
     stored = torch.load(path, weights_only=True)
     assert stored["probe"] == data.probe_examples(enc["train"], 256, seed=0)[2]
     assert data.probe_examples(enc["train"], 64, seed=1)[2] != probe_id and len(idx) == 64  # another seed, another id
@@ -103,7 +103,7 @@ def test_pool_start_drops_the_early_checkpoints_from_every_schedule(tiny_domain,
     """4 teacher checkpoints at steps 3, 6, 9, 12: --pool_start 0.5 keeps steps 6 to 12. SCD
     scores 3 candidates, CD starts at the pool's first, and each stage loads the checkpoint
     it chose."""
-    loaded, real = [], common.load_checkpoint
+    loaded, real = [], plumbing.load_checkpoint
     monkeypatch.setattr(distill, "load_checkpoint", lambda path, *a: loaded.append(path.name) or real(path, *a))
     distill.main(dcfg(tiny_domain, runs, "pool_scd", method="scd", stages=2, pool_start=0.5))
     sched = json.loads((runs / "pool_scd" / "schedule.json").read_text())
@@ -131,4 +131,4 @@ def test_resampled_probes_are_logged_and_change_nothing_in_the_run(tiny_domain, 
     assert [s["ckpt"] for s in a] == [s["ckpt"] for s in b] and [s["kl_best"] for s in a] == [s["kl_best"] for s in b]
     wa, wb = (torch.load(runs / d / "final.pt", weights_only=True)["model"] for d in ("resample2", "resample0"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)  # the extra probes draw on no random stream of the run
-    assert common.probe_file(runs / "teacher", 2000, 16, 64).exists()  # stored with the teacher for the next run
+    assert data.probe_file(runs / "teacher", 2000, 16, 64).exists()  # stored with the teacher for the next run

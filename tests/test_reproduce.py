@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-import gpu_check
-import reproduce
+from lab import gpu_check
+from lab import reproduce
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,8 +70,13 @@ def test_gpu_check_runs_on_cpu_at_small_shapes(tiny_domain, tmp_path):
 
 
 def test_bench_prints_medians_and_spread():
-    r = subprocess.run([sys.executable, "bench.py", "--steps", "2", "--rounds", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "lab.bench", "--steps", "2", "--rounds", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-2])  # the JSON line, before the wall time
     lo, hi = out["ratio_range"]
     assert lo <= out["ratio"] <= hi and out["vocab"] == 395 and out["tokens_per_step"] > 0  # the default domain's train tokens
+
+
+def test_the_main_command_is_one_short_command_from_the_root():
+    r = subprocess.run([sys.executable, "reproduce.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert "comparison" in r.stdout.split("\n\n")[1], r.stdout[:300] + r.stderr[-300:]

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import bench
-import common
+from lab import bench
+import plumbing
 import scd
 import train_teacher as tt
 from model import GPTConfig, build
@@ -24,20 +24,20 @@ def test_the_memory_plan_counts_each_part_and_refuses_what_cannot_fit(capsys):
         big = build(GPTConfig(**bench.SHAPES["llama-3.2-3b"]))
     assert round(big.num_params() / 1e9, 2) == 3.21  # Llama 3.2 3B
     P = small.num_params()
-    parts = common.memory_plan(small, small, batch_size=4, seq_len=10, answer_len=3, dtype="float32", grad_ckpt=False,
+    parts = plumbing.memory_plan(small, small, batch_size=4, seq_len=10, answer_len=3, dtype="float32", grad_ckpt=False,
                                device="cpu", n_ckpt=24)
     c = small.config  # 1 layer x 32, 4 x MLP: 7 * 32 + 2 * 32 + 4 * 128 = 800 values per token and layer
     assert parts == dict(weights=4 * P, gradients=4 * P, AdamW=8 * P, teacher=4 * P, activations=4 * 10 * 4 * 800,
                          logits=4 * 3 * 1000 * 4 * 4)
     assert c.n_layer == 1 and "disk: 24 dense checkpoints" in capsys.readouterr().out
-    ckpt = common.memory_plan(small, None, 4, 10, 3, "bfloat16", True, "cpu")
+    ckpt = plumbing.memory_plan(small, None, 4, 10, 3, "bfloat16", True, "cpu")
     assert ckpt["activations"] == 4 * 10 * 2 * (32 + 800) and "teacher" not in {k for k, v in ckpt.items() if v}
-    with pytest.raises(common.RunError, match=r"the run does not fit: weights 11\.97 \| gradients 11\.97 \| AdamW 23\.94"):
-        common.memory_plan(big, None, batch_size=512, seq_len=2048, answer_len=512, dtype="bfloat16", grad_ckpt=False, device="cpu")
+    with pytest.raises(plumbing.RunError, match=r"the run does not fit: weights 11\.97 \| gradients 11\.97 \| AdamW 23\.94"):
+        plumbing.memory_plan(big, None, batch_size=512, seq_len=2048, answer_len=512, dtype="bfloat16", grad_ckpt=False, device="cpu")
 
 
 def test_the_plan_table_says_an_8b_teacher_does_not_fit_one_gpu():
-    import gpu_check
+    from lab import gpu_check
     rows = {tuple(c.strip() for c in r.split("|")[1:3]): r for r in gpu_check.plans().splitlines()[2:]}
     assert rows["llama-3.1-8b -> llama-3.2-3b", "teacher SFT"].split("|")[8].strip() == "none"
     assert rows["qwen2.5-1.5b -> qwen2.5-0.5b", "distillation"].split("|")[8].strip() == "24, 48, 80"
@@ -64,19 +64,19 @@ def test_dense_checkpoints_trained_in_bf16_are_stored_in_bf16(tiny_domain, tmp_p
     m = json.loads((tmp_path / "manifest.json").read_text())
     ck = torch.load(tmp_path / m["checkpoints"][0]["file"], weights_only=True)
     assert all(v.dtype == torch.bfloat16 for v in ck["model"].values())
-    model, _ = common.load_checkpoint(tmp_path / m["checkpoints"][0]["file"])
+    model, _ = plumbing.load_checkpoint(tmp_path / m["checkpoints"][0]["file"])
     assert next(model.parameters()).dtype == torch.float32  # trained on in float32 (autocast does the rest)
 
 
 def test_a_run_folder_is_held_by_one_process(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", f"import common, time; common.out_folder({str(tmp_path)!r}); "
+    holder = subprocess.Popen([sys.executable, "-c", f"import plumbing, time; plumbing.out_folder({str(tmp_path)!r}); "
                                "print('held', flush=True); time.sleep(120)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(common.RunError, match=f"{tmp_path} is in use by process {holder.pid}; wait for it"):
-            common.out_folder(tmp_path)
+        with pytest.raises(plumbing.RunError, match=f"{tmp_path} is in use by process {holder.pid}; wait for it"):
+            plumbing.out_folder(tmp_path)
     finally:
         holder.kill()
         holder.wait()
-    common.out_folder(tmp_path)  # the holder died: its lock does not block a resume
+    plumbing.out_folder(tmp_path)  # the holder died: its lock does not block a resume
     assert (tmp_path / "run.lock").read_text() == str(__import__("os").getpid())

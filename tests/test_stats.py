@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-import stats
+from lab import stats
 
 
 def test_identical_students_differ_by_exactly_zero_and_resolve_nothing():

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import common
+import plumbing
 import data
-import domains
 import scd
 import train_teacher as tt
 
@@ -27,10 +26,10 @@ def weights(path):
 
 
 def test_lr_schedule_warmup_then_cosine_to_zero():
-    assert common.lr_at(0, 100, 1.0, 0.1) == pytest.approx(0.1)     # step 1 of 10 warm-up steps
-    assert common.lr_at(9, 100, 1.0, 0.1) == pytest.approx(1.0)     # peak at the end of warm-up
-    assert common.lr_at(55, 100, 1.0, 0.1) == pytest.approx(0.5)    # half way through the cosine
-    assert common.lr_at(100, 100, 1.0, 0.1) == pytest.approx(0.0)
+    assert plumbing.lr_at(0, 100, 1.0, 0.1) == pytest.approx(0.1)     # step 1 of 10 warm-up steps
+    assert plumbing.lr_at(9, 100, 1.0, 0.1) == pytest.approx(1.0)     # peak at the end of warm-up
+    assert plumbing.lr_at(55, 100, 1.0, 0.1) == pytest.approx(0.5)    # half way through the cosine
+    assert plumbing.lr_at(100, 100, 1.0, 0.1) == pytest.approx(0.0)
 
 
 def test_manifest_lists_evenly_spaced_checkpoints_and_the_best(tiny_domain, tmp_path):
@@ -44,7 +43,7 @@ def test_manifest_lists_evenly_spaced_checkpoints_and_the_best(tiny_domain, tmp_
         assert (tmp_path / c["file"]).exists() and set(c) >= {"train_loss", "val_loss", "val_acc", "epoch"}
     # a saved checkpoint reproduces its logged validation loss
     best = m["checkpoints"][m["best"]]
-    model, tok = common.load_checkpoint(tmp_path / best["file"])
+    model, tok = plumbing.load_checkpoint(tmp_path / best["file"])
     summary, _ = data.evaluate(model, data.load_domain(str(tiny_domain))["val"], tok)
     assert summary["loss"] == pytest.approx(best["val_loss"], abs=1e-4)
     # the AW anchor: one training loss per example, tied to the data by fingerprint
@@ -67,14 +66,14 @@ def test_interrupted_run_resumes_to_identical_weights(tiny_domain, tmp_path):
 
 def test_resume_refuses_a_different_config(tiny_domain, tmp_path):
     tt.train(cfg(tiny_domain, tmp_path, stop_at_step=3))
-    with pytest.raises(common.RunError, match="another config"):
+    with pytest.raises(plumbing.RunError, match="another config"):
         tt.train(cfg(tiny_domain, tmp_path, lr=1e-4))
 
 
 def test_corrupt_checkpoint_is_named_in_the_error(tmp_path):
     (tmp_path / "ckpt_000001.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(common.RunError, match="ckpt_000001.pt: not a readable checkpoint"):
-        common.load_checkpoint(tmp_path / "ckpt_000001.pt")
+    with pytest.raises(plumbing.RunError, match="ckpt_000001.pt: not a readable checkpoint"):
+        plumbing.load_checkpoint(tmp_path / "ckpt_000001.pt")
 
 
 def test_cpu_bf16_autocast_trains_with_finite_float32_losses(tiny_domain, tmp_path):
@@ -82,9 +81,9 @@ def test_cpu_bf16_autocast_trains_with_finite_float32_losses(tiny_domain, tmp_pa
     m = json.loads((tmp_path / "manifest.json").read_text())
     assert all(torch.isfinite(torch.tensor([c["train_loss"], c["val_loss"]])).all() for c in m["checkpoints"])
     assert torch.isfinite(torch.tensor(summary["loss"]))
-    _, _, ctx, scaler, _, _ = common.setup_device("cpu", "bfloat16")
+    _, _, ctx, scaler, _, _ = plumbing.setup_device("cpu", "bfloat16")
     assert scaler is None  # only fp16 needs a gradient scaler
-    model, tok = common.load_checkpoint(tmp_path / m["checkpoints"][-1]["file"])
+    model, tok = plumbing.load_checkpoint(tmp_path / m["checkpoints"][-1]["file"])
     x = torch.randint(0, 50, (2, 8))
     mask = torch.ones(2, 8, dtype=torch.bool)
     with ctx:
@@ -100,7 +99,7 @@ def test_init_from_gpt2_weights_uses_the_full_vocabulary(tiny_domain, tmp_path, 
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=128, n_embd=32, n_layer=1, n_head=2))
     monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", classmethod(lambda cls, name: hf))
     tt.train(cfg(tiny_domain, tmp_path, init_from="gpt2", epochs=1, ckpt_per_epoch=1))
-    model, tok = common.load_checkpoint(tmp_path / "ckpt_000006.pt")
+    model, tok = plumbing.load_checkpoint(tmp_path / "ckpt_000006.pt")
     assert tok.ids is None and tok.eot == 50256 and model.config.vocab_size == 50257
     assert model.config.block_size == 128 and model.config.n_layer == 1
     enc = data.encode(data.load_domain(str(tiny_domain))["test"][:1], tok, 128)
@@ -111,7 +110,7 @@ def test_exact_match_from_one_forward_pass_equals_greedy_decoding(tmp_path):
     """Two ways to score exact match, on real checkpoints: the argmax at every answer position
     with the gold answer fed in (what validation uses), and greedy generation. They can only
     differ where another token sequence decodes to the same text; here they never do."""
-    d = domains.default_domain(0, noise=0.0)
+    d = {s: [e for e in v if not e.get("noisy")] for s, v in data.load_domain("default").items()}  # correct labels only
     pick = lambda split, sub, n, keep=lambda e: True: [e for e in d[split] if e["subdomain"] == sub and keep(e)][:n]
     people = {m for e in pick("train", "qa_en", 48) for m in re.findall(r"[A-Z][a-z]+ [A-Z][a-z]+", e["prompt"])}
     asks_known = lambda e: any(p in e["prompt"] for p in people)  # held-out questions about the 6 people in train
@@ -122,7 +121,7 @@ def test_exact_match_from_one_forward_pass_equals_greedy_decoding(tmp_path):
     splits = data.load_domain(str(tmp_path / "dom"))
     both = []
     for c in m["checkpoints"][::3]:
-        model, tok = common.load_checkpoint(tmp_path / "run" / c["file"])
+        model, tok = plumbing.load_checkpoint(tmp_path / "run" / c["file"])
         for split in ("train", "val"):
             forced = [r["correct"] for r in data.evaluate(model, splits[split], tok)[1]]
             decoded = [r["correct"] for r in data.evaluate(model, splits[split], tok, decode=True)[1]]
@@ -132,14 +131,14 @@ def test_exact_match_from_one_forward_pass_equals_greedy_decoding(tmp_path):
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_state(tiny_domain, tmp_path, monkeypatch):
-    calls, real = [0], scd.gold_ce
+    calls, real = [0], data.answer_ce
 
     def nan_at_call_9(*a):  # steps 1-3, validation, steps 4-6, validation, then step 7
         calls[0] += 1
         out = real(*a)
         return out * float("nan") if calls[0] == 9 else out
-    monkeypatch.setattr(tt.scd, "gold_ce", nan_at_call_9)
-    with pytest.raises(common.RunError, match=r"non-finite loss at step 7"):
+    monkeypatch.setattr(tt.data, "answer_ce", nan_at_call_9)
+    with pytest.raises(plumbing.RunError, match=r"non-finite loss at step 7"):
         tt.train(cfg(tiny_domain, tmp_path, ckpt_per_epoch=2))
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     assert state["step"] == 6  # the checkpoint before the bad step; nothing after it was written
@@ -147,7 +146,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_state(tiny_doma
 
 
 def test_fp16_autocast_with_gradient_scaler_skips_and_counts_an_overflowing_step():
-    _, dtype, ctx, scaler, _, _ = common.setup_device("cpu", "float16")
+    _, dtype, ctx, scaler, _, _ = plumbing.setup_device("cpu", "float16")
     assert scaler is not None and dtype == "float16"
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 4)
@@ -159,12 +158,12 @@ def test_fp16_autocast_with_gradient_scaler_skips_and_counts_an_overflowing_step
     with ctx:
         assert model(x).dtype == torch.float16  # autocast runs the matmul in fp16
     before = [p.detach().clone() for p in model.parameters()]
-    assert common.optimizer_step(model, opt, scaler, loss, 1.0, "step 1") is False
+    assert plumbing.optimizer_step(model, opt, scaler, loss, 1.0, "step 1") is False
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # a normal step moves the weights
     scale, before = scaler.get_scale(), [p.detach().clone() for p in model.parameters()]
     with ctx:
         huge = model(x).float().pow(2).mean() * 3e38  # its gradients overflow in the scaled backward
-    assert common.optimizer_step(model, opt, scaler, huge, 1.0, "step 2") is True
+    assert plumbing.optimizer_step(model, opt, scaler, huge, 1.0, "step 2") is True
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # skipped: the weights stay
     assert scaler.get_scale() == scale / 2
 
@@ -188,7 +187,7 @@ def test_bad_flags_are_refused_by_the_parser(argv, message, monkeypatch, capsys,
     import distill
     monkeypatch.setattr("sys.argv", ["distill.py", f"--out_dir={tmp_path / 'x'}", *argv])
     with pytest.raises(SystemExit) as e:
-        common.parse_config(distill.DistillConfig, "d")
+        plumbing.parse_config(distill.DistillConfig, "d")
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
@@ -196,26 +195,25 @@ def test_bad_flags_are_refused_by_the_parser(argv, message, monkeypatch, capsys,
 def test_yes_no_flags_and_descriptions(monkeypatch):
     import distill
     monkeypatch.setattr("sys.argv", ["distill.py", "--aw", "True", "--monotone", "false", "--epochs_unused"][:5])
-    c = common.parse_config(distill.DistillConfig, "staged distillation")
+    c = plumbing.parse_config(distill.DistillConfig, "staged distillation")
     assert c.aw is True and c.monotone is False
-    for script, words in (("train_teacher.py", "SFT of a teacher"), ("distill.py", "Staged distillation"),
-                          ("reproduce.py", "comparison")):
+    for script, words in (("train_teacher.py", "SFT of a teacher"), ("distill.py", "Staged distillation")):
         r = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
         assert words in r.stdout.split("\n\n")[1], f"{script} --help: {r.stdout[:300]}"
 
 
 @pytest.mark.parametrize("epochs, batch, message", [(2, 500, "larger than the 96 training examples")])
 def test_sizes_checked_before_anything_is_written(tiny_domain, tmp_path, epochs, batch, message):
-    with pytest.raises(common.RunError, match=message):
+    with pytest.raises(plumbing.RunError, match=message):
         tt.train(cfg(tiny_domain, tmp_path / "out", epochs=epochs, batch_size=batch))
     assert not (tmp_path / "out").exists()
 
 
 def test_bad_output_folders_and_bad_data_leave_nothing_behind(tiny_domain, tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(common.RunError, match="is a file, not a folder"):
+    with pytest.raises(plumbing.RunError, match="is a file, not a folder"):
         tt.train(cfg(tiny_domain, tmp_path / "file"))
-    with pytest.raises(common.RunError, match="cannot write there"):
+    with pytest.raises(plumbing.RunError, match="cannot write there"):
         tt.train(cfg(tiny_domain, tmp_path / "file" / "sub"))
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -239,11 +237,11 @@ def test_resume_checks_every_split_and_a_moved_or_relogged_folder_still_resumes(
     assert torch.load(tmp_path / "b" / "state.pt", weights_only=True)["step"] == 9
     lines = (dom / "test.jsonl").read_text().splitlines()
     (dom / "test.jsonl").write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # only test.jsonl changes
-    with pytest.raises(common.RunError, match="another config or other data"):
+    with pytest.raises(plumbing.RunError, match="another config or other data"):
         tt.train(cfg(str(dom), tmp_path / "b"))
 
 
 def test_truncated_manifest_is_named(tmp_path):
     (tmp_path / "manifest.json").write_text('{"checkpoints": [')
-    with pytest.raises(common.RunError, match="manifest.json: not valid JSON"):
-        common.read_json(tmp_path / "manifest.json")
+    with pytest.raises(plumbing.RunError, match="manifest.json: not valid JSON"):
+        plumbing.read_json(tmp_path / "manifest.json")

@@ -4,8 +4,8 @@ distillation step (METHOD.md section 2.4 with AW), both with the teacher in the 
 the stage's teacher logits cached (what distill.py does when they fit). Prints medians over
 --rounds rounds with their spread, and one JSON line at the end.
 
-    python bench.py                                         # CPU presets on real default-domain batches
-    python bench.py --teacher gpt2-medium --student gpt2 --seq_len 512 --answer_len 128 \\
+    python -m lab.bench                                         # CPU presets on real default-domain batches
+    python -m lab.bench --teacher gpt2-medium --student gpt2 --seq_len 512 --answer_len 128 \\
         --batch_size 8 --device cuda --dtype bfloat16       # GPT-2 shapes, random tokens
 
 The rounds interleave the measurements, so a slow moment of the machine hits all of them.
@@ -21,10 +21,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 import data
-import domains
 import scd
 from model import GPTConfig, PRESETS, build
-from common import arg, optimizer_step, parse_config, run_main, setup_device
+from plumbing import arg, optimizer_step, parse_config, run_main, setup_device
 
 # The Llama family's shapes (from the models' config.json files), for timings and memory plans from random weights
 LLAMA = dict(arch="llama", bias=False, block_size=2048, rope_theta=500000.0, vocab_size=128256)
@@ -59,7 +58,7 @@ class BenchConfig:
 def batches(cfg, vocab, device):
     """A list of (x, y, mask): the default domain's first training batches, or random tokens."""
     if not cfg.seq_len:
-        splits = domains.default_domain(0)
+        splits = data.load_domain("default")
         tok = data.Tokenizer.compact([ex["prompt"] + ex["answer"] for ex in splits["train"]])
         enc = data.encode(splits["train"], tok, 128)
         lengths = [len(p) + len(a) for p, a in enc]

@@ -1,10 +1,12 @@
 """
-What the scripts share and the method does not need: flags from a dataclass, the device and
-precision, building and loading models, output folders (locked while a run writes), files
-written atomically, resuming, the LR schedule, progress lines, and the checks that stop a
-run loudly instead of letting it train on NaN.
+Run plumbing: what train_teacher.py and distill.py need and the method does not. A reader of
+the method may skip this file. Flags from a dataclass, the device and precision, building
+and loading models (the committed bases checked by sha256), the memory plan, output folders
+(locked while a run writes), files written atomically, resuming, the LR schedule, progress
+lines, and the checks that stop a run loudly instead of letting it train on NaN.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -12,14 +14,14 @@ import re
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import field, fields
+from dataclasses import asdict, field, fields
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-import domains
 import hf
 from model import GPT, GPT2_NAMES, GPTConfig, PRESETS, build
 
@@ -121,20 +123,21 @@ def lr_at(step, total, peak, warmup_frac):
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def prepare(cfg_data, preset, seed, init_from=""):
+def prepare(cfg_data, preset, seed, init_from="", splits=None):
     """Domain, tokenizer, a model, and every split encoded (an example too long for the
     model's context is an error naming its file and line, before anything is written).
     init_from: '' builds --preset with the compact vocabulary of the training split (teacher
     and student built from the same data get the same one); 'base' loads the preset's committed
     base model, a .pt file any checkpoint of ours (weights and vocabulary); a GPT-2 name loads
-    those weights and GPT-2's vocabulary; a folder a Hugging Face model and its tokenizer.json."""
-    splits = data.load_domain(cfg_data)
+    those weights and GPT-2's vocabulary; a folder a Hugging Face model and its tokenizer.json.
+    splits: the domain already loaded (the lab's generated domains); default: --data's."""
+    splits = splits or data.load_domain(cfg_data)
     torch.manual_seed(seed)  # the init, and every random draw after it (dropout): torch seeds itself at random
     if init_from in GPT2_NAMES:
         tok, model = data.Tokenizer(None), GPT.from_pretrained(init_from)
-    elif init_from == "base" or init_from.endswith(".pt"):  # a committed base (pretrain.py) or a checkpoint of ours
+    elif init_from == "base" or init_from.endswith(".pt"):  # a committed base (lab/pretrain.py) or a checkpoint of ours
         try:
-            model, tok = load_checkpoint(domains.base_file(preset, cfg_data) if init_from == "base" else init_from)
+            model, tok = load_checkpoint(base_file(preset, cfg_data, splits) if init_from == "base" else init_from)
         except ValueError as e:
             raise RunError(f"--init_from base: {e}") from None
     elif init_from:
@@ -148,6 +151,33 @@ def prepare(cfg_data, preset, seed, init_from=""):
         model = GPT(GPTConfig(**{**PRESETS[preset], "vocab_size": tok.vocab_size}))
     enc = {s: data.encode(v, tok, model.config.block_size) for s, v in splits.items()}
     return splits, tok, model, enc
+
+
+# the base models pretrained on the default world's general text (lab/pretrain.py remakes
+# them and prints these lines)
+ASSETS = Path(__file__).parent / "assets"
+BASES = {
+    "teacher": (ASSETS / "base_teacher.pt", "916312c48246772e172a2e88dfb0d0f0d26e915a6d3fc23a8b8e671e26a9b4eb"),
+    "student": (ASSETS / "base_student.pt", "a132a606397a2a35994e279222701bb13b8c5ea94e2a90934cd4800a1bb43b4b"),
+}
+
+
+def base_file(preset, cfg_data, splits):
+    """The committed base of a preset, checked as the tokenizer's ranks file is: by its sha256.
+    The bases belong to the default world and its vocabulary: data whose held-out splits are
+    not the default domain's (at any training noise) is refused."""
+    default = data.load_domain("default")
+    if any(data.fingerprint(splits[s]) != data.fingerprint(default[s]) for s in ("val", "test")):
+        raise ValueError(f"the committed bases belong to the default domain and its vocabulary, not to --data {cfg_data}; "
+                         "use --init_from '' (random init), a model folder or a checkpoint of your own")
+    if preset not in BASES:
+        raise ValueError(f"no committed base for --preset {preset} (there are: {', '.join(BASES)})")
+    path, sha = BASES[preset]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+    if digest != sha:
+        raise ValueError(f"{path}: sha256 {digest[:16]} is not the committed base's ({sha[:16]}): restore the file "
+                         "(git checkout) or remake both bases (python -m lab.pretrain) and their sha256 in plumbing.BASES")
+    return path
 
 
 def tokenizer(spec):
@@ -204,10 +234,6 @@ def fingerprints(splits):
     """One fingerprint per split: a run's state depends on all three (the vocabulary on
     train, model selection on val, the reports on test), so resuming checks all three."""
     return {s: data.fingerprint(v) for s, v in splits.items()}
-
-
-def probe_file(out, seed, size, topk):
-    return Path(out) / f"probe_s{seed}_n{size}_k{topk}.pt"
 
 
 def out_folder(path):
@@ -316,6 +342,70 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
+def start(cfg, model, teacher, train_enc, device, dtype, world, n_ckpt=0):
+    """Before a script's first step: the batch fits the data, the memory plan is printed (and
+    a run that cannot fit refused), the model is on its device, the run folder is locked.
+    -> the run folder."""
+    if len(train_enc) < cfg.batch_size:
+        raise RunError(f"--batch_size {cfg.batch_size} is larger than the {len(train_enc)} training examples")
+    model.grad_checkpointing = cfg.grad_ckpt
+    memory_plan(model, teacher, cfg.batch_size // world, max(len(p) + len(a) for p, a in train_enc),
+                max(len(a) for _, a in train_enc) + 1, dtype, cfg.grad_ckpt, device, n_ckpt)
+    model.to(device)
+    return out_folder(cfg.out_dir)
+
+
+def run_config(cfg, splits, test_flag):
+    """What identifies a run: its flags (not its folder, nor the test-only stop flag) and the
+    fingerprints of its data."""
+    config = dict(asdict(cfg), fingerprint=fingerprints(splits))
+    config[test_flag] = 0
+    config.pop("out_dir")
+    return config
+
+
+def resume_sft(out, cfg, cls, splits, model, optimizer, scaler, probe, device):
+    """train_teacher.py's resume: a folder holding this very run continues from its last
+    checkpoint with everything restored (weights, optimizer, scaler, torch's RNG, so dropout
+    continues as if never stopped; the manifest and the probe's log-probs up to that step).
+    -> (manifest, the step to start at)."""
+    config = run_config(cfg, splits, "stop_at_step")
+    manifest = dict(config=config, fingerprint=config["fingerprint"]["train"], checkpoints=[], best=None)
+    step = 0
+    if resumable(out, config, asdict(cls())):
+        state = torch.load(out / "state.pt", map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None:
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        step, manifest = state["step"], read_json(out / "manifest.json")
+        manifest["checkpoints"] = [c for c in manifest["checkpoints"] if c["step"] <= step]
+        probe.load(up_to=step)
+        if "test" not in manifest:
+            print(f"resuming {out} from step {step}")
+    atomic_save(dict(config, out_dir=str(out)), out / "config.json")
+    return manifest, step
+
+
+def resume_stages(out, cfg, cls, splits, student, device):
+    """distill.py's resume, at stage boundaries (each stage restarts its optimizer anyway).
+    -> (the finished run's results or None, the stage to start at, the best validation
+    accuracy so far, the schedule so far)."""
+    config = run_config(cfg, splits, "stop_at_stage")
+    done, state = None, (0, -1.0, [])
+    if resumable(out, config, asdict(cls())):
+        st = torch.load(out / "state.pt", map_location=device, weights_only=True)
+        if st["stage"] == cfg.stages and (out / "results.json").exists():
+            print(f"{out} holds this run, finished: nothing to do")
+            return read_json(out / "results.json"), 0, 0, []
+        student.load_state_dict(st["model"])
+        print(f"resuming {out} at stage {st['stage']}")
+        state = st["stage"], st["best_val"], read_json(out / "schedule.json")["stages"][:st["stage"]]
+    atomic_save(dict(config, out_dir=str(out)), out / "config.json")
+    return (done, *state)
+
+
 def resumable(out, config, defaults):
     """True if out holds a run of this very config; a run of another config is refused. An
     option missing from the stored config (added since) counts as its default value. The
@@ -338,3 +428,34 @@ def progress(step, total, t0, start_step, tokens, msg):
     eta = per * (total - step)
     return (f"step {step:5d}/{total} | {msg} | {1000 * per:5.0f} ms/step | {tokens / dt:7,.0f} tok/s | "
             f"eta {int(eta // 60)}m{int(eta % 60):02d}s")
+
+
+def wrap(model, compile, world):
+    """The module the steps call: DDP over the processes under torchrun (the same model,
+    gradients averaged), compiled with --compile."""
+    net = DDP(model) if world > 1 else model
+    return torch.compile(net) if compile else net
+
+
+class Logger:
+    """Progress lines every log_every steps (printed, and written to log.txt by rank 0)."""
+
+    def __init__(self, out, rank, total, start_step, log_every):
+        self.file = open(out / "log.txt" if rank == 0 else os.devnull, "a")
+        self.total, self.start_step, self.every = total, start_step, log_every
+        self.t0, self.tokens = time.time(), 0
+
+    def step(self, step, tokens, msg, skipped=None, force=False):
+        self.tokens += tokens
+        if step % self.every == 0 or force:
+            self.line(progress(step, self.total, self.t0, self.start_step, self.tokens,
+                               msg + ("" if skipped is None else f" | fp16 skipped {skipped}")), flush=True)
+
+    def line(self, text, flush=False):
+        print(text, flush=flush)
+        self.file.write(text + "\n")
+
+    def close(self, skipped=None):
+        self.file.close()
+        if skipped is not None:
+            print(f"fp16: the gradient scaler skipped {skipped} steps of this sitting (overflow)")

@@ -9,9 +9,9 @@ A check for a machine with one CUDA GPU, in under 5 minutes: nothing is download
 2. The main pipeline end to end on CUDA at a small budget (reproduce.py with bf16): every
    phase, the probe, the teacher-logit cache and the report.
 
-    python gpu_check.py --out_dir runs/gpu_check     # on the GPU machine
-    python gpu_check.py --small true                 # CPU-sized shapes: what the tests run
-    python gpu_check.py --plan true                  # the memory plans of the paper's pairs (no GPU needed)
+    python -m lab.gpu_check --out_dir runs/gpu_check     # on the GPU machine
+    python -m lab.gpu_check --small true                 # CPU-sized shapes: what the tests run
+    python -m lab.gpu_check --plan true                  # the memory plans of the paper's pairs (no GPU needed)
 
 Writes gpu_check.json (every figure) and gpu_check.md (a table) to --out_dir.
 """
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-import bench
-import reproduce
-from common import arg, parse_config, plan_parts, run_main
+from lab import bench
+from lab import reproduce
+from plumbing import arg, parse_config, plan_parts, run_main
 from model import GPTConfig, build
 
 

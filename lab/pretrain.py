@@ -4,14 +4,14 @@ domain SFT is fine-tuning, as in the paper (METHOD.md section 6). Not part of th
 command: the two files it makes are committed in assets/, and the runs start from them
 with --init_from base.
 
-    python pretrain.py            # remakes assets/base_teacher.pt and assets/base_student.pt (~7 min on 2 cores)
+    python -m lab.pretrain        # remakes assets/base_teacher.pt and assets/base_student.pt (~7 min on 2 cores)
 
 The corpus (domains.corpus) is prose about the default world and generic text in the tasks'
 shapes about other content; pretraining is the ordinary trainer on it with every token a
 target. The vocabulary is the corpus's and the default domain's training split's (the domain
 adds its prompt words and labels, which the bases never see). Both bases share it, so teacher
 and student can be compared token by token. After a remake, paste the printed sha256 lines
-into domains.BASES: every run checks the file it loads against them.
+into plumbing.BASES: every run checks the file it loads against them.
 """
 import hashlib
 import shutil
@@ -22,8 +22,9 @@ import torch
 
 import data
 import train_teacher as tt
-from common import arg, atomic_save, parse_config, read_json, run_main
-from domains import BASES
+from lab import domains
+from plumbing import arg, atomic_save, parse_config, read_json, run_main
+from plumbing import BASES
 from model import GPT, GPTConfig, PRESETS
 
 
@@ -38,7 +39,7 @@ class PretrainConfig:
 
 
 def main(cfg):
-    corpus, domain = data.load_domain("corpus"), data.load_domain("default")
+    corpus, domain = domains.corpus(), data.load_domain("default")
     tok = data.Tokenizer.compact([ex["prompt"] + ex["answer"] for ex in corpus["train"] + domain["train"]])
     for preset, lr in (("teacher", cfg.teacher_lr), ("student", cfg.student_lr)):
         torch.manual_seed(cfg.seed)
@@ -48,7 +49,7 @@ def main(cfg):
         atomic_save(dict(model=model.state_dict(), model_config=asdict(model.config), vocab=tok.ids), init)
         run = f"{cfg.out_dir}/{preset}"
         tt.train(tt.TrainConfig(data="corpus", preset=preset, init_from=init, out_dir=run, epochs=cfg.epochs, lr=lr,
-                                ckpt_per_epoch=1, probe_size=16, seed=cfg.seed))
+                                ckpt_per_epoch=1, probe_size=16, seed=cfg.seed), corpus)
         manifest = read_json(f"{run}/manifest.json")
         best = manifest["checkpoints"][manifest["best"]]
         print(f"{preset} base: {model.num_params() / 1e6:.3f}M parameters, best corpus val loss {best['val_loss']:.4f} "

@@ -4,7 +4,7 @@ Sparse parity, where checkpoint distillation is known to help (Panigrahi et al.,
 from a sequence of intermediate teacher checkpoints learns the parity of a hidden subset of
 bits faster than one trained on labels or distilled from the final teacher.
 
-    python parity.py        # 3 seeds: teacher SFT, then SFT, KD, CD and SCD students -> report/parity.{png,md}
+    python -m lab.parity    # 3 seeds: teacher SFT, then SFT, KD, CD and SCD students -> report/parity.{png,md}
 
 Every student gets the same step budget; its validation accuracy is measured every
 --eval_every steps (the learning curve), its test accuracy once at the end. Runs are ordinary train_teacher.py / distill.py runs in --out_dir (finished ones are
@@ -23,7 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import distill  # noqa: E402
 import train_teacher as tt  # noqa: E402
-from common import arg, parse_config, run_main  # noqa: E402
+from lab import domains  # noqa: E402
+from plumbing import arg, parse_config, run_main  # noqa: E402
 
 
 @dataclass
@@ -48,14 +49,14 @@ class ParityConfig:
 
 def main(cfg):
     t0 = time.time()
-    curves, teachers = {}, []
+    curves, teachers, splits = {}, [], domains.load(cfg.data)
     for seed in range(cfg.seeds):
         root = Path(cfg.out_dir) / f"seed{seed}"
         tcfg = tt.TrainConfig(data=cfg.data, preset=cfg.teacher_preset, out_dir=str(root / "teacher"), seed=seed,
                               epochs=cfg.teacher_epochs, ckpt_per_epoch=cfg.ckpt_per_epoch, batch_size=cfg.batch_size,
                               lr=cfg.lr, warmup_frac=cfg.teacher_warmup, log_every=100)
         print(f"\n=== seed {seed}: teacher", flush=True)
-        teachers.append(tt.train(tcfg)["acc"])
+        teachers.append(tt.train(tcfg, splits)["acc"])
         for method in cfg.methods.split(","):
             print(f"\n=== seed {seed}: {method} student", flush=True)
             out = root / method
@@ -63,7 +64,7 @@ def main(cfg):
                 data=cfg.data, preset=cfg.student_preset, method=method, teacher_dir=str(root / "teacher"),
                 out_dir=str(out), seed=seed, stages=cfg.stages, steps_per_stage=cfg.steps_per_stage,
                 batch_size=cfg.batch_size, lr=cfg.lr, probe_size=cfg.probe_size, eval_every=cfg.eval_every, log_every=100,
-                alpha=0.5, pool_start=0.0))  # the sparse-parity setting: half KL, half gold CE, every checkpoint
+                alpha=0.5, pool_start=0.0), splits)  # the sparse-parity setting: half KL, half gold CE, every checkpoint
             stages = json.loads((out / "schedule.json").read_text())["stages"]
             curves.setdefault(method, []).append(dict(
                 curve=[p for s in stages for p in s["curve"]], schedule=[s.get("ckpt", "-") for s in stages],
@@ -75,7 +76,7 @@ def report(cfg, curves, teachers, wall):
     rep = Path(cfg.report_dir)
     rep.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4))
-    lines = [f"# Sparse parity: `python parity.py` ({cfg.data}, {cfg.seeds} seeds, {wall / 60:.1f} min)", "",
+    lines = [f"# Sparse parity: `python -m lab.parity` ({cfg.data}, {cfg.seeds} seeds, {wall / 60:.1f} min)", "",
              f"Teacher ({cfg.teacher_preset}, {cfg.teacher_epochs} epochs) test accuracy: "
              + ", ".join(f"{a:.3f}" for a in teachers) + ".", "",
              "| student | final test acc | first step at val acc >= 0.9 (per seed) | schedules |", "| --- | --- | --- | --- |"]

@@ -1,14 +1,19 @@
 """
-Generators of the demo's data, below data.py: the embedded default domain (its word lists,
-templates and annotation noise) and sparse parity. Each returns {"train", "val", "test"}
-lists of {"prompt", "answer", "subdomain"} dicts, the same shape data.load_jsonl reads.
+Generators of the demo's data: the default domain (its word lists, templates and annotation
+noise), the general corpus the bases are pretrained on, and sparse parity. Each returns
+{"train", "val", "test"} lists of {"prompt", "answer", "subdomain"} dicts, the shape
+data.load_jsonl reads. The default domain at its noise is committed as data/default/ and read
+from there by the reference; the lab generates the others (load).
 
-    python data.py --out data/default   # writes the default domain as JSONL to look at
+    python -m lab.domains                 # rewrites data/default/ (a test checks it is unchanged)
+    python -m lab.domains --noise 0 --out data/clean
 """
-import hashlib
+import argparse
 import random
 import re
 from pathlib import Path
+
+import data
 
 # the embedded default domain: 3 task types x 2 languages = 6 subdomains
 #   qa   closed-book questions about a fixed cast of people (memorisation: capacity matters)
@@ -236,30 +241,6 @@ OTHER = dict(
 )
 
 
-# the base models pretrained on this corpus (pretrain.py remakes them and prints these lines)
-ASSETS = Path(__file__).parent / "assets"
-BASES = {
-    "teacher": (ASSETS / "base_teacher.pt", "916312c48246772e172a2e88dfb0d0f0d26e915a6d3fc23a8b8e671e26a9b4eb"),
-    "student": (ASSETS / "base_student.pt", "a132a606397a2a35994e279222701bb13b8c5ea94e2a90934cd4800a1bb43b4b"),
-}
-
-
-def base_file(preset, data):
-    """The committed base of a preset, checked as the tokenizer's ranks file is: by its sha256.
-    The bases belong to the default world and its vocabulary: other data is refused."""
-    if data.split(":")[0] != "default":
-        raise ValueError(f"the committed bases belong to the default domain and its vocabulary, not to --data {data}; "
-                         "use --init_from '' (random init), a model folder or a checkpoint of your own")
-    if preset not in BASES:
-        raise ValueError(f"no committed base for --preset {preset} (there are: {', '.join(BASES)})")
-    path, sha = BASES[preset]
-    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
-    if digest != sha:
-        raise ValueError(f"{path}: sha256 {digest[:16]} is not the committed base's ({sha[:16]}): restore the file "
-                         "(git checkout) or remake both bases (python pretrain.py) and their sha256 in domains.BASES")
-    return path
-
-
 def _fill(text, names, rng):
     """Replace {PER}, {LOC}, {ORG} in text by random names of that kind -> (text, [(kind, name)])."""
     used = []
@@ -328,3 +309,37 @@ def parity_domain(seed=0, n_bits=16, k=2, n_per_split=None):
                 splits[split].append(dict(prompt=" ".join(map(str, bits)) + " =",  # " 0", " 1": one token per bit
                                           answer=f" {sum(bits[i] for i in support) % 2}", subdomain="parity"))
     return splits
+
+
+# -----------------------------------------------------------------------------
+# --data specs of the lab
+
+def load(spec):
+    """A --data spec of the lab -> splits. 'default:NOISE' is the default domain with another
+    share of wrong training answers (default:0 is the clean control); 'parity:N:K' sparse
+    parity; 'corpus' the bases' pretraining text; 'default' and folders as the reference
+    reads them (data/default/ is default_domain() at its noise: a test holds them equal)."""
+    name, *args = spec.split(":")
+    try:
+        if name == "default" and len(args) == 1:
+            return default_domain(0, *map(float, args))
+        if name == "parity" and len(args) in (0, 2):
+            return parity_domain(0, *map(int, args))
+        if name == "corpus" and not args:
+            return corpus(0)
+    except ValueError as e:
+        raise data.DataError(f"--data {spec}: {e}") from None
+    if spec != "default" and not Path(spec).is_dir():
+        raise data.DataError(f"--data {spec}: expected 'default[:NOISE]', 'parity[:N:K]', 'corpus' or a folder with "
+                             "train.jsonl, val.jsonl and test.jsonl")
+    return data.load_domain(spec)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="write the default domain as JSONL (data/default/ is its committed copy)")
+    ap.add_argument("--out", default=str(data.DEFAULT), help="output folder")
+    ap.add_argument("--noise", type=float, default=NOISE, help="share of wrong training answers")
+    args = ap.parse_args()
+    for split, exs in default_domain(0, args.noise).items():
+        data.write_jsonl(exs, Path(args.out) / f"{split}.jsonl")
+        print(f"{split}: {len(exs)} examples -> {args.out}/{split}.jsonl")
