@@ -46,8 +46,8 @@ class DistillConfig:
     stages: int = arg(4, "K, the number of stages", low=1)
     steps_per_stage: int = arg(0, "T, steps per stage (0: the SFT student's 12 epochs over the K stages; 720 on the default domain)",
                                low=0)
-    pool_start: float = arg(0.5, "the candidates: checkpoints from this fraction of the teacher's training on (0.5: the k4 "
-                            "protocol's second half, chosen on validation)", low=0)
+    pool_start: float = arg(0.5, "the candidates: the teacher's checkpoints from this fraction of the way to T* up to T* "
+                            "(0.5: the k4 protocol's second half, chosen on validation)", low=0)
     student_term: str = arg("flipped", "schedule's student term: flipped KL(p_c || p_student) or as_written KL(p_student || p_c)",
                             choices=("flipped", "as_written"))
     monotone: bool = arg(False, "never choose a checkpoint earlier than the previous stage's")
@@ -212,9 +212,11 @@ def choose(cfg, stage, schedule, student, probes, best, tok, device, ctx, world)
 
 
 def teacher_pool(cfg, student, tok):
-    """The candidates: the teacher's checkpoints from --pool_start of its training on, T*'s
-    place among them (the lowest validation loss, from the teacher's manifest), and T* itself
-    (checked to share the student's vocabulary and context; counted in the memory plan)."""
+    """The candidates: the teacher's path to T* (the lowest validation loss, from the teacher's
+    manifest), from --pool_start of the way there up to T* itself, which is always the last
+    candidate; checkpoints after T*, where the teacher got worse, are not on the path the
+    student follows. -> (teacher folder, pool, T*'s place in it, T*: checked to share the
+    student's vocabulary and context, counted in the memory plan)."""
     tdir = Path(cfg.teacher_dir)
     if not (tdir / "manifest.json").exists():
         raise RunError(f"{tdir}: no manifest.json; train a teacher first (python train_teacher.py --out_dir {tdir})")
@@ -222,10 +224,11 @@ def teacher_pool(cfg, student, tok):
     ckpts = manifest["checkpoints"]
     if not ckpts:
         raise RunError(f"{tdir}/manifest.json lists no checkpoints")
-    pool = [c for c in ckpts if c["step"] >= cfg.pool_start * ckpts[-1]["step"]]
-    if ckpts[manifest["best"]] not in pool:
-        raise RunError(f"--pool_start {cfg.pool_start} leaves the best checkpoint out of the pool")
-    best = pool.index(ckpts[manifest["best"]])
+    if cfg.pool_start > 1:
+        raise RunError(f"--pool_start {cfg.pool_start}: a fraction of the way to T*, from 0 to 1")
+    t_star = ckpts[manifest["best"]]
+    pool = [c for c in ckpts if cfg.pool_start * t_star["step"] <= c["step"] <= t_star["step"]]
+    best = len(pool) - 1
     t_model, t_tok = load_checkpoint(tdir / pool[best]["file"])  # on the CPU
     if t_tok.identity != tok.identity:
         raise RunError(f"{tdir} has another tokenizer than the student (vocabulary {t_tok.vocab_size} vs {tok.vocab_size}"

@@ -409,12 +409,13 @@ def resume_stages(out, cfg, cls, splits, student, device):
 def resumable(out, config, defaults):
     """True if out holds a run of this very config; a run of another config is refused. An
     option missing from the stored config (added since) counts as its default value. The
-    folder's own path and how often it prints are not part of the run: a moved run folder
-    still resumes, and so does one rerun with another --log_every."""
+    folder's own path, how often it prints and what it is compared with in its report are not
+    part of the run: a moved run folder still resumes, and so does one rerun with another
+    --log_every or --compare_to."""
     if not (out / "state.pt").exists():
         return False
     old = {**defaults, **read_json(out / "config.json")}
-    old, config = ({k: v for k, v in c.items() if k not in ("out_dir", "log_every")} for c in (old, config))
+    old, config = ({k: v for k, v in c.items() if k not in ("out_dir", "log_every", "compare_to")} for c in (old, config))
     if old != config:
         diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
         raise RunError(f"{out} holds a run with another config or other data {diff}; use another --out_dir or delete it")

@@ -147,6 +147,9 @@ def finished(folder, name):
 # reading the runs back
 
 def records(folder, which="best"):
+    """A run's per-example test records. A distilled run has two students, best (on validation)
+    and final; a train_teacher.py run (the teacher, the SFT student) has one model on test, T*,
+    its checkpoint of lowest validation loss, which both tables show (the final table says so)."""
     name = "test_records.jsonl" if (folder / "test_records.jsonl").exists() else f"test_records_{which}.jsonl"
     return [json.loads(line) for line in open(folder / name, encoding="utf-8")]
 
@@ -417,9 +420,9 @@ def preconditions(runs, decs):
     else:
         rows.append("| teacher converged | not measured (--converge true) | – |")
     for a, b, need in (("teacher", "SFT student", 0.08), ("KD", "SFT student", 0.03), ("KD", "SFT, stages", 0.0)):
-        r = diff(a, b)
+        r = diff(a, b)  # with one seed the interval cannot see run noise: no call
         rows.append(f"| {a} − {b} ≥ {100 * need:.0f} points, interval above 0 | {fmt(r)} | "
-                    f"{'yes' if r['mean'] >= need and r['lo'] > 0 else 'no'} |")
+                    + ("– (one seed)" if r["S"] < 2 else "yes" if r["mean"] >= need and r["lo"] > 0 else "no") + " |")
     sfs = {s: d["p_sfs"] for s, d in decs[next(iter(decs))].items() if s != "all"}
     top = max(sfs, key=sfs.get)
     rows.append(f"| an SFS share ≥ 5% on some subdomain | {100 * sfs[top]:.1f}% on {top} | {'yes' if sfs[top] >= 0.05 else 'no'} |")
@@ -485,21 +488,52 @@ def regime_table(runs, other):
     return "\n".join(rows)
 
 
+PRIMARY = "(b) SCD+AW > KD"
+DECLARATION = (
+    "**The primary comparison, declared before the runs:** SCD+AW against KD (the paper's headline, +3.6 points), on "
+    "the macro-averaged test exact match of the best-on-validation students, at 95%. Every other row is secondary: "
+    "its raw 95% interval, and a verdict corrected by Holm's method within its family: the whole-domain claims (a) and "
+    "(b) other than the primary are one family, the subdomain and subset claims (c) and (d) another ((c)'s p-value is "
+    "first multiplied by the pairs it was chosen from). *Holds* / *does not hold*: resolved above / below 0; "
+    "*inconclusive*: not resolved either way, which is not evidence of no effect; a resolved interval that excludes the "
+    "paper's effect says so. A report of fewer than two seeds gives no verdicts: one training run per model shows "
+    "the test examples' noise but not the runs'.")
+
+
+def claim_verdicts(rows):
+    """The verdict of every claim row: the primary's from its own interval, the secondary
+    ones Holm-corrected within their family; none with fewer than two seeds. -> (p-values, verdicts)."""
+    p = [stats.p_value(r) * (int(c.split("corrected for ")[1].split(" pairs")[0]) if c.startswith("(c)") else 1)
+         for c, r in rows]
+    p = [min(1.0, x) for x in p]
+    resolved = {}
+    for family in (("(a)", "(b)"), ("(c)", "(d)")):
+        idx = [i for i, (c, _) in enumerate(rows) if c.startswith(family) and c != PRIMARY]
+        resolved.update(zip(idx, stats.holm([p[i] for i in idx])))
+    verdicts = []
+    for i, (claim, r) in enumerate(rows):
+        key = tuple(claim.split(") ", 1)[1].split(" > ")) if " > " in claim and "on " not in claim else None
+        paper = PAPER[key] / 100 if key in PAPER else None
+        verdicts.append("no verdict (one seed)" if r["S"] < 2 else stats.verdict(r, resolved.get(i), paper))
+    return p, verdicts
+
+
 def claims_table(rows):
-    out = ["| claim | paper | mean difference | 95% interval | from seeds / examples (se) | verdict | per seed |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
-    for claim, r in rows:
+    p, verdicts = claim_verdicts(rows)
+    out = ["| claim | role | paper | mean difference | 95% interval (raw) | from seeds / examples (se) | p | verdict | per seed |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (claim, r), pv, v in zip(rows, p, verdicts):
         key = tuple(claim.split(") ", 1)[1].split(" > ")) if " > " in claim and "on " not in claim else None
         paper = f"{PAPER[key]:+.1f}" if key in PAPER else ""
-        out.append(f"| {claim} | {paper} | {100 * r['mean']:+.1f} | [{100 * r['lo']:+.1f}, {100 * r['hi']:+.1f}] | "
-                   f"{100 * r['se_seeds']:.2f} / {100 * r['se_examples']:.2f} | {stats.verdict(r)} | "
-                   + ", ".join(f"{100 * x:+.1f}" for x in r["per_seed"]) + " |")
+        out.append(f"| {claim} | {'**primary**' if claim == PRIMARY else 'secondary'} | {paper} | {100 * r['mean']:+.1f} | "
+                   f"[{100 * r['lo']:+.1f}, {100 * r['hi']:+.1f}] | {100 * r['se_seeds']:.2f} / {100 * r['se_examples']:.2f} | "
+                   f"{pv:.3f} | {v} | " + ", ".join(f"{100 * x:+.1f}" for x in r["per_seed"]) + " |")
     return "\n".join(out)
 
 
 def resolution(rows, n_test):
     """What the comparison can resolve: the half-widths, and what each source of noise adds."""
-    r = dict(rows)["(b) SCD+AW > KD"]
+    r = dict(rows)[PRIMARY]
     halves = [x["half"] for c, x in rows if c.startswith(("(a)", "(b)"))]
     need = stats.seeds_needed(r, 0.015)
     return (f"{n_test} test examples, {r['S']} seed(s). The intervals of the whole-domain claims have half-widths "
@@ -508,8 +542,9 @@ def resolution(rows, n_test):
             f"+1.2, SCD − CD +0.3, SCD+AW − SCD +2.1, SCD+AW − KD +3.6 points. The standard error of SCD+AW − KD splits into "
             f"{100 * r['se_seeds']:.2f} points from the seeds (which training run made the students; it shrinks as 1/sqrt(seeds)) "
             f"and {100 * r['se_examples']:.2f} from the test examples (which were drawn; a larger test set shrinks only this). "
-            + ("" if r["S"] < 2 else "At this seed noise, a half-width of 1.5 points would take "
-               + (f"{need} seeds." if need < math.inf else "more seeds than any number: the test set alone is too noisy.")))
+            + ("With one seed the seeds' part cannot be seen (it shows as 0.00): no claim gets a verdict." if r["S"] < 2 else
+               "At this seed noise, a half-width of 1.5 points would take "
+               + (f"{need} seeds (Student's t)." if need < math.inf else "more seeds than any number: the test set alone is too noisy.")))
 
 
 def budget_accuracy(runs, sweeps, name, m):
@@ -562,16 +597,19 @@ def report(cfg, runs, sweeps, wall, command):
                 "the models' initialisation, the data order, dropout and the probe") + f". Data: {cfg.data}. "
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {setup_device(cfg.device, cfg.dtype)[0]}. "
              f"Wall time of the phases, as each run recorded it: {sum(wall.values()) / 60:.1f} min. "
-             "Every choice was made on validation; this report is the test split.", "",
+             "Every choice was made on validation; this report is the test split."
+             + (" **One seed: one sample of each model.** Its intervals see the test examples only, not the run-to-run "
+                "noise, and its claims get no verdict." if cfg.seeds == 1 else ""), "",
              f"Regime: {'the committed pretrained bases, fine-tuned (one pair of bases serves every seed)' if cfg.base == 'pretrained' else 'random init (--base none)'}; "
-             f"protocol {cfg.protocol}: {stages} stages of {steps} steps, candidates from {pool:.0%} of the teacher's run.", ""]
+             f"protocol {cfg.protocol}: {stages} stages of {steps} steps, candidates from {pool:.0%} of the way to T* up to T*.", ""]
     if cfg.base == "pretrained":
         lines += ["## The bases before SFT", "", bases_table(cfg), ""]
     lines += ["## Test exact match, best-on-validation students", "", accuracy_table(runs, "best"), "",
-             "## Test exact match, final students", "", accuracy_table(runs, "final"), "",
+             "## Test exact match, final students", "", "The teacher and the SFT student have one model on test, their "
+             "checkpoint of lowest validation loss, in both tables.", "", accuracy_table(runs, "final"), "",
              "## Preconditions of the comparison", "", preconditions(runs, decs), "",
-             "## The paper's claims, test", "", "Each row: the paired difference in macro-average exact match (points), "
-             "on the same test examples for every seed; holds = its 95% interval lies above 0.", "", claims_table(rows), "",
+             "## The paper's claims, test", "", DECLARATION, "", "Each row: the paired difference in macro-average exact match "
+             "(points), on the same test examples for every seed.", "", claims_table(rows), "",
              "## What this comparison can resolve", "", resolution(rows, len(records(r0["teacher"]))), "",
              "## AW's weight per stage (SCD+AW, seed 0, training examples)", "",
              "Mean w on TFS-like / SFS-like examples: " + ", ".join(f"stage {k} {w[tfs].mean():.2f} / {w[~tfs].mean():.2f}"

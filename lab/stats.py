@@ -69,33 +69,113 @@ def paired_interval(a, b, groups=None, subset=None, n_boot=1000, level=0.95, see
                 se_examples=math.sqrt(v_examples), df=df, per_seed=point.tolist(), S=S)
 
 
-def verdict(r):
-    """'holds' when the interval lies above 0, 'does not hold' below it, else not resolved."""
-    if r["lo"] > 0:
-        return "holds"
-    if r["hi"] < 0:
-        return "does not hold"
-    return f"not resolved (± {100 * r['half']:.1f} points)"
+def p_value(r):
+    """Two-sided p-value of 'the difference is 0', from the same t as the interval."""
+    if r["se"] == 0:
+        return 0.0 if r["mean"] != 0 else 1.0
+    return 2 * (1 - t_cdf(abs(r["mean"]) / r["se"], r["df"]))
 
 
-def seeds_needed(r, half_width, level=0.95):
+def verdict(r, resolved=None, paper=None):
+    """'holds' when the interval lies above 0, 'does not hold' below it, else inconclusive
+    (never 'no effect': an interval across 0 does not show the difference is 0). resolved:
+    a multiplicity-corrected decision (holm) that overrides the raw interval's. paper: the
+    paper's effect (a fraction); a resolved interval that excludes it says so."""
+    hit = (r["lo"] > 0 or r["hi"] < 0) if resolved is None else resolved
+    if not hit:
+        return f"inconclusive (± {100 * r['half']:.1f} points)"
+    out = "holds" if r["mean"] > 0 else "does not hold"
+    if paper is not None and not r["lo"] <= paper <= r["hi"]:
+        out += f"; excludes the paper's {100 * paper:+.1f}"
+    return out
+
+
+def holm(p, level=0.95):
+    """Holm's step-down correction over a family of claims with p-values p: [True where the
+    claim is resolved]. Sorted by p-value, the j-th smallest (j = 0, 1, ...) is resolved while
+    p <= alpha / (m - j); the first that fails stops the rest. It keeps the chance of any false
+    call in the family at most alpha = 1 - level, whatever the claims' dependence."""
+    alpha = 1 - level
+    out = [False] * len(p)
+    for j, i in enumerate(sorted(range(len(p)), key=p.__getitem__)):
+        if p[i] > alpha / (len(p) - j):
+            break
+        out[i] = True
+    return out
+
+
+def seeds_needed(r, half_width, level=0.95, most=10_000):
     """Seeds at which the half-width would reach half_width, if each new seed adds the
-    noise the seeds add now and the test set stays (inf: the test set alone is too noisy)."""
-    z = statistics.NormalDist().inv_cdf((1 + level) / 2)
-    room = (half_width / z) ** 2 - r["se_examples"] ** 2
-    return math.inf if room <= 0 else max(2, math.ceil(r["S"] * r["se_seeds"] ** 2 / room))
+    noise the seeds add now and the test set stays: the smallest S with
+    t(S) * sqrt(S0 se_seeds^2 / S + se_examples^2) <= half_width, t with Satterthwaite's
+    degrees of freedom as the interval has (inf: no number of seeds up to `most` does)."""
+    v_seed, v_ex = r["S"] * r["se_seeds"] ** 2, r["se_examples"] ** 2  # one seed's variance; the examples' part
+    if statistics.NormalDist().inv_cdf((1 + level) / 2) * math.sqrt(v_ex) >= half_width:
+        return math.inf  # the test examples alone are too noisy: t >= z at any number of seeds
+    for S in range(2, most + 1):
+        v_s = v_seed / S
+        df = (S - 1) * ((v_s + v_ex) / v_s) ** 2 if v_s > 0 else math.inf
+        if t_quantile((1 + level) / 2, df) * math.sqrt(v_s + v_ex) <= half_width:
+            return S
+    return math.inf
+
+
+def t_cdf(x, df):
+    """Student's t CDF at x >= 0 (the normal one for df = inf)."""
+    if math.isinf(df) or df > 1e4:
+        return statistics.NormalDist().cdf(x)
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    y = np.exp(log_c - (df + 1) / 2 * np.log1p(np.linspace(0, x, 4001) ** 2 / df))  # the density from 0 to x
+    return 0.5 + (y.sum() - (y[0] + y[-1]) / 2) * x / 4000  # the trapezoid rule
 
 
 def t_quantile(p, df):
     """Student's t quantile, by bisection on its CDF (the normal one for df = inf)."""
     if math.isinf(df) or df > 1e4:
         return statistics.NormalDist().inv_cdf(p)
-    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    def cdf(x):  # 0.5 + the density's integral from 0 to x, by the trapezoid rule
-        y = np.exp(log_c - (df + 1) / 2 * np.log1p(np.linspace(0, x, 4001) ** 2 / df))
-        return 0.5 + (y.sum() - (y[0] + y[-1]) / 2) * x / 4000
     lo, hi = 0.0, 100.0
     for _ in range(60):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
     return lo
+
+
+def claims_from_report(path):
+    """The claims table of a report (results.md) -> [(claim, result)], each result rebuilt
+    from the printed figures: mean, interval, and the two parts of its standard error (rounded
+    as printed), with Satterthwaite's degrees of freedom from them."""
+    rows = []
+    for line in open(path, encoding="utf-8"):
+        if not line.startswith("| ("):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        se_cell = next(c for c in cells if " / " in c and c.replace(" / ", "").replace(".", "").isdigit())
+        lo, hi = (float(x) / 100 for x in next(c for c in cells if c.startswith("[")).strip("[]").split(", "))
+        se_s, se_e = (float(x) / 100 for x in se_cell.split(" / "))
+        S = len(cells[-1].split(", "))
+        v_s, v_e = se_s ** 2, se_e ** 2
+        df = (S - 1) * ((v_s + v_e) / v_s) ** 2 if v_s > 0 else math.inf
+        se = math.sqrt(v_s + v_e)
+        rows.append((cells[0], dict(mean=(lo + hi) / 2, lo=lo, hi=hi, half=t_quantile(0.975, df) * se, se=se,
+                                    se_seeds=se_s, se_examples=se_e, df=df, S=S)))
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="Recompute a report's claims from its printed table: p-values, Holm's "
+                                             "correction over the whole-domain secondary claims, seeds needed (t)")
+    ap.add_argument("report", help="a results.md written by reproduce.py")
+    ap.add_argument("--primary", default="(b) SCD+AW > KD")
+    args = ap.parse_args()
+    rows = claims_from_report(args.report)
+    family = [i for i, (c, _) in enumerate(rows) if c.startswith(("(a)", "(b)")) and c != args.primary]
+    resolved = dict(zip(family, holm([p_value(rows[i][1]) for i in family])))
+    print(f"{'claim':45s} {'p':>7s}  raw interval   Holm over the {len(family)} whole-domain secondary claims")
+    for i, (c, r) in enumerate(rows):
+        if i in resolved or c == args.primary:
+            print(f"{c[:45]:45s} {p_value(r):7.3f}  {'resolved' if r['lo'] > 0 or r['hi'] < 0 else 'inconclusive':12s}   "
+                  + ("(primary: its own 95% interval)" if c == args.primary else verdict(r, resolved[i])))
+    r = dict(rows)[args.primary]
+    print(f"primary {args.primary}: half-width {100 * r['half']:.1f} points; +-1.5 needs {seeds_needed(r, 0.015)} seeds "
+          f"(Student's t, from se {100 * r['se_seeds']:.2f} seeds / {100 * r['se_examples']:.2f} examples)")

@@ -1,5 +1,6 @@
 """The assignment copy (exercise.py) fails exactly where a student has work to do, and the
 grader's messages point at the mistake."""
+import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -13,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def grade(folder, *args):
     xml = folder / "grade.xml"
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *args],
-                   cwd=folder, capture_output=True, text=True, timeout=300)
+                   cwd=folder, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
     cases = ET.parse(xml).getroot().iter("testcase")
     return {c.get("name"): (c.find("failure").get("message") if c.find("failure") is not None else None) for c in cases}
 

@@ -4,6 +4,7 @@ test here fails under a one-line change that would otherwise give a silently dif
 method (tests/test_mutants.py applies them)."""
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -41,6 +42,23 @@ def test_best_pt_is_the_stage_with_the_best_validation_accuracy(tiny_domain, run
     assert res["best_stage"] == best["stage"] == 1
     assert all(torch.equal(best["model"][k], seen[1][k]) for k in best["model"])
     assert not all(torch.equal(best["model"][k], seen[2][k]) for k in best["model"])
+
+
+def test_a_run_interrupted_after_its_best_stage_keeps_that_stage_as_best(tiny_domain, runs, monkeypatch):  # noqa: F811
+    """Validation accuracy is scripted to peak at stage 1 of 3; the run stops after stage 1 and
+    resumes. Stage 2 (0.5) must not replace best.pt: the resume restores the best score so far."""
+    real, calls = data.evaluate, []
+
+    def scripted(model, examples, *a, **kw):
+        summary, records = real(model, examples, *a, **kw)
+        if "val.jsonl" in examples[0]["src"]:
+            calls.append(1)
+            summary = dict(summary, acc=[0.3, 0.9, 0.5][len(calls) - 1])
+        return summary, records
+    monkeypatch.setattr(distill.data, "evaluate", scripted)
+    assert distill.main(dcfg(tiny_domain, runs, "best_cut", method="kd", stages=3, stop_at_stage=2)) is None
+    res = distill.main(dcfg(tiny_domain, runs, "best_cut", method="kd", stages=3))
+    assert len(calls) == 3 and res["best_stage"] == torch.load(runs / "best_cut" / "best.pt", weights_only=True)["stage"] == 1
 
 
 def test_the_aw_anchor_comes_from_the_sft_students_best_checkpoint(tiny_domain, tmp_path):
@@ -114,6 +132,25 @@ def test_pool_start_drops_the_early_checkpoints_from_every_schedule(tiny_domain,
     assert [s["file"] for s in json.loads((runs / "pool_cd" / "schedule.json").read_text())["stages"]] == \
         ["ckpt_000006.pt", "ckpt_000012.pt"]
     assert loaded[1:] == ["ckpt_000006.pt", "ckpt_000012.pt", "best.pt", "final.pt"]  # after the vocabulary check on T*
+
+
+def test_the_pool_is_the_path_to_t_star_even_when_the_teacher_peaks_first(tiny_domain, runs, tmp_path):  # noqa: F811
+    """Real teachers often peak early. The pool runs from --pool_start of the way to T* up to T*:
+    with T* at the first of 4 checkpoints it is that one checkpoint, and every method runs on it
+    (staged SFT, which reads no teacher, included); with T* third, the fourth is no candidate."""
+    early = tmp_path / "early"
+    shutil.copytree(runs / "teacher", early)
+    m = json.loads((early / "manifest.json").read_text())
+    for best, want in ((0, ["ckpt_000003.pt"]), (2, ["ckpt_000006.pt", "ckpt_000009.pt"])):
+        (early / "manifest.json").write_text(json.dumps(dict(m, best=best)))
+        for method in ("sft", "scd", "cd"):
+            out = f"early_{best}_{method}"
+            distill.main(dcfg(tiny_domain, runs, out, method=method, stages=2, pool_start=0.5, probe_resamples=0,
+                              teacher_dir=str(early)))
+            sched = json.loads((runs / out / "schedule.json").read_text())
+            assert sched["pool"] == want and sched["best"] == len(want) - 1
+            if method != "sft":
+                assert {s["file"] for s in sched["stages"]} <= set(want)
 
 
 def test_the_loss_gets_the_runs_alpha_direction_and_temperature(tiny_domain, runs, monkeypatch):  # noqa: F811

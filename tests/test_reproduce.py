@@ -3,10 +3,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lab import gpu_check
-from lab import reproduce
+from lab import reproduce, stats
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,11 +31,17 @@ def test_one_command_writes_the_report_and_reuses_finished_phases(tiny_domain, t
     sft = [json.loads((tmp_path / "runs" / f"seed{s}" / "student_sft" / "manifest.json").read_text())["test"]["acc"] for s in (0, 1)]
     claim = next(line for line in text.splitlines() if line.startswith("| (a) KD > SFT student |")).split(" | ")
     assert claim[-1] == f"{100 * (kd[0] - sft[0]):+.1f}, {100 * (kd[1] - sft[1]):+.1f} |"
-    lo, hi = (float(x) for x in claim[3].strip("[]").split(", "))
-    if lo > 0 or hi < 0:
-        assert claim[5] == ("holds" if lo > 0 else "does not hold")
+    lo, hi = (float(x) for x in claim[4].strip("[]").split(", "))
+    # a secondary claim's verdict is Holm's over its family (every (a) and (b) row but the primary), by hand here
+    family = [line.split(" | ") for line in text.splitlines() if line.startswith(("| (a)", "| (b)")) and "primary" not in line]
+    p = sorted(float(r[6]) for r in family)
+    cut = next((j for j, x in enumerate(p) if x > 0.05 / (len(p) - j)), len(p))  # the first that fails Holm's step
+    if float(claim[6]) <= (p[cut - 1] if cut else -1):
+        assert claim[7].startswith("holds" if lo > 0 else "does not hold")
     else:
-        assert float(claim[5].split("± ")[1].split()[0]) == pytest.approx((hi - lo) / 2, abs=0.11)
+        assert float(claim[7].split("± ")[1].split()[0]) == pytest.approx((hi - lo) / 2, abs=0.11)
+    assert "inconclusive" in claim[7] or "holds" in claim[7]
+    assert "declared before the runs" in text and "| (b) SCD+AW > KD | **primary** |" in text
     # each distilled student got the SFT student's steps: one stage of 1 epoch (96 // 16 = 6 steps) per teacher
     # checkpoint (2), every checkpoint a candidate, and each phase
     # its own seed's teacher and anchor, the students' LR, and the method its row names
@@ -80,3 +87,15 @@ def test_bench_prints_medians_and_spread():
 def test_the_main_command_is_one_short_command_from_the_root():
     r = subprocess.run([sys.executable, "reproduce.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert "comparison" in r.stdout.split("\n\n")[1], r.stdout[:300] + r.stderr[-300:]
+
+
+def test_one_seed_gives_intervals_but_no_verdicts():
+    """With one seed the interval sees only the test examples: the report says so instead of calling claims."""
+    rng = np.random.default_rng(0)
+    a = (rng.random((1, 600)) < 0.9).astype(float)
+    b = (rng.random((1, 600)) < 0.5).astype(float)  # 40 points apart: the examples alone resolve it
+    r = stats.paired_interval(a, b)
+    assert r["lo"] > 0 and r["se_seeds"] == 0
+    rows = [("(b) SCD+AW > KD", r), ("(a) KD > SFT student", r)]
+    table = reproduce.claims_table(rows)
+    assert table.count("no verdict (one seed)") == 2 and "holds" not in table

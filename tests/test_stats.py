@@ -12,7 +12,7 @@ def test_identical_students_differ_by_exactly_zero_and_resolve_nothing():
     a = (rng.random((5, 1000)) < 0.6).astype(float)
     r = stats.paired_interval(a, a.copy())
     assert r["mean"] == r["lo"] == r["hi"] == 0.0
-    assert stats.verdict(r).startswith("not resolved")
+    assert stats.verdict(r).startswith("inconclusive")
 
 
 def test_two_unrelated_students_of_equal_skill_give_an_interval_around_zero():
@@ -47,7 +47,9 @@ def test_seed_noise_alone_is_the_spread_of_the_seed_means():
     assert r["mean"] == pytest.approx(0.004) and r["se_examples"] == pytest.approx(0, abs=1e-9)
     assert r["se_seeds"] == pytest.approx(np.std(d[:, 0], ddof=1) / np.sqrt(5))  # the usual standard error of 5 means
     assert r["half"] == pytest.approx(2.776 * r["se"], rel=1e-3)  # t with 4 degrees of freedom
-    assert stats.seeds_needed(r, half_width=0.005) == math.ceil(5 * (r["se_seeds"] / (0.005 / 1.96)) ** 2)
+    n, sd = stats.seeds_needed(r, half_width=0.005), np.std(d[:, 0], ddof=1)  # Student's t at n - 1 degrees of freedom
+    assert stats.t_quantile(0.975, n - 1) * sd / np.sqrt(n) <= 0.005 < stats.t_quantile(0.975, n - 2) * sd / np.sqrt(n - 1)
+    assert n > math.ceil(5 * (r["se_seeds"] / (0.005 / 1.96)) ** 2)  # more than the normal quantile's answer
 
 
 def test_t_quantiles_match_the_tables():
@@ -66,3 +68,27 @@ def test_groups_are_a_macro_average_and_a_subset_is_a_mean_over_its_examples():
     subset[0, 50:150], subset[1, 90:100] = True, True  # seed 0: half right; seed 1: all right
     r = stats.paired_interval(a, np.zeros_like(a), subset=subset)
     assert r["per_seed"] == pytest.approx([0.5, 1.0]) and r["mean"] == pytest.approx(0.75)
+
+
+def test_seeds_needed_with_t_for_the_headline_s_noise():
+    """The five-seed headline: per-seed sd 2.77 points (se 1.24 over 5 seeds), examples 0.11. With the
+    normal quantile 14 seeds reach +-1.5; with t (about 16 degrees of freedom at 16 seeds) it takes 16."""
+    r = dict(S=5, se_seeds=0.0124, se_examples=0.0011)
+    assert stats.seeds_needed(r, 0.015) == 16
+    assert stats.seeds_needed(dict(S=5, se_seeds=0.01, se_examples=0.008), 0.015) == math.inf  # 1.96 x 0.8 > 1.5
+
+
+def test_holm_by_hand_and_p_values_from_t():
+    # sorted 0.01 <= 0.05/3 resolved; 0.03 > 0.05/2 stops, so 0.04 is not resolved either (Bonferroni would agree here)
+    assert stats.holm([0.04, 0.01, 0.03]) == [False, True, False]
+    assert stats.holm([0.012, 0.02, 0.04]) == [True, True, True]  # 0.012 <= 0.0167, 0.02 <= 0.025, 0.04 <= 0.05
+    r = dict(mean=0.02, se=0.01, df=4)  # t = 2 at 4 df: two-sided p 0.116 (tables)
+    assert stats.p_value(r) == pytest.approx(0.1161, abs=1e-3)
+    assert stats.p_value(dict(mean=0.0196, se=0.01, df=math.inf)) == pytest.approx(0.05, abs=1e-3)
+
+
+def test_verdicts_say_inconclusive_and_when_the_paper_s_effect_is_excluded():
+    r = dict(mean=0.01, lo=0.004, hi=0.016, half=0.006)
+    assert stats.verdict(r) == "holds" and stats.verdict(r, paper=0.036) == "holds; excludes the paper's +3.6"
+    assert stats.verdict(r, resolved=False) == "inconclusive (± 0.6 points)"
+    assert stats.verdict(dict(r, mean=-0.01, lo=-0.016, hi=-0.004)) == "does not hold"

@@ -64,6 +64,20 @@ def test_interrupted_run_resumes_to_identical_weights(tiny_domain, tmp_path):
     assert ma["checkpoints"] == mb["checkpoints"]
 
 
+def test_a_teacher_with_dropout_interrupted_between_checkpoints_resumes_bit_for_bit(tiny_domain, tmp_path):
+    """The teacher preset draws dropout masks at every step: a resume must restore torch's random
+    state with the weights, or the steps after the restart see other masks."""
+    teacher = lambda out, **kw: cfg(tiny_domain, out, preset="teacher", **kw)
+    tt.train(teacher(tmp_path / "a"))
+    assert tt.train(teacher(tmp_path / "b", stop_at_step=7)) is None  # between the checkpoints at steps 6 and 9
+    tt.train(teacher(tmp_path / "b"))
+    for name in ("ckpt_000009.pt", "ckpt_000012.pt"):
+        wa, wb = weights(tmp_path / "a" / name), weights(tmp_path / "b" / name)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+    ma, mb = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in "ab")
+    assert ma["checkpoints"] == mb["checkpoints"]
+
+
 def test_resume_refuses_a_different_config(tiny_domain, tmp_path):
     tt.train(cfg(tiny_domain, tmp_path, stop_at_step=3))
     with pytest.raises(plumbing.RunError, match="another config"):
