@@ -217,11 +217,13 @@ def example_mean(values, mask):
     return torch.zeros(mask.size(0), device=values.device).index_add_(0, rows, values.float()) / mask.sum(1).clamp(min=1)
 
 
-def answer_ce(logits, y, mask):
+def answer_ce(logits, y, mask, chunk=0):
     """Each example's mean cross-entropy over its answer tokens, in float32: the SFT loss and
     what evaluation reports. The same quantity as scd.gold_ce (the tests hold them equal),
-    kept here so that SFT and evaluation run while the course copy has scd.py blanked."""
-    return example_mean(F.cross_entropy(logits.float(), y[mask], reduction="none"), mask)
+    kept here so that SFT and evaluation run while the course copy has scd.py blanked.
+    chunk: answer positions per piece (scd.by_chunks; 0: one piece)."""
+    token_ce = lambda lg, t: F.cross_entropy(lg.float(), t, reduction="none")
+    return example_mean(scd.by_chunks(token_ce, logits, y[mask], chunk=chunk), mask)
 
 
 def example_losses(model, enc, eot, device, ctx, chunk=256):

@@ -21,7 +21,7 @@ import torch
 import data
 import scd
 from model import PRESETS
-from plumbing import (Logger, RunError, arg, atomic_save, check_finite, dist, global_mean, load_checkpoint, lr_at,
+from plumbing import (Logger, RunError, arg, atomic_save, check_finite, dist, global_mean, load_checkpoint, logit_chunk, lr_at,
                       optimizer_step, parse_config, prepare, read_json, resume_stages, run_main, setup_device, shard, start,
                       wrap)
 
@@ -70,6 +70,8 @@ class DistillConfig:
                      choices=("auto", "float32", "bfloat16", "float16"))
     compile: bool = arg(False, "torch.compile the trained model (CUDA; slow to start, faster per step)")
     grad_ckpt: bool = arg(False, "activation checkpointing: recompute each block in the backward pass (less memory, more time)")
+    logit_chunk: int = arg(0, "answer positions per piece of the losses (0: pieces of at most 64 MiB of float32 logits; "
+                           "the CPU demo's batches fit in one)", low=0)
     teacher_cache_gib: float = arg(2.0, "keep each stage's teacher logits on the training set if they fit in this many GiB (0: off)", low=0)
     log_every: int = arg(40, "steps between progress lines", low=1)
     eval_every: int = arg(0, "steps between validation-accuracy points of a learning curve in schedule.json (0: none)", low=0)
@@ -106,7 +108,7 @@ def main(cfg, splits=None):
               for r in range(1 + cfg.probe_resamples) if cfg.method == "scd"]
     t_sched, t_eval = time.time() - t_sched, 0.0
     teacher = StageTeacher(tdir, train_enc, tok.eot, device, dtype, ctx, cfg.teacher_cache_gib)
-    lengths = [len(p) + len(a) for p, a in train_enc]
+    lengths, chunk = [len(p) + len(a) for p, a in train_enc], logit_chunk(student.config.vocab_size, cfg.logit_chunk)
     net, log = wrap(student, cfg.compile, world), Logger(out, rank, cfg.stages * cfg.steps_per_stage,
                                                           stage * cfg.steps_per_stage, cfg.log_every)
     skipped = 0
@@ -136,7 +138,7 @@ def main(cfg, splits=None):
                 # section 2.4: L_i = w_i KL(p_{c_k} || p_student) + (1 - w_i) CE(y_i; p_student), with
                 # w_i = l_S(x_i) / (l_S(x_i) + l_{c_k}(x_i)) under AW, else the fixed alpha
                 loss, terms = scd.distill_loss(s_logits, t_logits, y, mask, cfg.alpha, None if anchor is None else anchor[idx],
-                                               cfg.kl_direction, cfg.temperature)
+                                               cfg.kl_direction, cfg.temperature, chunk)
             where = f"step {step + 1} (stage {stage})"
             check_finite(where, **terms, loss=loss)  # a NaN stops the run here, before anything is saved
             skipped += optimizer_step(student, optimizer, scaler, loss, cfg.grad_clip, where)

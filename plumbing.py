@@ -196,24 +196,35 @@ def load_checkpoint(path, device="cpu"):
     return model.to(device).eval(), tokenizer(ck["vocab"])
 
 
-def plan_parts(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt):
+def logit_chunk(vocab_size, requested=0, gib=1 / 16):
+    """Answer positions per piece of the losses (scd.by_chunks): --logit_chunk if given, else as
+    many as keep one piece's float32 logits within gib (the CPU demo's batches fit in one)."""
+    return requested or max(1, int(gib * 2**30) // (4 * vocab_size))
+
+
+def plan_parts(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt, chunk=0):
     """Bytes a training step holds, by part (an estimate, made before the first step): the
     trained model's float32 weights and gradients and AdamW's two moments; the frozen teacher
     in the autocast dtype; the activations kept for the backward pass (about 7 C + 2 kv + 4 I
     values per token and layer, or with activation checkpointing each block's input and one
-    block's whole); the float32 logits at the answer positions (the student's, their
-    log-softmax and gradient, and the teacher's)."""
+    block's whole); the logits at the answer positions: in one piece, float32 copies of the
+    student's, their log-softmax and gradient, and the teacher's; in pieces of `chunk`
+    positions, the student's and teacher's logits and the student's gradient in the autocast
+    dtype, and four float32 copies of one piece."""
     c, P, b = model.config, model.num_params(), 2 if dtype in ("bfloat16", "float16") else 4
     per_layer = 7 * c.n_embd + 2 * c.n_kv_head * c.head_dim + 4 * c.intermediate_size  # values per token
     acts = batch_size * seq_len * b * (c.n_layer * c.n_embd + per_layer if grad_ckpt else c.n_layer * per_layer)
+    n = batch_size * answer_len
+    logits = (n * c.vocab_size * 4 * (4 if teacher else 3) if not chunk or chunk >= n else
+              n * c.vocab_size * b * (3 if teacher else 2) + chunk * c.vocab_size * 4 * 4)
     return dict(weights=4 * P, gradients=4 * P, AdamW=8 * P, teacher=teacher.num_params() * b if teacher else 0,
-                activations=acts, logits=batch_size * answer_len * c.vocab_size * 4 * (4 if teacher else 3))
+                activations=acts, logits=logits)
 
 
-def memory_plan(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt, device, n_ckpt=0):
+def memory_plan(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt, device, n_ckpt=0, chunk=0):
     """Print plan_parts before the first step, with the disk n_ckpt dense checkpoints take,
     and refuse a run over the device's memory with its figures."""
-    parts = plan_parts(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt)
+    parts = plan_parts(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt, chunk)
     total, gib = sum(parts.values()), lambda x: f"{x / 2**30:.2f}"
     if device.startswith("cuda"):
         have = torch.cuda.get_device_properties(torch.device(device)).total_memory
@@ -350,7 +361,8 @@ def start(cfg, model, teacher, train_enc, device, dtype, world, n_ckpt=0):
         raise RunError(f"--batch_size {cfg.batch_size} is larger than the {len(train_enc)} training examples")
     model.grad_checkpointing = cfg.grad_ckpt
     memory_plan(model, teacher, cfg.batch_size // world, max(len(p) + len(a) for p, a in train_enc),
-                max(len(a) for _, a in train_enc) + 1, dtype, cfg.grad_ckpt, device, n_ckpt)
+                max(len(a) for _, a in train_enc) + 1, dtype, cfg.grad_ckpt, device, n_ckpt,
+                logit_chunk(model.config.vocab_size, cfg.logit_chunk))
     model.to(device)
     return out_folder(cfg.out_dir)
 

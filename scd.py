@@ -5,6 +5,7 @@ maps its symbols to arguments.
 """
 import torch
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 # -----------------------------------------------------------------------------
@@ -32,10 +33,25 @@ def per_example(values, mask):
     return torch.zeros(mask.size(0), device=values.device).index_add_(0, rows, values.float()) / mask.sum(1).clamp(min=1)
 
 
-def gold_ce(logits, y, mask):
+def gold_ce(logits, y, mask, chunk=0):
     """CE(gold y_i; p) per example: the mean over example i's answer tokens, in float32.
-    logits (N, V) at mask's True positions (row-major), y (B, T) targets -> (B,)."""
-    return per_example(F.cross_entropy(logits.float(), y[mask], reduction="none"), mask)
+    logits (N, V) at mask's True positions (row-major), y (B, T) targets -> (B,).
+    chunk: answer positions per piece (by_chunks; 0: one piece)."""
+    token_ce = lambda lg, t: F.cross_entropy(lg.float(), t, reduction="none")
+    return per_example(by_chunks(token_ce, logits, y[mask], chunk=chunk), mask)
+
+
+def by_chunks(fn, *rows, chunk=0):
+    """fn over consecutive pieces of `chunk` rows of (N, ...) tensors, concatenated: the values
+    of fn(*rows), with no more than chunk x V float32 values of a per-token loss alive at once.
+    At a 128k vocabulary the float32 copies of the logits are the memory; with gradients each
+    piece is recomputed in the backward pass instead of kept. chunk=0 (or >= N): one piece."""
+    n = rows[0].size(0)
+    if not chunk or chunk >= n:
+        return fn(*rows)
+    grad = torch.is_grad_enabled() and any(r.requires_grad for r in rows)
+    piece = (lambda *r: checkpoint(fn, *r, use_reentrant=False)) if grad else fn
+    return torch.cat([piece(*(r[i:i + chunk] for r in rows)) for i in range(0, n, chunk)])
 
 
 def aw_weights(anchor_loss, ckpt_loss, floor=1e-8):
@@ -59,19 +75,21 @@ def scd_loss(kl, ce, w):
 
 
 def distill_loss(student_logits, teacher_logits, y, mask, alpha=0.5, anchor_loss=None,
-                 direction="forward", temperature=1.0):
+                 direction="forward", temperature=1.0, chunk=0):
     """One batch of section 2.4 -> (loss, terms). Logits (N, V) at mask's answer positions.
 
     teacher_logits=None is SFT (w = 0). anchor_loss: l_S of the batch's examples, (B,), for
     AW; None uses the fixed w = alpha. terms holds the per-example ce, kl and w (for logs
-    and for naming the term that went bad).
+    and for naming the term that went bad). chunk: answer positions per piece of the KL and
+    both CEs (by_chunks; 0: one piece).
     """
-    ce = gold_ce(student_logits, y, mask)                          # CE(y_i; p_student)
+    ce = gold_ce(student_logits, y, mask, chunk)                   # CE(y_i; p_student)
     if teacher_logits is None:
         return ce.mean(), dict(ce=ce, kl=torch.zeros_like(ce), w=torch.zeros_like(ce))
     teacher_logits = teacher_logits.detach()  # the target is a constant
-    kl = per_example(distill_kl(teacher_logits, student_logits, direction, temperature), mask)
-    w = alpha * torch.ones_like(ce) if anchor_loss is None else aw_weights(anchor_loss, gold_ce(teacher_logits, y, mask))
+    kl_fn = lambda t, s: distill_kl(t, s, direction, temperature)  # KL(p_{c_k} || p_student) per token
+    kl = per_example(by_chunks(kl_fn, teacher_logits, student_logits, chunk=chunk), mask)
+    w = alpha * torch.ones_like(ce) if anchor_loss is None else aw_weights(anchor_loss, gold_ce(teacher_logits, y, mask, chunk))
     return scd_loss(kl, ce, w), dict(ce=ce, kl=kl, w=w)
 
 

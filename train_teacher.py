@@ -26,8 +26,8 @@ import torch
 import data
 import scd
 from model import PRESETS
-from plumbing import (Logger, RunError, arg, atomic_save, check_finite, global_mean, load_checkpoint, lr_at, optimizer_step,
-                      parse_config, prepare, resume_sft, run_main, setup_device, shard, start, wrap)
+from plumbing import (Logger, RunError, arg, atomic_save, check_finite, global_mean, load_checkpoint, logit_chunk, lr_at,
+                      optimizer_step, parse_config, prepare, resume_sft, run_main, setup_device, shard, start, wrap)
 
 
 @dataclass
@@ -57,6 +57,8 @@ class TrainConfig:
                      choices=("auto", "float32", "bfloat16", "float16"))
     compile: bool = arg(False, "torch.compile the trained model (CUDA; slow to start, faster per step)")
     grad_ckpt: bool = arg(False, "activation checkpointing: recompute each block in the backward pass (less memory, more time)")
+    logit_chunk: int = arg(0, "answer positions per piece of the losses (0: pieces of at most 64 MiB of float32 logits; "
+                           "the CPU demo's batches fit in one)", low=0)
     log_every: int = arg(20, "steps between progress lines", low=1)
     compare_to: str = arg("", "a teacher run folder: print the SFS/TFS table of that teacher against this model")
     # for the tests only
@@ -92,7 +94,7 @@ def train(cfg, splits=None):
     if "test" in manifest and step == total:
         print(f"{out} holds this run, finished: nothing to do")
         return manifest["test"]
-    lengths = [len(p) + len(a) for p, a in train_enc]
+    lengths, chunk = [len(p) + len(a) for p, a in train_enc], logit_chunk(model.config.vocab_size, cfg.logit_chunk)
     net, log = wrap(model, cfg.compile, world), Logger(out, rank, total, step, cfg.log_every)
     loss_sum, loss_n, skipped, t_eval = 0.0, 0, 0, 0.0
     model.train()
@@ -103,7 +105,7 @@ def train(cfg, splits=None):
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, total, cfg.lr, cfg.warmup_frac)  # warm-up, then cosine decay to 0
         with ctx:
-            loss = data.answer_ce(net(x, positions=mask), y, mask).mean()
+            loss = data.answer_ce(net(x, positions=mask), y, mask, chunk).mean()
         check_finite(f"step {step + 1}", loss=loss)
         skipped += optimizer_step(model, optimizer, scaler, loss, cfg.grad_clip, f"step {step + 1}")
         step += 1

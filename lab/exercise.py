@@ -24,7 +24,7 @@ EXERCISES = ("token_kl", "distill_kl", "per_example", "gold_ce", "aw_weights", "
 REFERENCE = ("model.py", "data.py", "scd.py", "train_teacher.py", "distill.py", "plumbing.py", "hf.py", "METHOD.md",
              "LICENSE", "requirements.txt", "requirements-test.txt", "assets", "data/default", "notebooks/assignments.ipynb")
 # the reference's tests; the lab's (comparison, statistics, generators, benchmarks, mutants, this kit) stay behind
-TESTS = ("conftest.py", "test_scd.py", "test_data.py", "test_model.py", "test_train.py", "test_distill.py",
+TESTS = ("conftest.py", "test_scd.py", "test_chunks.py", "test_data.py", "test_model.py", "test_train.py", "test_distill.py",
          "test_plumbing.py", "test_llama.py", "test_ddp.py")
 README = """# Scheduled Checkpoint Distillation: the assignment
 

@@ -24,7 +24,7 @@ import torch
 
 from lab import bench
 from lab import reproduce
-from plumbing import arg, parse_config, plan_parts, run_main
+from plumbing import arg, logit_chunk, parse_config, plan_parts, run_main
 from model import GPTConfig, build
 
 
@@ -41,9 +41,10 @@ PAIRS = [("llama-3.1-8b", "llama-3.2-3b"), ("llama-3.2-3b", "llama-3.2-1b"), ("q
 
 
 def plans(batch_size=8, seq_len=512, answer_len=128, cards=(24, 48, 80)):
-    """Markdown: what each phase of each pair needs on one GPU (common.plan_parts, bf16
-    autocast), without and with activation checkpointing, and on which cards it fits (within
-    95% of the card; the teacher-logit cache, up to --teacher_cache_gib, comes on top)."""
+    """Markdown: what each phase of each pair needs on one GPU (plumbing.plan_parts, bf16
+    autocast, the losses in pieces of plumbing.logit_chunk), without and with activation
+    checkpointing, and on which cards it fits (within 95% of the card; the teacher-logit
+    cache, up to --teacher_cache_gib, comes on top)."""
     gib = lambda x: f"{x / 2**30:.1f}"
     rows = ["| pair | phase | weights + grads + AdamW | frozen teacher | activations (ckpt off / on) | logits | "
             "total (off / on) | fits (GB card, ckpt on) | 24 dense bf16 checkpoints |", "|" + " --- |" * 9]
@@ -51,7 +52,8 @@ def plans(batch_size=8, seq_len=512, answer_len=128, cards=(24, 48, 80)):
         with torch.device("meta"):  # shapes only
             T, S = (build(GPTConfig(**bench.SHAPES[n])) for n in (t, s))
         for phase, model, teacher in (("teacher SFT", T, None), ("SFT student", S, None), ("distillation", S, T)):
-            off, on = (plan_parts(model, teacher, batch_size, seq_len, answer_len, "bfloat16", c) for c in (False, True))
+            chunk = logit_chunk(model.config.vocab_size)
+            off, on = (plan_parts(model, teacher, batch_size, seq_len, answer_len, "bfloat16", c, chunk) for c in (False, True))
             fits = [f"{g}" for g in cards if sum(on.values()) <= 0.95 * g * 1e9] or ["none"]  # 5% for CUDA's own use
             disk = gib(24 * 2 * model.num_params()) + " GiB" if phase == "teacher SFT" else ""
             rows.append(f"| {t} -> {s} | {phase} | {gib(off['weights'] + off['gradients'] + off['AdamW'])} | "

@@ -157,7 +157,7 @@ def test_the_loss_gets_the_runs_alpha_direction_and_temperature(tiny_domain, run
     calls, real = [], scd.distill_loss
     monkeypatch.setattr(distill.scd, "distill_loss", lambda *a: calls.append(a[4:]) or real(*a))
     distill.main(dcfg(tiny_domain, runs, "flags", method="kd", stages=1, alpha=0.25, kl_direction="reverse", temperature=2.0))
-    assert calls and all(c[0] == 0.25 and c[1] is None and c[2:] == ("reverse", 2.0) for c in calls)
+    assert calls and all(c[0] == 0.25 and c[1] is None and c[2:4] == ("reverse", 2.0) for c in calls)
 
 
 def test_resampled_probes_are_logged_and_change_nothing_in_the_run(tiny_domain, runs):  # noqa: F811

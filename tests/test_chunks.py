@@ -1,0 +1,68 @@
+"""The losses at a 128k vocabulary: in pieces along the answer positions (scd.by_chunks) they
+equal the one-piece values and gradients to 1e-6, and no piece holds more positions than asked,
+in the forward pass or in the backward pass's recomputation."""
+import pytest
+import torch
+
+import data
+import scd
+
+V = 128_256  # Llama 3's vocabulary
+
+
+@pytest.fixture(scope="module")
+def batch():
+    torch.manual_seed(0)
+    mask = torch.tensor([[False, True, True, True], [True, True, True, False]])  # 6 answer positions
+    s, t = 3 * torch.randn(6, V), 3 * torch.randn(6, V)
+    return s, t, torch.randint(0, V, (2, 4)), mask, torch.tensor([0.7, 0.2])
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 4])
+@pytest.mark.parametrize("direction, temperature, aw", [("forward", 1.0, True), ("reverse", 2.0, False)])
+def test_chunked_losses_and_gradients_equal_the_unchunked(batch, chunk, direction, temperature, aw):
+    s, t, y, mask, anchor = batch
+    out = []
+    for c in (0, chunk):
+        x = s.clone().requires_grad_(True)
+        loss, terms = scd.distill_loss(x, t, y, mask, 0.3, anchor if aw else None, direction, temperature, chunk=c)
+        loss.backward()
+        out.append((loss.detach(), {k: v.detach() for k, v in terms.items()}, x.grad))
+    (l0, t0, g0), (l1, t1, g1) = out
+    torch.testing.assert_close(l1, l0, atol=1e-6, rtol=0)
+    for k in ("ce", "kl", "w"):
+        torch.testing.assert_close(t1[k], t0[k], atol=1e-6, rtol=0)
+    torch.testing.assert_close(g1, g0, atol=1e-6, rtol=0)
+    torch.testing.assert_close(data.answer_ce(s, y, mask, chunk), scd.gold_ce(s, y, mask), atol=1e-6, rtol=0)
+
+
+def test_no_piece_holds_more_positions_than_asked_forward_or_backward(batch):
+    s, _, _, _, _ = batch
+    seen = []
+
+    def fn(lg):
+        seen.append(lg.size(0))
+        return torch.logsumexp(lg.float(), -1)
+    x = s.clone().requires_grad_(True)
+    scd.by_chunks(fn, x, chunk=4).sum().backward()
+    assert seen == [4, 2, 2, 4]  # two pieces, each recomputed once in the backward pass (last first)
+    torch.testing.assert_close(x.grad, torch.softmax(s, -1), atol=1e-6, rtol=0)  # d logsumexp / d logits
+    seen.clear()
+    with torch.no_grad():
+        scd.by_chunks(fn, s, chunk=4)
+    assert seen == [4, 2]  # no gradients: no recomputation
+
+
+def test_the_memory_plan_counts_one_piece_of_float32_logits():
+    """At a 128k vocabulary, batch 8 x 128 answer tokens in bf16: in one piece four float32 copies
+    of (1024 x V); in pieces of 130 positions (64 MiB of float32 logits each), the bf16 logits
+    and gradient of the student, the teacher's, and four float32 copies of one piece."""
+    import plumbing
+    from model import GPTConfig, build
+    model = build(GPTConfig(vocab_size=V, n_layer=1, n_head=1, n_embd=8, block_size=16))
+    chunk = plumbing.logit_chunk(V)
+    assert chunk == 2**26 // (4 * V) == 130
+    one = plumbing.plan_parts(model, model, 8, 512, 128, "bfloat16", True)["logits"]
+    pieces = plumbing.plan_parts(model, model, 8, 512, 128, "bfloat16", True, chunk)["logits"]
+    assert one == 1024 * V * 4 * 4 and pieces == 1024 * V * 2 * 3 + 130 * V * 4 * 4
+    assert pieces < 0.55 * one  # 1.06 GB against 2.10
