@@ -91,12 +91,16 @@ class FolderTokenizer:
             raise UnsupportedModel(f"{folder}/tokenizer.json has changed since the run was made (sha {sha}, not {spec['sha']})")
         self.tk = Tokenizer.from_str(raw.decode("utf-8"))
         c = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        # The end token every answer is followed by. Llama 3's instruction-tuned configs list
+        # several ([128001, 128008, 128009]: <|end_of_text|>, <|eom_id|>, <|eot_id|>); the first
+        # is the one that ends a document in pretraining, which is the role it has here (prompt
+        # and answer are one continuous text, no chat template), and the only one base models list.
         eos = c.get("eos_token_id")
-        self.eot = eos[0] if isinstance(eos, list) else eos  # the end token every answer is followed by
-        if self.eot is None:
-            raise UnsupportedModel(f"{folder}/config.json: field 'eos_token_id' is missing: answers need an end token")
+        self.eot = eos[0] if isinstance(eos, list) and eos else eos
+        if not isinstance(self.eot, int):
+            raise UnsupportedModel(f"{folder}/config.json: field 'eos_token_id' is missing or empty: answers need an end token")
         self.vocab_size, self.ids = c["vocab_size"], dict(folder=str(folder), sha=sha)
-        self.identity = ("tokenizer.json", self.vocab_size, sha)
+        self.identity = ("tokenizer.json", self.vocab_size, sha, self.eot)  # teacher and student end answers alike
 
     def encode(self, text):
         return self.tk.encode(text, add_special_tokens=False).ids  # no BOS: prompt + answer are one continuous text

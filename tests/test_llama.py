@@ -94,6 +94,17 @@ def test_the_folders_tokenizer_is_the_tokenizers_library(tmp_path):
         assert tok.encode(t) == ref.encode(t, add_special_tokens=False).ids and tok.decode(tok.encode(t)) == t
     assert tok.eot == 0 and tok.vocab_size == 400 and len(tok.ids["sha"]) == 16
     assert plumbing.tokenizer(tok.ids).identity == tok.identity  # what a checkpoint stores brings the same tokenizer back
+    # several end tokens, as Llama 3's instruction-tuned configs list them: answers end with the first
+    (tmp_path / "config.json").write_text(json.dumps(dict(vocab_size=400, eos_token_id=[7, 9, 11])))
+    several = hf.FolderTokenizer(tmp_path)
+    assert several.eot == 7 and several.identity != tok.identity  # a student ending answers otherwise is refused
+    x, y, mask = data.make_batch([(several.encode("Question:"), several.encode(" London"))], [0], several.eot)
+    assert y[mask][-1].item() == 7
+    for bad in ([], None):
+        (tmp_path / "config.json").write_text(json.dumps(dict(vocab_size=400, eos_token_id=bad)))
+        with pytest.raises(hf.UnsupportedModel, match="'eos_token_id' is missing or empty"):
+            hf.FolderTokenizer(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(dict(vocab_size=400, eos_token_id=0)))
     (tmp_path / "tokenizer.json").write_text((tmp_path / "tokenizer.json").read_text().replace('"<eos>"', '"<end>"'))
     with pytest.raises(hf.UnsupportedModel, match="tokenizer.json has changed since the run was made"):
         plumbing.tokenizer(tok.ids)
