@@ -90,8 +90,9 @@ class LM(nn.Module):
     def configure_optimizer(self, lr, weight_decay, betas, device_type):
         # decay the blocks' matrices; not biases, norms or embeddings (lookup tables, tied to the head or not)
         tables = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
-        decay = [p for p in self.parameters() if p.dim() >= 2 and id(p) not in tables]
-        rest = [p for p in self.parameters() if p.dim() < 2 or id(p) in tables]
+        train = [p for p in self.parameters() if p.requires_grad]  # with adapters, only theirs (add_lora)
+        decay = [p for p in train if p.dim() >= 2 and id(p) not in tables]
+        rest = [p for p in train if p.dim() < 2 or id(p) in tables]
         groups = [dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0.0)]
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == "cuda"))
 
@@ -316,4 +317,60 @@ class Llama(LM):
 
 def build(config):
     return (Llama if config.arch == "llama" else GPT)(config)
+
+
+# -----------------------------------------------------------------------------
+# LoRA adapters (Hu et al., 2021): a frozen model plus a trained low-rank update of its projections
+
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    """base(x) + (alpha / r) B A dropout(x): a frozen nn.Linear and a rank-r update of its weight.
+    B starts at zero, so a fresh adapter leaves the layer's output unchanged."""
+
+    def __init__(self, base, rank, alpha, dropout):
+        super().__init__()
+        self.base, self.scale, self.drop = base, alpha / rank, nn.Dropout(dropout)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear draws its own weight
+
+    def forward(self, x):
+        return self.base(x) + (self.drop(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scale
+
+    def merged(self):
+        """A plain nn.Linear with the weight W + (alpha / r) B A: the same outputs, dropout off."""
+        out = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
+        with torch.no_grad():
+            out.weight.copy_(self.base.weight + self.scale * self.lora_B @ self.lora_A)
+            if self.base.bias is not None:
+                out.bias.copy_(self.base.bias)
+        return out.to(self.base.weight.device)
+
+
+def add_lora(model, rank, alpha=0.0, dropout=0.0, targets=LORA_TARGETS):
+    """Freeze every weight of model and wrap each nn.Linear named in targets (GPT-2's c_attn,
+    c_proj and c_fc; Llama's q, k, v, o, gate, up and down projections) in a LoRALinear;
+    alpha 0 means 2 x rank. -> model, changed in place: only the adapters train."""
+    model.requires_grad_(False)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and name in targets:
+                setattr(module, name, LoRALinear(child, rank, alpha or 2 * rank, dropout))
+    return model
+
+
+def merge_lora(model):
+    """Fold every adapter into its layer: the plain model again, with its own state-dict names."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(module, name, child.merged())
+    return model
+
+
+def lora_state(model):
+    """The adapters' weights alone: what a checkpoint of an adapted model needs beyond its base."""
+    return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
 

@@ -1,11 +1,13 @@
 """The suite catches the bugs that matter: each plausible one-line error below (a swapped KL
 direction, an inverted AW ratio, a misaligned lookup, ...) is applied to a copy of the
-repository, and the tests named next to it must fail there. A mutant that survives means
+repository, and the test named next to it must fail there. A mutant that survives means
 a test is missing."""
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
+import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -126,6 +128,12 @@ MUTANTS = {
     "distilled students start from random init": ("lab/reproduce.py", "lr=cfg.student_lr, init_from=init, pool_start=pool_start))",
         'lr=cfg.student_lr, init_from="", pool_start=pool_start))',
         "test_bases.py::test_each_phase_gets_its_base_protocol_and_budget"),
+    "LoRA's B drawn at random, not zero": ("model.py", "self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank,",
+        "self.lora_B = nn.Parameter(torch.randn(base.out_features, rank,",
+        "test_lora.py::test_a_fresh_adapter_changes_nothing_and_only_adapters_train"),
+    "LoRA merged without its alpha / r": ("model.py", "out.weight.copy_(self.base.weight + self.scale * self.lora_B @ self.lora_A)",
+        "out.weight.copy_(self.base.weight + self.lora_B @ self.lora_A)",
+        "test_lora.py::test_base_plus_adapter_gives_the_merged_weights_logits"),
 }
 
 
@@ -146,11 +154,43 @@ def run_mutant(name, dst):
     return r.returncode, r.stdout[-2000:]
 
 
+PURE = "scd.py"  # pure functions, tested by plain functions: its mutants run in this process, with no start-up to pay
+
+
+def run_here(name):
+    """A mutant of scd.py checked in this process: the mutated source becomes the module `scd`
+    that a fresh import of its test file sees, and its test is called. -> (1 if it failed, 0, message)."""
+    file, good, bad, node = MUTANTS[name]
+    test_file, test_name = node.split("::")
+    src = (ROOT / file).read_text(encoding="utf-8")
+    if src.count(good) != 1:
+        return None, f"{file} no longer has exactly one {good!r}: update the mutant"
+    mutant = types.ModuleType("scd")
+    exec(compile(src.replace(good, bad), str(ROOT / file), "exec"), mutant.__dict__)
+    real, sys.modules["scd"] = sys.modules.get("scd"), mutant
+    try:
+        spec = importlib.util.spec_from_file_location(f"mutant_of_{test_file[:-3]}", ROOT / "tests" / test_file)
+        tests = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tests)
+        getattr(tests, test_name)()
+        return 0, "the test passed"
+    except Exception as e:  # an assertion, or anything else the bug raises
+        return 1, f"{type(e).__name__}: {e}"[:2000]
+    finally:
+        if real is None:
+            sys.modules.pop("scd")
+        else:
+            sys.modules["scd"] = real
+
+
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
-    """Every mutant's run, two at a time (one thread each: most of a run is starting Python)."""
+    """Every mutant's run: those of other files in copies, two at a time (one thread each: most
+    of a run is starting Python), scd.py's meanwhile in this process."""
     with ThreadPoolExecutor(2) as pool:
-        return dict(zip(MUTANTS, pool.map(lambda n: run_mutant(n, tmp_path_factory.mktemp("mutant")), MUTANTS)))
+        copies = {n: pool.submit(run_mutant, n, tmp_path_factory.mktemp("mutant")) for n in MUTANTS if MUTANTS[n][0] != PURE}
+        here = {n: run_here(n) for n in MUTANTS if MUTANTS[n][0] == PURE}
+        return {**here, **{n: f.result() for n, f in copies.items()}}
 
 
 @pytest.mark.parametrize("name", MUTANTS)
