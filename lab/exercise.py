@@ -37,7 +37,7 @@ arguments. The functions to write raise `NotImplementedError`.
 
 What runs before you write anything: the teacher and the SFT student
 (`python train_teacher.py`, then `python train_teacher.py --preset student --out_dir
-runs/student_sft`; about 6 minutes together). `distill.py` needs parts 1 to 3.
+runs/student_sft`; 6 to 8 minutes together on a 2-core CPU). `distill.py` needs parts 1 to 3.
 """
 
 

@@ -99,3 +99,16 @@ def test_one_seed_gives_intervals_but_no_verdicts():
     rows = [("(b) SCD+AW > KD", r), ("(a) KD > SFT student", r)]
     table = reproduce.claims_table(rows)
     assert table.count("no verdict (one seed)") == 2 and "holds" not in table
+
+
+def test_a_teacher_best_at_its_first_checkpoint_goes_through_to_the_report(tiny_domain, tmp_path, monkeypatch):
+    """Real teachers often peak early and then overfit. T* at the first checkpoint makes the k4
+    protocol's pool that one checkpoint (the path ends at T*): every phase runs and the report is written."""
+    monkeypatch.setattr(reproduce.tt.scd, "best_checkpoint", lambda val_losses: 0)
+    cfg = reproduce.ReproduceConfig(data=str(tiny_domain), out_dir=str(tmp_path / "runs"), seeds=1, teacher_epochs=2,
+                                    ckpt_per_epoch=1, stages=2, probe_size=16, base="none")
+    text = reproduce.main(cfg).read_text()
+    assert cfg.report_dir == str(tmp_path / "runs" / "report")  # the run's own folder
+    sched = json.loads((tmp_path / "runs" / "seed0" / "scd_k4" / "schedule.json").read_text())
+    assert sched["pool"] == ["ckpt_000006.pt"] and {s["ckpt"] for s in sched["stages"]} == {0}
+    assert "| SCD+AW |" in text and "no verdict (one seed)" in text
