@@ -99,12 +99,13 @@ def main(cfg, splits=None):
     tdir, pool, best, t_star = teacher_pool(cfg, student, tok)     # the candidates c, and T*'s place among them
     out = start(cfg, student, t_star if cfg.method != "sft" else None, train_enc, device, dtype, world)  # memory plan, lock
     del t_star
-    anchor = sft_anchor(cfg, data.fingerprint(splits["train"]), len(train_enc), device)  # section 2.2: l_S(x) for AW
+    train_fp = data.fingerprint(splits["train"])  # ties the anchor and the stored probe to this training set
+    anchor = sft_anchor(cfg, train_fp, len(train_enc), device)  # section 2.2: l_S(x) for AW
     done, stage, best_val, schedule = resume_stages(out, cfg, DistillConfig, splits, student, device)  # or a fresh run
     if done is not None:
         return done
     t_sched = time.time()  # the probe, and --probe_resamples others drawn with other seeds (does the choice survive?)
-    probes = [probe_logprobs(cfg, tdir, pool, train_enc, cfg.seed + 1000 * r, data.fingerprint(splits["train"]), tok, device, ctx)
+    probes = [probe_logprobs(cfg, tdir, pool, train_enc, cfg.seed + 1000 * r, train_fp, tok, device, ctx)
               for r in range(1 + cfg.probe_resamples) if cfg.method == "scd"]
     t_sched, t_eval = time.time() - t_sched, 0.0
     teacher = StageTeacher(tdir, train_enc, tok.eot, device, dtype, ctx, cfg.teacher_cache_gib)

@@ -405,7 +405,7 @@ def resume_stages(out, cfg, cls, splits, student, device):
     -> (the finished run's results or None, the stage to start at, the best validation
     accuracy so far, the schedule so far)."""
     config = run_config(cfg, splits, "stop_at_stage")
-    done, state = None, (0, -1.0, [])
+    state = 0, -1.0, []  # a fresh run: stage 0, no best yet, no schedule
     if resumable(out, config, asdict(cls())):
         st = torch.load(out / "state.pt", map_location=device, weights_only=True)
         if st["stage"] == cfg.stages and (out / "results.json").exists():
@@ -415,7 +415,7 @@ def resume_stages(out, cfg, cls, splits, student, device):
         print(f"resuming {out} at stage {st['stage']}")
         state = st["stage"], st["best_val"], read_json(out / "schedule.json")["stages"][:st["stage"]]
     atomic_save(dict(config, out_dir=str(out)), out / "config.json")
-    return (done, *state)
+    return (None, *state)
 
 
 def resumable(out, config, defaults):
