@@ -1,6 +1,7 @@
 """The losses at a 128k vocabulary: in pieces along the answer positions (scd.by_chunks) they
-equal the one-piece values and gradients to 1e-6, and no piece holds more positions than asked,
-in the forward pass or in the backward pass's recomputation."""
+equal the one-piece values and gradients to 1e-6 (absolute, and relative: a CE near log V = 11.8
+is known in float32 only to about 1e-6), and no piece holds more positions than asked, in the
+forward pass or in the backward pass's recomputation."""
 import pytest
 import torch
 
@@ -29,11 +30,11 @@ def test_chunked_losses_and_gradients_equal_the_unchunked(batch, chunk, directio
         loss.backward()
         out.append((loss.detach(), {k: v.detach() for k, v in terms.items()}, x.grad))
     (l0, t0, g0), (l1, t1, g1) = out
-    torch.testing.assert_close(l1, l0, atol=1e-6, rtol=0)
+    torch.testing.assert_close(l1, l0, atol=1e-6, rtol=1e-6)
     for k in ("ce", "kl", "w"):
-        torch.testing.assert_close(t1[k], t0[k], atol=1e-6, rtol=0)
-    torch.testing.assert_close(g1, g0, atol=1e-6, rtol=0)
-    torch.testing.assert_close(data.answer_ce(s, y, mask, chunk), scd.gold_ce(s, y, mask), atol=1e-6, rtol=0)
+        torch.testing.assert_close(t1[k], t0[k], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(g1, g0, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(data.answer_ce(s, y, mask, chunk), scd.gold_ce(s, y, mask), atol=1e-6, rtol=1e-6)
 
 
 def test_no_piece_holds_more_positions_than_asked_forward_or_backward(batch):
@@ -46,7 +47,7 @@ def test_no_piece_holds_more_positions_than_asked_forward_or_backward(batch):
     x = s.clone().requires_grad_(True)
     scd.by_chunks(fn, x, chunk=4).sum().backward()
     assert seen == [4, 2, 2, 4]  # two pieces, each recomputed once in the backward pass (last first)
-    torch.testing.assert_close(x.grad, torch.softmax(s, -1), atol=1e-6, rtol=0)  # d logsumexp / d logits
+    torch.testing.assert_close(x.grad, torch.softmax(s, -1), atol=1e-6, rtol=1e-6)  # d logsumexp / d logits
     seen.clear()
     with torch.no_grad():
         scd.by_chunks(fn, s, chunk=4)
