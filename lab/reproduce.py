@@ -429,11 +429,10 @@ def preconditions(runs, decs):
     return "\n".join(rows)
 
 
-def bases_table(cfg):
+def bases_table(cfg, splits):
     """Markdown: the committed bases on the domain's test split before any SFT, as the paper reports its bases."""
     rows = ["| base | parameters | test exact match (macro) | test loss (answer tokens) |", "| --- | --- | --- | --- |"]
     device = setup_device(cfg.device, cfg.dtype)[0]
-    splits = domains.load(cfg.data)
     for preset in (cfg.teacher, cfg.student):
         model, tok = load_checkpoint(base_file(preset, cfg.data, splits), device)
         summary = data.evaluate(model, splits["test"], tok, device)[0]
@@ -512,10 +511,15 @@ def claim_verdicts(rows):
         resolved.update(zip(idx, stats.holm([p[i] for i in idx])))
     verdicts = []
     for i, (claim, r) in enumerate(rows):
-        key = tuple(claim.split(") ", 1)[1].split(" > ")) if " > " in claim and "on " not in claim else None
-        paper = PAPER[key] / 100 if key in PAPER else None
+        paper = paper_effect(claim)
         verdicts.append("no verdict (one seed)" if r["S"] < 2 else stats.verdict(r, resolved.get(i), paper))
     return p, verdicts
+
+
+def paper_effect(claim):
+    """The paper's effect (a fraction) for a whole-domain claim row 'X > Y', or None."""
+    key = tuple(claim.split(") ", 1)[1].split(" > ")) if " > " in claim and "on " not in claim else None
+    return PAPER[key] / 100 if key in PAPER else None
 
 
 def claims_table(rows):
@@ -523,8 +527,7 @@ def claims_table(rows):
     out = ["| claim | role | paper | mean difference | 95% interval (raw) | from seeds / examples (se) | p | verdict | per seed |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for (claim, r), pv, v in zip(rows, p, verdicts):
-        key = tuple(claim.split(") ", 1)[1].split(" > ")) if " > " in claim and "on " not in claim else None
-        paper = f"{PAPER[key]:+.1f}" if key in PAPER else ""
+        paper = "" if paper_effect(claim) is None else f"{100 * paper_effect(claim):+.1f}"
         out.append(f"| {claim} | {'**primary**' if claim == PRIMARY else 'secondary'} | {paper} | {100 * r['mean']:+.1f} | "
                    f"[{100 * r['lo']:+.1f}, {100 * r['hi']:+.1f}] | {100 * r['se_seeds']:.2f} / {100 * r['se_examples']:.2f} | "
                    f"{pv:.3f} | {v} | " + ", ".join(f"{100 * x:+.1f}" for x in r["per_seed"]) + " |")
@@ -588,7 +591,8 @@ def report(cfg, runs, sweeps, wall, command):
 
     names = [n for n in r0 if n not in ("teacher", "SFT student")]
     rows = claim_rows(runs)
-    stages, steps, pool, _ = protocol(cfg, len(domains.load(cfg.data)["train"]) // 16)
+    splits = domains.load(cfg.data)
+    stages, steps, pool, _ = protocol(cfg, len(splits["train"]) // 16)
     sched = {n: [" -> ".join(str("-" if c is None else c) for c in teacher_numbers(r, n)[0]) for r in runs.values()] for n in names}
     lines = [f"# Results: `{command}`", "",
              f"Seeds: {cfg.seeds}; every figure is the mean over seeds ± the half-width of its 95% interval over seeds "
@@ -603,7 +607,7 @@ def report(cfg, runs, sweeps, wall, command):
              f"Regime: {'the committed pretrained bases, fine-tuned (one pair of bases serves every seed)' if cfg.base == 'pretrained' else 'random init (--base none)'}; "
              f"protocol {cfg.protocol}: {stages} stages of {steps} steps, candidates from {pool:.0%} of the way to T* up to T*.", ""]
     if cfg.base == "pretrained":
-        lines += ["## The bases before SFT", "", bases_table(cfg), ""]
+        lines += ["## The bases before SFT", "", bases_table(cfg, splits), ""]
     lines += ["## Test exact match, best-on-validation students", "", accuracy_table(runs, "best"), "",
              "## Test exact match, final students", "", "The teacher and the SFT student have one model on test, their "
              "checkpoint of lowest validation loss, in both tables.", "", accuracy_table(runs, "final"), "",
