@@ -13,6 +13,7 @@ a phase that finished with the same config and data is reused, an interrupted on
 The lab's data specs (default:NOISE, parity:N:K) are generated here (lab/domains.py) and
 handed to the phases; the reference scripts read 'default' and folders.
 """
+import gzip
 import json
 import math
 import os
@@ -68,12 +69,14 @@ class ReproduceConfig:
     teacher_lr: float = arg(3e-3, "the teacher's peak learning rate", low=0)
     student_lr: float = arg(3e-3, "every student's peak learning rate (chosen on KD's validation accuracy)", low=0)
     converge: bool = arg(False, "also train each seed's teacher for twice its epochs: is the teacher converged?")
+    outcomes: str = arg("", "remake the report from this outcomes file alone, no training (every report writes one)")
     compare_to: str = arg("", "the --out_dir of a finished run with the other --base: the report compares the two")
 
     def __post_init__(self):  # the committed bases belong to the default world: other data starts from random init
         if self.base == "auto":
             self.base = "pretrained" if self.data.split(":")[0] == "default" else "none"
-        self.report_dir = self.report_dir or str(Path(self.out_dir) / "report")
+        self.report_dir = self.report_dir or str(Path(self.outcomes).parent / "recomputed" if self.outcomes
+                                                 else Path(self.out_dir) / "report")
     probe_size: int = arg(256, "probe examples for the SCD schedule", low=1)
     device: str = arg("auto", "cpu, cuda, ... (auto: cuda if available)")
     dtype: str = arg("auto", "autocast precision", choices=("auto", "float32", "bfloat16", "float16"))
@@ -146,12 +149,89 @@ def finished(folder, name):
 # -----------------------------------------------------------------------------
 # reading the runs back
 
+OUTCOMES = {}  # what the report is being made from (report() fills it): every figure below comes from here
+
+
+def read(path):
+    """A run's small file as the outcomes file holds it: JSON as is, test records as a 0/1 string."""
+    return OUTCOMES["files"][Path(path).as_posix()]
+
+
+def has(path):
+    return Path(path).as_posix() in OUTCOMES["files"]
+
+
+def ran(folder, name):
+    """finished() on the outcomes: did this phase finish?"""
+    path = folder / ("manifest.json" if name in ("teacher", "SFT student") else "results.json")
+    return has(path) and ("test" in read(path) or "final" in read(path))
+
+
 def records(folder, which="best"):
-    """A run's per-example test records. A distilled run has two students, best (on validation)
-    and final; a train_teacher.py run (the teacher, the SFT student) has one model on test, T*,
-    its checkpoint of lowest validation loss, which both tables show (the final table says so)."""
-    name = "test_records.jsonl" if (folder / "test_records.jsonl").exists() else f"test_records_{which}.jsonl"
-    return [json.loads(line) for line in open(folder / name, encoding="utf-8")]
+    """A run's per-example test records ({correct, subdomain}). A distilled run has two students,
+    best (on validation) and final; a train_teacher.py run (the teacher, the SFT student) has one
+    model on test, T*, its checkpoint of lowest validation loss: both tables show it for either
+    `which` (the final table says so)."""
+    bits = read(folder / "test_records.jsonl") if has(folder / "test_records.jsonl") else read(folder / f"test_records_{which}.jsonl")
+    return [{"correct": b == "1", "subdomain": s} for b, s in zip(bits, OUTCOMES["subdomains"], strict=True)]
+
+
+def collect(cfg, runs, sweeps, wall, command):
+    """Everything the report reads from the runs, with no model and no checkpoint: each run's
+    manifest, schedule and results, its per-example test outcomes as a 0/1 string, seed 0's AW
+    weights, the bases' table. The report is made from this alone (report()), so anyone can
+    remake it from the committed file: python reproduce.py --outcomes <folder>/outcomes.json.gz"""
+    folders = [f for r in runs.values() for f in r.values()] + [f for sw in sweeps.values() for f in sw.values()]
+    folders += [r["teacher"].with_name("teacher_x2") for r in runs.values()]  # --converge true
+    other = "_k4" if cfg.protocol == "paper" else ""  # the other protocol's runs, where they exist (protocol_table)
+    folders += [f.with_name(f.name.removesuffix("_k4") + other) for r in runs.values() for f in r.values()]
+    if cfg.compare_to:
+        folders += [Path(cfg.compare_to) / f"seed{s}" / f.name for s, r in runs.items() for f in r.values()]
+    files, subdomains = {}, None
+    for f in dict.fromkeys(folders):
+        for name in ("manifest.json", "schedule.json", "results.json"):
+            if (f / name).exists():
+                files[(f / name).as_posix()] = json.loads((f / name).read_text())
+        for name in ("test_records.jsonl", "test_records_best.jsonl", "test_records_final.jsonl"):
+            if (f / name).exists():
+                recs = [json.loads(line) for line in open(f / name, encoding="utf-8")]
+                files[(f / name).as_posix()] = "".join("01"[bool(x["correct"])] for x in recs)
+                if subdomains not in (None, [x["subdomain"] for x in recs]):
+                    raise RuntimeError(f"{f / name}: other test examples than the first run's; the report pairs them by position")
+                subdomains = [x["subdomain"] for x in recs]
+    splits = domains.load(cfg.data)
+    r0 = runs[0]
+    ws, tfs, noisy = aw_weights_by_stage(r0["SCD+AW"], r0["teacher"], r0["SFT student"])
+    return dict(
+        cfg={k: v for k, v in vars(cfg).items() if k not in ("outcomes", "report_dir")}, command=command, files=files,
+        subdomains=subdomains, runs={s: {n: f.as_posix() for n, f in r.items()} for s, r in runs.items()},
+        sweeps={s: [[n, m, f.as_posix()] for (n, m), f in sw.items()] for s, sw in sweeps.items()}, wall=wall,
+        protocol=protocol(cfg, len(splits["train"]) // 16),
+        machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device "
+                f"{setup_device(cfg.device, cfg.dtype)[0]}",
+        bases=bases_table(cfg, splits) if cfg.base == "pretrained" else "",
+        aw=dict(w=[[round(x, 5) for x in w.tolist()] for w in ws], tfs="".join("01"[b] for b in tfs.tolist()),
+                noisy="".join("01"[b] for b in noisy.tolist())))
+
+
+def unpack(o, report_dir=""):
+    """Make o what the report reads -> (its config, {seed: {row name: run folder}}, {seed: {(name, budget): folder}})."""
+    OUTCOMES.clear()
+    OUTCOMES.update(o)
+    runs = {int(s): {n: Path(f) for n, f in r.items()} for s, r in o["runs"].items()}
+    sweeps = {int(s): {(n, m): Path(f) for n, m, f in sw} for s, sw in o["sweeps"].items()}
+    return ReproduceConfig(**o["cfg"], report_dir=report_dir), runs, sweeps
+
+
+def save_outcomes(o, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as z:  # mtime 0: one run, one file
+        z.write(json.dumps(o, separators=(",", ":")).encode())
+
+
+def load_outcomes(path):
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return json.load(f)
 
 
 def scores(folders, which="best"):
@@ -200,10 +280,11 @@ def aw_weights_by_stage(run, teacher_dir, anchor_dir, device="cpu"):
     """AW's w_i on every training example for each stage's checkpoint, which examples are
     TFS-like (teacher's loss below the SFT student's) on train, and which carry a wrong
     label (the default domain marks them): (list of w tensors, bool mask, bool mask)."""
-    sched = json.loads((run / "schedule.json").read_text())
-    l_s = torch.tensor(json.loads((anchor_dir / "train_losses.json").read_text())["loss"])
-    l_t = torch.tensor(json.loads((teacher_dir / "train_losses.json").read_text())["loss"])
-    train = domains.load(json.loads((run / "config.json").read_text())["data"])["train"]
+    disk = lambda path: json.loads(path.read_text())  # from the run folders: collect() calls this
+    sched = disk(run / "schedule.json")
+    l_s = torch.tensor(disk(anchor_dir / "train_losses.json")["loss"])
+    l_t = torch.tensor(disk(teacher_dir / "train_losses.json")["loss"])
+    train = domains.load(disk(run / "config.json")["data"])["train"]
     ws = []
     for st in sched["stages"]:
         model, tok = load_checkpoint(teacher_dir / st["file"], device)
@@ -216,7 +297,7 @@ def aw_weights_by_stage(run, teacher_dir, anchor_dir, device="cpu"):
 # the five plots
 
 def plot_teacher(teacher_dir, path):
-    m = json.loads((teacher_dir / "manifest.json").read_text())
+    m = read(teacher_dir / "manifest.json")
     steps = [c["step"] for c in m["checkpoints"]]
     best = m["checkpoints"][m["best"]]
     fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -237,8 +318,8 @@ def plot_teacher(teacher_dir, path):
 def teacher_numbers(r, name):
     """Run `name`'s schedule as the teacher's checkpoint numbers (positions in its manifest;
     schedule.json counts within the candidate pool): (per stage, T*, the pool's first)."""
-    files = [c["file"] for c in json.loads((r["teacher"] / "manifest.json").read_text())["checkpoints"]]
-    sched = json.loads((r[name] / "schedule.json").read_text())
+    files = [c["file"] for c in read(r["teacher"] / "manifest.json")["checkpoints"]]
+    sched = read(r[name] / "schedule.json")
     return ([files.index(s["file"]) if "file" in s else None for s in sched["stages"]],
             files.index(sched["pool"][sched["best"]]), files.index(sched["pool"][0]))
 
@@ -247,7 +328,7 @@ def plot_schedule(r, path):
     """Top: the path each method's student follows along the teacher's trajectory, from its start to T*.
     Below, for each adaptive method and at most 4 of its stages: both KL terms and the score per candidate."""
     names = [n for n in r if n not in ("teacher", "SFT student", "SFT, stages")]  # the methods with a teacher
-    scheds = {n: json.loads((r[n] / "schedule.json").read_text()) for n in names}
+    scheds = {n: read(r[n] / "schedule.json") for n in names}
     adaptive = [n for n in names if "kl_best" in scheds[n]["stages"][0]]
     K = len(scheds[names[0]]["stages"])
     shown = sorted({round(i * (K - 1) / 3) for i in range(4)}) if K > 4 else list(range(K))
@@ -389,7 +470,7 @@ def criterion_table(runs):
     agree = total = 0
     for n in [n for n in runs[0] if n.startswith("SCD")]:
         for seed, r in runs.items():
-            for st in json.loads((r[n] / "schedule.json").read_text())["stages"]:
+            for st in read(r[n] / "schedule.json")["stages"]:
                 score = sorted(a + b for a, b in zip(st["kl_best"], st["kl_student"]))
                 rng = lambda v: f"{min(v):.3f} to {max(v):.3f}"
                 same = sum(k == st["ckpt"] for k in st.get("resampled", []))
@@ -409,9 +490,9 @@ def preconditions(runs, decs):
     fmt = lambda r: f"{100 * r['mean']:+.1f} [{100 * r['lo']:+.1f}, {100 * r['hi']:+.1f}]"
     rows = ["| precondition | figure | met |", "| --- | --- | --- |"]
     x2 = {s: r["teacher"].with_name("teacher_x2") for s, r in runs.items()}  # --converge true made these
-    x2 = {s: f for s, f in x2.items() if finished(f, "teacher")}
+    x2 = {s: f for s, f in x2.items() if ran(f, "teacher")}
     if x2:
-        best = lambda f: min(c["val_loss"] for c in json.loads((f / "manifest.json").read_text())["checkpoints"])
+        best = lambda f: min(c["val_loss"] for c in read(f / "manifest.json")["checkpoints"])
         gains = {s: 1 - best(f) / best(runs[s]["teacher"]) for s, f in x2.items()}
         met = "no" if max(gains.values()) >= 0.02 else "yes" if len(x2) == len(runs) else "yes where measured"
         rows.append("| teacher converged: twice its steps lower its best validation loss by < 2%, every seed | "
@@ -444,7 +525,7 @@ def stage0_terms(runs):
     """The student term at stage 0 (the student is its start) to the teacher's first and last checkpoint, per seed."""
     out = []
     for r in runs.values():
-        st = json.loads((r["SCD"] / "schedule.json").read_text())["stages"][0]
+        st = read(r["SCD"] / "schedule.json")["stages"][0]
         out.append((st["kl_student"][0], st["kl_student"][-1]))
     return out
 
@@ -455,9 +536,9 @@ def protocol_table(runs, suffix):
     rows = ["| method | this protocol | the other | difference |", "| --- | --- | --- | --- |"]
     for n in [n for n in runs[0] if n not in ("teacher", "SFT student")]:
         folders = [(r[n], r[n].with_name(r[n].name.removesuffix("_k4") + suffix)) for r in runs.values()]
-        if not all((f / "results.json").exists() for pair in folders for f in pair):
+        if not all(has(f / "results.json") for pair in folders for f in pair):
             continue
-        a, b = ([max(json.loads((f / "results.json").read_text())["val_acc"]) for f in fs] for fs in zip(*folders))
+        a, b = ([max(read(f / "results.json")["val_acc"]) for f in fs] for fs in zip(*folders))
         rows.append(f"| {n} | {statistics.mean(a):.3f} | {statistics.mean(b):.3f} | "
                     f"{100 * (statistics.mean(a) - statistics.mean(b)):+.1f} (per seed "
                     + ", ".join(f"{100 * (x - y):+.1f}" for x, y in zip(a, b)) + ") |")
@@ -467,7 +548,7 @@ def protocol_table(runs, suffix):
 def regime_table(runs, other):
     """Markdown: each model's test accuracy in this run and in the run with the other --base (same seeds and test
     examples), with the difference's 95% interval, and what the schedule's criterion saw in each."""
-    seeds = [s for s in runs if all(finished(f, n) for n, f in other[s].items())]  # the seeds both runs have
+    seeds = [s for s in runs if all(ran(f, n) for n, f in other[s].items())]  # the seeds both runs have
     runs, other = {s: runs[s] for s in seeds}, {s: other[s] for s in seeds}
     rows = [f"Seeds {', '.join(map(str, seeds))} of both runs, paired by seed.", "",
             "| model | this run | the other --base | difference (points) |", "| --- | --- | --- | --- |"]
@@ -478,7 +559,7 @@ def regime_table(runs, other):
         rows.append(f"| {n} | {interval(accuracy([r[n] for r in runs.values()]))} | {interval(accuracy([other[s][n] for s in runs]))} "
                     f"| {100 * d['mean']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}] |")
     for label, rs in (("this run", runs), ("the other --base", other)):
-        ranges = [max(v) - min(v) for r in rs.values() for st in json.loads((r["SCD"] / "schedule.json").read_text())["stages"]
+        ranges = [max(v) - min(v) for r in rs.values() for st in read(r["SCD"] / "schedule.json")["stages"]
                   for v in [[a + b for a, b in zip(st["kl_best"], st["kl_student"])]]]
         terms = stage0_terms(rs)
         rows.append(f"\nSCD's criterion, {label}: the score's range across candidates is {min(ranges):.3f} to "
@@ -572,14 +653,18 @@ def plot_budget(runs, sweeps, budgets, path):
     plt.close(fig)
 
 
-def report(cfg, runs, sweeps, wall, command):
-    rep = Path(cfg.report_dir)
+def report(o, report_dir):
+    """results.md and the plots in report_dir, from the outcomes o (collect() or load_outcomes()) alone."""
+    cfg, runs, sweeps = unpack(o, report_dir)
+    wall, command = o["wall"], o["command"]
+    rep = Path(report_dir)
     rep.mkdir(parents=True, exist_ok=True)
     r0 = runs[0]
     plots = ["teacher", "schedule", "aw_weights", "decomposition", "subdomains"]
     plot_teacher(r0["teacher"], rep / "teacher.png")
     plot_schedule(r0, rep / "schedule.png")
-    ws, tfs, noisy = aw_weights_by_stage(r0["SCD+AW"], r0["teacher"], r0["SFT student"])
+    ws = [torch.tensor(w) for w in o["aw"]["w"]]
+    tfs, noisy = (torch.tensor([b == "1" for b in o["aw"][k]]) for k in ("tfs", "noisy"))
     plot_aw(ws, tfs, rep / "aw_weights.png")
     decs = decompositions(runs)
     plot_decomposition(decs, rep / "decomposition.png")
@@ -591,15 +676,14 @@ def report(cfg, runs, sweeps, wall, command):
 
     names = [n for n in r0 if n not in ("teacher", "SFT student")]
     rows = claim_rows(runs)
-    splits = domains.load(cfg.data)
-    stages, steps, pool, _ = protocol(cfg, len(splits["train"]) // 16)
+    stages, steps, pool, _ = o["protocol"]
     sched = {n: [" -> ".join(str("-" if c is None else c) for c in teacher_numbers(r, n)[0]) for r in runs.values()] for n in names}
     lines = [f"# Results: `{command}`", "",
              f"Seeds: {cfg.seeds}; every figure is the mean over seeds ± the half-width of its 95% interval over seeds "
              "and test examples (stats.py says how). One teacher per seed; seeds vary "
              + ("the data order, dropout and the probe, never the bases" if cfg.base == "pretrained" else
                 "the models' initialisation, the data order, dropout and the probe") + f". Data: {cfg.data}. "
-             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {setup_device(cfg.device, cfg.dtype)[0]}. "
+             f"Machine: {o['machine']}. "
              f"Wall time of the phases, as each run recorded it: {sum(wall.values()) / 60:.1f} min. "
              "Every choice was made on validation; this report is the test split."
              + (" **One seed: one sample of each model.** Its intervals see the test examples only, not the run-to-run "
@@ -607,7 +691,7 @@ def report(cfg, runs, sweeps, wall, command):
              f"Regime: {'the committed pretrained bases, fine-tuned (one pair of bases serves every seed)' if cfg.base == 'pretrained' else 'random init (--base none)'}; "
              f"protocol {cfg.protocol}: {stages} stages of {steps} steps, candidates from {pool:.0%} of the way to T* up to T*.", ""]
     if cfg.base == "pretrained":
-        lines += ["## The bases before SFT", "", bases_table(cfg, splits), ""]
+        lines += ["## The bases before SFT", "", o["bases"], ""]
     lines += ["## Test exact match, best-on-validation students", "", accuracy_table(runs, "best"), "",
              "## Test exact match, final students", "", "The teacher and the SFT student have one model on test, their "
              "checkpoint of lowest validation loss, in both tables.", "", accuracy_table(runs, "final"), "",
@@ -660,8 +744,13 @@ def report(cfg, runs, sweeps, wall, command):
 
 def main(cfg, command="python reproduce.py"):
     t = time.time()
+    if cfg.outcomes:  # no training: the report again, from the outcomes file alone
+        path = report(load_outcomes(cfg.outcomes), cfg.report_dir)
+        print(f"{path} remade from {cfg.outcomes}")
+        return path
     runs, sweeps, wall, reused = run_all(cfg)
-    path = report(cfg, runs, sweeps, wall, command)
+    save_outcomes(collect(cfg, runs, sweeps, wall, command), Path(cfg.report_dir) / "outcomes.json.gz")
+    path = report(load_outcomes(Path(cfg.report_dir) / "outcomes.json.gz"), cfg.report_dir)  # what anyone can remake
     print("\n" + path.read_text(encoding="utf-8").split("## Schedules")[0])
     print("wall time per phase, as each run recorded it: " + ", ".join(f"{k} {v:.0f}s" for k, v in wall.items())
           + f"; this command took {time.time() - t:.0f}s" + (f" ({reused} finished phases reused)" if reused else ""))

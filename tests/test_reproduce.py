@@ -60,6 +60,11 @@ def test_one_command_writes_the_report_and_reuses_finished_phases(tiny_domain, t
     out = capsys.readouterr().out
     assert out.count("finished: nothing to do") == 2 * 9 and "(18 finished phases reused)" in out
     assert path.read_text() == text  # the same report, wall times included (each run keeps its own)
+    # the outcomes file alone remakes it: no run folder is read (they are gone), nothing is trained
+    (tmp_path / "runs").rename(tmp_path / "gone")
+    again = reproduce.main(reproduce.ReproduceConfig(outcomes=str(tmp_path / "rep" / "outcomes.json.gz")))
+    assert again == tmp_path / "rep" / "recomputed" / "results.md" and again.read_text() == text
+    (tmp_path / "gone").rename(tmp_path / "runs")
     assert "| teacher converged | not measured (--converge true) | – |" in text and "| KD − SFT student ≥ 3 points" in text
     # the regime comparison, on a run compared with itself: every difference exactly 0, every criterion line twice
     cfg.compare_to = cfg.out_dir
@@ -112,3 +117,15 @@ def test_a_teacher_best_at_its_first_checkpoint_goes_through_to_the_report(tiny_
     sched = json.loads((tmp_path / "runs" / "seed0" / "scd_k4" / "schedule.json").read_text())
     assert sched["pool"] == ["ckpt_000006.pt"] and {s["ckpt"] for s in sched["stages"]} == {0}
     assert "| SCD+AW |" in text and "no verdict (one seed)" in text
+
+
+def test_the_committed_grid_report_is_recomputed_from_its_outcomes_file():
+    """report/grid/outcomes.json.gz holds every model's right/wrong on every test example, per
+    seed: the claims table computed from it alone is the committed report's, row for row."""
+    o = reproduce.load_outcomes(ROOT / "report" / "grid" / "outcomes.json.gz")
+    cfg, runs, _ = reproduce.unpack(o)
+    table = reproduce.claims_table(reproduce.claim_rows(runs)).splitlines()
+    committed = (ROOT / "report" / "grid" / "results.md").read_text(encoding="utf-8").splitlines()
+    start = committed.index(table[0])
+    assert committed[start:start + len(table)] == table and len(table) == 2 + 14 and cfg.seeds == len(runs) >= 10
+    assert "| (b) SCD+AW > KD | **primary** |" in "\n".join(table)
