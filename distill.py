@@ -13,17 +13,17 @@ both terms of every candidate), best.pt and final.pt with their test records, re
 log.txt, and state.pt after each stage (rerun the same command to resume).
 """
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 import data
 import scd
-from model import PRESETS
-from plumbing import (Logger, RunError, arg, atomic_save, check_finite, dist, global_mean, load_checkpoint, logit_chunk, lr_at,
-                      optimizer_step, parse_config, prepare, read_json, resume_stages, run_main, setup_device, shard, start,
-                      wrap)
+from model import PRESETS, merge_lora
+from plumbing import (Logger, RunError, arg, atomic_save, check_finite, checkpoint_dict, dist, global_mean, load_checkpoint,
+                      logit_chunk, lr_at, optimizer_step, parse_config, prepare, read_json, resume_stages, run_main,
+                      setup_device, shard, start, trained_state, wrap)
 
 
 @dataclass
@@ -38,6 +38,9 @@ class DistillConfig:
                          "init), base, a .pt checkpoint, a GPT-2 name or a model folder")
     start: str = arg("init", "student start: init (the SFT student's initialisation) or anchor (its trained weights)",
                      choices=("init", "anchor"))
+    lora_rank: int = arg(0, "LoRA adapters of this rank on a frozen --init_from: only they train (0: the whole student)", low=0)
+    lora_alpha: float = arg(0.0, "the adapters' scale is alpha / rank (0: alpha = 2 x rank)", low=0)
+    lora_dropout: float = arg(0.0, "dropout on the adapters' input", low=0)
     # method: the schedule (section 2.3) and the loss (section 2.4)
     method: str = arg("scd", "teacher schedule: sft (no teacher), kd (T* only), cd (fixed order), scd (adaptive)",
                       choices=("sft", "kd", "cd", "scd"))
@@ -90,7 +93,8 @@ def main(cfg, splits=None):
     the best. splits: the domain already loaded (the lab's generated ones); default: --data."""
     t_start = time.time()
     device, dtype, ctx, scaler, rank, world = setup_device(cfg.device, cfg.dtype)
-    splits, tok, student, enc = prepare(cfg.data, cfg.preset, cfg.seed, cfg.init_from, splits)
+    splits, tok, student, enc = prepare(cfg.data, cfg.preset, cfg.seed, cfg.init_from, splits,
+                                        (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout))
     train_enc, val = enc["train"], splits["val"]
     if not cfg.steps_per_stage:  # the students' budget: as many steps as the SFT student's 12 epochs
         cfg = replace(cfg, steps_per_stage=12 * (len(train_enc) // cfg.batch_size) // cfg.stages)
@@ -100,7 +104,7 @@ def main(cfg, splits=None):
     out = start(cfg, student, t_star if cfg.method != "sft" else None, train_enc, device, dtype, world)  # memory plan, lock
     del t_star
     train_fp = data.fingerprint(splits["train"])  # ties the anchor and the stored probe to this training set
-    anchor = sft_anchor(cfg, train_fp, len(train_enc), device)  # section 2.2: l_S(x) for AW
+    anchor = sft_anchor(cfg, train_fp, len(train_enc), student, device)  # section 2.2: l_S(x) for AW
     done, stage, best_val, schedule = resume_stages(out, cfg, DistillConfig, splits, student, device)  # or a fresh run
     if done is not None:
         return done
@@ -158,17 +162,15 @@ def main(cfg, splits=None):
         schedule.append(row)
         if summary["acc"] >= best_val:
             best_val = summary["acc"]
-            atomic_save(dict(model=student.state_dict(), model_config=asdict(student.config), vocab=tok.ids, stage=stage),
-                        out / "best.pt")
+            atomic_save(checkpoint_dict(student, tok, stage=stage), out / "best.pt")
         atomic_save(dict(stages=schedule, pool=[c["file"] for c in pool], best=best), out / "schedule.json")
-        atomic_save(dict(model=student.state_dict(), stage=stage + 1, best_val=best_val), out / "state.pt")
+        atomic_save(dict(model=trained_state(student), stage=stage + 1, best_val=best_val), out / "state.pt")
         print(f"stage {stage} done: val loss {summary['loss']:.4f}, val acc {summary['acc']:.3f}")
         if stage + 1 == cfg.stop_at_stage:
             print(f"stopping after stage {stage} as asked (--stop_at_stage); rerun to resume")
             return None
 
-    atomic_save(dict(model=student.state_dict(), model_config=asdict(student.config), vocab=tok.ids, stage=cfg.stages - 1),
-                out / "final.pt")
+    atomic_save(checkpoint_dict(student, tok, stage=cfg.stages - 1), out / "final.pt")
     log.close(skipped if scaler else None)
     if rank > 0:  # the test pass is rank 0's
         return None
@@ -253,8 +255,10 @@ def probe_logprobs(cfg, tdir, pool, train_enc, probe_seed, train_fp, tok, device
         if store.path.exists():
             print(f"note: {store.path} was made on another probe or other checkpoints; computing the probe's log-probs here")
         store.data.update(steps=[], values=[], indices=[])
+        model = None  # on an adapter trail each candidate swaps in its adapters only
         for c in pool:
-            store.add(c["step"], data.probe_logprobs(load_checkpoint(tdir / c["file"], device)[0], store.probe, tok.eot, device, ctx))
+            model = load_checkpoint(tdir / c["file"], device, into=model)[0]
+            store.add(c["step"], data.probe_logprobs(model, store.probe, tok.eot, device, ctx))
         try:
             atomic_save(store.data, store.path)
         except OSError as e:
@@ -266,9 +270,10 @@ def probe_logprobs(cfg, tdir, pool, train_enc, probe_seed, train_fp, tok, device
 # -----------------------------------------------------------------------------
 # what a stage reads: the anchor l_S, and the stage's teacher
 
-def sft_anchor(cfg, train_fp, n_train, device):
+def sft_anchor(cfg, train_fp, n_train, student, device):
     """The SFT student run: AW's anchor l_S for this very training set (None without AW),
-    after a check that the student starts where the SFT student did."""
+    after a check that the student starts where the SFT student did; with --start anchor,
+    the student takes the SFT student's trained weights (its checkpoint of lowest val loss)."""
     adir, anchor = Path(cfg.anchor_dir), None
     if cfg.aw:
         a = read_json(adir / "train_losses.json")
@@ -281,6 +286,10 @@ def sft_anchor(cfg, train_fp, n_train, device):
             if a.get(k) != getattr(cfg, k):
                 raise RunError(f"--{k} {getattr(cfg, k)!r} differs from the SFT student's ({a.get(k)!r} in {adir}): "
                                "the student would not start where the SFT student did")
+    if cfg.start == "anchor":
+        m = read_json(adir / "manifest.json")
+        sft = load_checkpoint(adir / m["checkpoints"][m["best"]]["file"])[0]
+        student.load_state_dict(merge_lora(sft).state_dict() if not student.lora else sft.state_dict())
     return anchor
 
 
@@ -297,8 +306,8 @@ class StageTeacher:
     def use(self, file):
         if file == self.file:
             return
-        self.model = self.rows = None
-        self.model, _ = load_checkpoint(self.tdir / file, self.device)
+        self.rows = None  # on an adapter trail the base stays and only the adapters are swapped
+        self.model, _ = load_checkpoint(self.tdir / file, self.device, into=self.model)
         if self.half:
             self.model.to(self.ctx.fast_dtype)
         self.file, self.rows = file, teacher_logits(self.model, self.enc, self.eot, self.device, self.ctx, self.cache_gib)

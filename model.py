@@ -59,6 +59,7 @@ class LM(nn.Module):
     """What both architectures share: initialisation, the answer-only head, activation checkpointing,
     AdamW groups, greedy decoding. A subclass builds its modules and body(idx) -> (B, T, C)."""
     grad_checkpointing = False  # recompute each block in the backward pass instead of keeping its activations
+    lora = None  # with adapters: their rank, alpha and dropout (add_lora), and where their base is (plumbing.adapt)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -352,12 +353,14 @@ class LoRALinear(nn.Module):
 def add_lora(model, rank, alpha=0.0, dropout=0.0, targets=LORA_TARGETS):
     """Freeze every weight of model and wrap each nn.Linear named in targets (GPT-2's c_attn,
     c_proj and c_fc; Llama's q, k, v, o, gate, up and down projections) in a LoRALinear;
-    alpha 0 means 2 x rank. -> model, changed in place: only the adapters train."""
+    alpha 0 means 2 x rank. -> model, changed in place: only the adapters train; model.lora
+    records the adapters' shape (and, from plumbing.adapt, where their base is)."""
     model.requires_grad_(False)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and name in targets:
                 setattr(module, name, LoRALinear(child, rank, alpha or 2 * rank, dropout))
+    model.lora = dict(rank=rank, alpha=alpha or 2 * rank, dropout=dropout)
     return model
 
 
@@ -367,6 +370,7 @@ def merge_lora(model):
         for name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
                 setattr(module, name, child.merged())
+    model.lora = None
     return model
 
 

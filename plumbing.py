@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import hf
-from model import GPT, GPT2_NAMES, GPTConfig, PRESETS, build
+from model import GPT, GPT2_NAMES, GPTConfig, PRESETS, add_lora, build, lora_state
 
 
 def arg(default, help, choices=None, low=None):
@@ -123,14 +123,15 @@ def lr_at(step, total, peak, warmup_frac):
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def prepare(cfg_data, preset, seed, init_from="", splits=None):
+def prepare(cfg_data, preset, seed, init_from="", splits=None, lora=(0, 0.0, 0.0)):
     """Domain, tokenizer, a model, and every split encoded (an example too long for the
     model's context is an error naming its file and line, before anything is written).
     init_from: '' builds --preset with the compact vocabulary of the training split (teacher
     and student built from the same data get the same one); 'base' loads the preset's committed
     base model, a .pt file any checkpoint of ours (weights and vocabulary); a GPT-2 name loads
     those weights and GPT-2's vocabulary; a folder a Hugging Face model and its tokenizer.json.
-    splits: the domain already loaded (the lab's generated domains); default: --data's."""
+    splits: the domain already loaded (the lab's generated domains); default: --data's.
+    lora: (rank, alpha, dropout); a rank > 0 freezes the loaded model and adds adapters (adapt)."""
     splits = splits or data.load_domain(cfg_data)
     torch.manual_seed(seed)  # the init, and every random draw after it (dropout): torch seeds itself at random
     if init_from in GPT2_NAMES:
@@ -149,6 +150,11 @@ def prepare(cfg_data, preset, seed, init_from="", splits=None):
     else:
         tok = data.Tokenizer.compact([ex["prompt"] + ex["answer"] for ex in splits["train"]])
         model = GPT(GPTConfig(**{**PRESETS[preset], "vocab_size": tok.vocab_size}))
+    if lora[0]:  # adapters on a frozen base that stays on disk, named by path and sha256 in every checkpoint
+        if not init_from or init_from in GPT2_NAMES or model.lora:
+            raise RunError(f"--lora_rank {lora[0]}: adapters need a base of full weights on disk to adapt (--init_from "
+                           f"base, a .pt checkpoint of full weights or a model folder), not {init_from or 'a random init'!r}")
+        adapt(model, base_file(preset, cfg_data, splits) if init_from == "base" else init_from, *lora)
     enc = {s: data.encode(v, tok, model.config.block_size) for s, v in splits.items()}
     return splits, tok, model, enc
 
@@ -185,15 +191,81 @@ def tokenizer(spec):
     return hf.FolderTokenizer(spec) if isinstance(spec, dict) else data.Tokenizer(spec)
 
 
-def load_checkpoint(path, device="cpu"):
-    """A weights file -> (model in eval mode, tokenizer)."""
+def load_checkpoint(path, device="cpu", into=None):
+    """A weights file -> (model in eval mode, tokenizer). An adapter checkpoint is its base,
+    checked by sha256, plus the adapters; `into`, a model already holding the same base and
+    adapter shape (the previous candidate of a trail), has only its adapters swapped: a few
+    MB, never the base again."""
     try:
         ck = torch.load(path, map_location=device, weights_only=True)
-        model = build(GPTConfig(**ck["model_config"]))
-        model.load_state_dict(ck["model"])
     except Exception as e:
         raise RunError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    lora = ck.get("lora")
+    if lora and into is not None and into.lora == lora:
+        model = into
+    elif lora:
+        base = Path(lora["base"])
+        if not base.exists() or weights_sha(base) != lora["sha256"]:
+            raise RunError(f"{path}: its adapters belong to the base {base} of sha256 {lora['sha256'][:16]}, and "
+                           + ("that base is missing" if not base.exists() else f"the weights there now have sha256 "
+                              f"{weights_sha(base)[:16]}") + ": restore that base, or retrain the trail on this one")
+        model = hf.load_folder(base) if base.is_dir() else load_checkpoint(base)[0]
+        adapt(model, base, lora["rank"], lora["alpha"], lora["dropout"])
+    else:
+        model = build(GPTConfig(**ck["model_config"]))
+    try:
+        load_trained(model, ck["model"])
+    except Exception as e:
+        raise RunError(f"{path}: its weights do not fit the model ({type(e).__name__}: {e})") from None
     return model.to(device).eval(), tokenizer(ck["vocab"])
+
+
+def checkpoint_dict(model, tok, dtype="float32", **extra):
+    """What a weights file holds: the model's config, vocabulary and weights (in bf16 if the
+    run trained in bf16); of an adapted model only the adapters, and where its base is."""
+    lora = model.lora
+    weights = {k: v.to(torch.bfloat16) if dtype == "bfloat16" and not lora else v for k, v in trained_state(model).items()}
+    return dict(model=weights, model_config=asdict(model.config), vocab=tok.ids, lora=lora, **extra)
+
+
+def trained_state(model):
+    """The weights a run changes: all of them, or an adapted model's adapters alone."""
+    return lora_state(model) if model.lora else model.state_dict()
+
+
+def load_trained(model, weights):
+    """trained_state's inverse: every weight, or exactly the adapters of an adapted model."""
+    if not model.lora:
+        return model.load_state_dict(weights)
+    if set(weights) != set(lora_state(model)):
+        raise KeyError(f"adapter names {sorted(set(weights) ^ set(lora_state(model)))[:4]} differ")
+    model.load_state_dict(weights, strict=False)
+
+
+def adapt(model, base, rank, alpha=0.0, dropout=0.0):
+    """LoRA adapters (model.add_lora) on a frozen base; model.lora records what a checkpoint of
+    the adapters needs to find that base again: its path and the sha256 of its weights."""
+    add_lora(model, rank, alpha, dropout).lora.update(base=str(Path(base).resolve()), sha256=weights_sha(base))
+    return model
+
+
+_SHA = {}
+
+
+def weights_sha(path):
+    """sha256 of a base's weights: the file, or a folder's weight files in name order (read
+    once per process: an 8B base is 16 GB)."""
+    path = Path(path).resolve()
+    files = sorted(f for f in path.iterdir() if f.suffix in (".safetensors", ".bin")) if path.is_dir() else [path]
+    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _SHA:
+        h = hashlib.sha256()
+        for f in files:
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(block)
+        _SHA[key] = h.hexdigest()
+    return _SHA[key]
 
 
 def logit_chunk(vocab_size, requested=0, gib=1 / 16):
@@ -204,20 +276,23 @@ def logit_chunk(vocab_size, requested=0, gib=1 / 16):
 
 def plan_parts(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt, chunk=0):
     """Bytes a training step holds, by part (an estimate, made before the first step): the
-    trained model's float32 weights and gradients and AdamW's two moments; the frozen teacher
+    trained weights in float32 with their gradients and AdamW's two moments (with adapters,
+    those of the adapters alone, and the frozen base in the autocast dtype); the frozen teacher
     in the autocast dtype; the activations kept for the backward pass (about 7 C + 2 kv + 4 I
     values per token and layer, or with activation checkpointing each block's input and one
     block's whole); the logits at the answer positions: in one piece, float32 copies of the
     student's, their log-softmax and gradient, and the teacher's; in pieces of `chunk`
     positions, the student's and teacher's logits and the student's gradient in the autocast
     dtype, and four float32 copies of one piece."""
-    c, P, b = model.config, model.num_params(), 2 if dtype in ("bfloat16", "float16") else 4
+    c, b = model.config, 2 if dtype in ("bfloat16", "float16") else 4
+    P = sum(p.numel() for p in model.parameters() if p.requires_grad)  # trained: all, or the adapters alone
+    frozen = model.num_params() - P  # an adapted model's base, kept in the autocast dtype (start)
     per_layer = 7 * c.n_embd + 2 * c.n_kv_head * c.head_dim + 4 * c.intermediate_size  # values per token
     acts = batch_size * seq_len * b * (c.n_layer * c.n_embd + per_layer if grad_ckpt else c.n_layer * per_layer)
     n = batch_size * answer_len
     logits = (n * c.vocab_size * 4 * (4 if teacher else 3) if not chunk or chunk >= n else
               n * c.vocab_size * b * (3 if teacher else 2) + chunk * c.vocab_size * 4 * 4)
-    return dict(weights=4 * P, gradients=4 * P, AdamW=8 * P, teacher=teacher.num_params() * b if teacher else 0,
+    return dict(weights=4 * P + b * frozen, gradients=4 * P, AdamW=8 * P, teacher=teacher.num_params() * b if teacher else 0,
                 activations=acts, logits=logits)
 
 
@@ -233,7 +308,9 @@ def memory_plan(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckp
     line = ("memory plan (GiB, estimated): " + " | ".join(f"{k} {gib(v)}" for k, v in parts.items() if v)
             + f" | total {gib(total)} of {gib(have)} on {device}")
     if n_ckpt:
-        line += f"; disk: {n_ckpt} dense checkpoints x {gib(model.num_params() * (2 if dtype == 'bfloat16' else 4))} GiB"
+        adapters = model.lora
+        size = sum(v.numel() for v in trained_state(model).values()) * (2 if dtype == "bfloat16" and not adapters else 4)
+        line += f"; disk: {n_ckpt} dense checkpoints x {gib(size)} GiB" + (" (adapters only)" if adapters else "")
     print(line)
     if total > have:
         raise RunError(f"the run does not fit: {line.split(': ', 1)[1]}; use a smaller --batch_size, --grad_ckpt true, "
@@ -360,6 +437,10 @@ def start(cfg, model, teacher, train_enc, device, dtype, world, n_ckpt=0):
     if len(train_enc) < cfg.batch_size:
         raise RunError(f"--batch_size {cfg.batch_size} is larger than the {len(train_enc)} training examples")
     model.grad_checkpointing = cfg.grad_ckpt
+    if model.lora and dtype != "float32":  # a frozen base needs no float32 master copy
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(getattr(torch, dtype))
     memory_plan(model, teacher, cfg.batch_size // world, max(len(p) + len(a) for p, a in train_enc),
                 max(len(a) for _, a in train_enc) + 1, dtype, cfg.grad_ckpt, device, n_ckpt,
                 logit_chunk(model.config.vocab_size, cfg.logit_chunk))
@@ -386,7 +467,7 @@ def resume_sft(out, cfg, cls, splits, model, optimizer, scaler, probe, device):
     step = 0
     if resumable(out, config, asdict(cls())):
         state = torch.load(out / "state.pt", map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
+        load_trained(model, state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None:
             scaler.load_state_dict(state["scaler"])
@@ -411,7 +492,7 @@ def resume_stages(out, cfg, cls, splits, student, device):
         if st["stage"] == cfg.stages and (out / "results.json").exists():
             print(f"{out} holds this run, finished: nothing to do")
             return read_json(out / "results.json"), 0, 0, []
-        student.load_state_dict(st["model"])
+        load_trained(student, st["model"])
         print(f"resuming {out} at stage {st['stage']}")
         state = st["stage"], st["best_val"], read_json(out / "schedule.json")["stages"][:st["stage"]]
     atomic_save(dict(config, out_dir=str(out)), out / "config.json")

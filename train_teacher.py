@@ -18,7 +18,7 @@ student), config.json, log.txt and state.pt (rerun the same command to resume).
 """
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,8 +26,9 @@ import torch
 import data
 import scd
 from model import PRESETS
-from plumbing import (Logger, RunError, arg, atomic_save, check_finite, global_mean, load_checkpoint, logit_chunk, lr_at,
-                      optimizer_step, parse_config, prepare, resume_sft, run_main, setup_device, shard, start, wrap)
+from plumbing import (Logger, arg, atomic_save, check_finite, checkpoint_dict, global_mean, load_checkpoint,
+                      logit_chunk, lr_at, optimizer_step, parse_config, prepare, resume_sft, run_main, setup_device, shard,
+                      start, trained_state, wrap)
 
 
 @dataclass
@@ -38,6 +39,10 @@ class TrainConfig:
     preset: str = arg("teacher", "model preset (student: the SFT student of the same recipe)", choices=tuple(PRESETS))
     init_from: str = arg("auto", "auto (the preset's committed base on the default domain, else random init), '' (random "
                          "init), base, a .pt checkpoint, a GPT-2 name or a model folder")
+    lora_rank: int = arg(0, "LoRA adapters of this rank on every projection of a frozen --init_from (0: full fine-tune); "
+                         "each checkpoint then holds the adapters and the base's path and sha256", low=0)
+    lora_alpha: float = arg(0.0, "the adapters' scale is alpha / rank (0: alpha = 2 x rank)", low=0)
+    lora_dropout: float = arg(0.0, "dropout on the adapters' input", low=0)
     # optimisation: the main command's recipe on the default domain
     epochs: int = arg(0, "passes over the training set (0: 24 for the teacher, 12 for a student: the students' budget)", low=0)
     batch_size: int = arg(16, "examples per step (the global batch under torchrun)", low=1)
@@ -78,7 +83,8 @@ def train(cfg, splits=None):
     ckpt_steps. splits: the domain already loaded (the lab's generated ones); default: --data."""
     t_start = time.time()
     device, dtype, ctx, scaler, rank, world = setup_device(cfg.device, cfg.dtype)
-    splits, tok, model, enc = prepare(cfg.data, cfg.preset, cfg.seed, cfg.init_from, splits)
+    splits, tok, model, enc = prepare(cfg.data, cfg.preset, cfg.seed, cfg.init_from, splits,
+                                      (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout))
     train_enc = enc["train"]
     steps_per_epoch = len(train_enc) // cfg.batch_size
     total = cfg.epochs * steps_per_epoch
@@ -119,9 +125,8 @@ def train(cfg, splits=None):
             t = time.time()
             summary, _ = data.evaluate(model, splits["val"], tok, device, ctx=ctx)
             t_eval += time.time() - t
-            name = f"ckpt_{step:06d}.pt"
-            weights = {k: v.to(torch.bfloat16) if dtype == "bfloat16" else v for k, v in model.state_dict().items()}
-            atomic_save(dict(model=weights, model_config=asdict(model.config), vocab=tok.ids), out / name)  # bf16 if trained in bf16
+            name = f"ckpt_{step:06d}.pt"  # the weights in bf16 if trained in bf16; with adapters, the adapters alone
+            atomic_save(checkpoint_dict(model, tok, dtype), out / name)
             manifest["checkpoints"].append(dict(file=name, step=step, epoch=round(step / steps_per_epoch, 3),
                                                 train_loss=round(loss_sum / loss_n, 5),
                                                 val_loss=round(summary["loss"], 5), val_acc=round(summary["acc"], 4)))
@@ -130,7 +135,7 @@ def train(cfg, splits=None):
             model.train()
             atomic_save(probe.data, probe.path)
             atomic_save(manifest, out / "manifest.json")
-            state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, rng=torch.get_rng_state())
+            state = dict(model=trained_state(model), optimizer=optimizer.state_dict(), step=step, rng=torch.get_rng_state())
             atomic_save(state | ({"scaler": scaler.state_dict()} if scaler else {}), out / "state.pt")  # all a resume needs
             log.line(f"checkpoint {name}: val loss {summary['loss']:.4f}, val acc {summary['acc']:.3f}")
             loss_sum, loss_n = 0.0, 0

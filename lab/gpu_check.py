@@ -25,7 +25,7 @@ import torch
 from lab import bench
 from lab import reproduce
 from plumbing import arg, logit_chunk, parse_config, plan_parts, run_main
-from model import GPTConfig, build
+from model import GPTConfig, add_lora, build
 
 
 @dataclass
@@ -40,25 +40,33 @@ class GpuCheckConfig:
 PAIRS = [("llama-3.1-8b", "llama-3.2-3b"), ("llama-3.2-3b", "llama-3.2-1b"), ("qwen2.5-1.5b", "qwen2.5-0.5b")]
 
 
-def plans(batch_size=8, seq_len=512, answer_len=128, cards=(24, 48, 80)):
+def plans(batch_size=8, seq_len=512, answer_len=128, cards=(24, 48, 80), rank=16):
     """Markdown: what each phase of each pair needs on one GPU (plumbing.plan_parts, bf16
-    autocast, the losses in pieces of plumbing.logit_chunk), without and with activation
-    checkpointing, and on which cards it fits (within 95% of the card; the teacher-logit
-    cache, up to --teacher_cache_gib, comes on top)."""
+    autocast, the losses in pieces of plumbing.logit_chunk), full fine-tuning and with rank-16
+    adapters on every projection (the frozen base in bf16; weights, gradients and AdamW state
+    in float32 for the adapters alone), without and with activation checkpointing, on which
+    cards it fits (within 95% of the card; the teacher-logit cache, up to --teacher_cache_gib,
+    comes on top), and the disk of a trail of 24 checkpoints (bf16 weights, or float32 adapters)."""
     gib = lambda x: f"{x / 2**30:.1f}"
-    rows = ["| pair | phase | weights + grads + AdamW | frozen teacher | activations (ckpt off / on) | logits | "
-            "total (off / on) | fits (GB card, ckpt on) | 24 dense bf16 checkpoints |", "|" + " --- |" * 9]
+    rows = ["| pair | phase | trained | weights + grads + AdamW | frozen teacher | activations (ckpt off / on) | logits | "
+            "total (off / on) | fits (GB card, ckpt on) | a trail of 24 checkpoints |", "|" + " --- |" * 10]
     for t, s in PAIRS:
-        with torch.device("meta"):  # shapes only
-            T, S = (build(GPTConfig(**bench.SHAPES[n])) for n in (t, s))
-        for phase, model, teacher in (("teacher SFT", T, None), ("SFT student", S, None), ("distillation", S, T)):
-            chunk = logit_chunk(model.config.vocab_size)
-            off, on = (plan_parts(model, teacher, batch_size, seq_len, answer_len, "bfloat16", c, chunk) for c in (False, True))
-            fits = [f"{g}" for g in cards if sum(on.values()) <= 0.95 * g * 1e9] or ["none"]  # 5% for CUDA's own use
-            disk = gib(24 * 2 * model.num_params()) + " GiB" if phase == "teacher SFT" else ""
-            rows.append(f"| {t} -> {s} | {phase} | {gib(off['weights'] + off['gradients'] + off['AdamW'])} | "
-                        f"{gib(off['teacher']) if teacher else '-'} | {gib(off['activations'])} / {gib(on['activations'])} | "
-                        f"{gib(off['logits'])} | {gib(sum(off.values()))} / {gib(sum(on.values()))} | {', '.join(fits)} | {disk} |")
+        for lora in (0, rank):
+            with torch.device("meta"):  # shapes only
+                T, S = (build(GPTConfig(**bench.SHAPES[n])) for n in (t, s))
+                teacher = build(GPTConfig(**bench.SHAPES[t]))  # frozen in distillation: base (+ adapters) in bf16
+                if lora:
+                    add_lora(T, lora), add_lora(S, lora), add_lora(teacher, lora)
+            for phase, model, frozen in (("teacher SFT", T, None), ("SFT student", S, None), ("distillation", S, teacher)):
+                chunk = logit_chunk(model.config.vocab_size)
+                off, on = (plan_parts(model, frozen, batch_size, seq_len, answer_len, "bfloat16", c, chunk) for c in (False, True))
+                fits = [f"{g}" for g in cards if sum(on.values()) <= 0.95 * g * 1e9] or ["none"]  # 5% for CUDA's own use
+                trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                disk = gib(24 * (4 * trained if lora else 2 * model.num_params())) + " GiB" if phase == "teacher SFT" else ""
+                rows.append(f"| {t} -> {s} | {phase} | {f'LoRA r{lora}' if lora else 'all weights'} | "
+                            f"{gib(off['weights'] + off['gradients'] + off['AdamW'])} | "
+                            f"{gib(off['teacher']) if frozen else '-'} | {gib(off['activations'])} / {gib(on['activations'])} | "
+                            f"{gib(off['logits'])} | {gib(sum(off.values()))} / {gib(sum(on.values()))} | {', '.join(fits)} | {disk} |")
     return "\n".join(rows)
 
 

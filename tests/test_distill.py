@@ -170,3 +170,14 @@ def test_cached_teacher_logits_equal_the_teacher_in_the_loop(tiny_domain, runs):
         direct = teacher(x, positions=mask)
     torch.testing.assert_close(torch.cat([rows[j] for j in idx]), direct, rtol=1e-4, atol=1e-5)
     assert distill.teacher_logits(teacher, enc["train"], tok.eot, "cpu", torch.no_grad(), max_gib=1e-9) is None
+
+
+def test_start_anchor_starts_from_the_sft_students_trained_weights(tiny_domain, runs):
+    """At learning rate 0 the student never moves, so its final weights are its start: with
+    --start anchor, the SFT student's checkpoint of lowest validation loss; with init, the base."""
+    m = json.loads((runs / "sft" / "manifest.json").read_text())
+    sft = torch.load(runs / "sft" / m["checkpoints"][m["best"]]["file"], weights_only=True)["model"]
+    for start in ("anchor", "init"):
+        distill.main(dcfg(tiny_domain, runs, f"start_{start}", method="kd", stages=1, steps_per_stage=2, lr=0.0, start=start))
+        final = torch.load(runs / f"start_{start}" / "final.pt", weights_only=True)["model"]
+        assert all(torch.equal(final[k], sft[k]) for k in sft) == (start == "anchor")

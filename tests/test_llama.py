@@ -2,6 +2,7 @@
 downloaded): the same logits from a saved folder, the folder's tokenizer, clear refusals,
 and the whole pipeline on tiny Llama-architecture models."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import data
 import distill
 import hf
 import train_teacher as tt
+from model import merge_lora
 
 transformers = pytest.importorskip("transformers", reason="test-only dependency: pip install -r requirements-test.txt")
 pytest.importorskip("safetensors", reason="optional extra: pip install safetensors")
@@ -150,3 +152,31 @@ def test_a_name_that_would_need_a_download_says_what_to_do(tiny_domain, tmp_path
     with pytest.raises(plumbing.RunError, match=r"nothing is downloaded here: fetch it first \(huggingface-cli download "
                                               r"meta-llama/Llama-3.2-1B --local-dir models/Llama-3.2-1B\)"):
         tt.train(tt.TrainConfig(data=str(tiny_domain), init_from="meta-llama/Llama-3.2-1B", out_dir=str(tmp_path / "x")))
+
+
+def test_scd_over_an_adapter_trail_chooses_what_it_chooses_over_the_trail_merged(tiny_domain, llama_folders, tmp_path):
+    """A tiny Llama teacher fine-tuned with rank-4 adapters (a trail of adapter files), and the
+    same trail with every checkpoint merged into full weights (merge_lora) and its probe scored
+    again: SCD+AW chooses the same checkpoint at every stage, from the same terms. The students
+    train adapters too: their best.pt holds the adapters alone."""
+    kw = dict(data=str(tiny_domain), epochs=2, batch_size=16, ckpt_per_epoch=2, log_every=1000, lr=1e-2, probe_size=16)
+    tt.train(tt.TrainConfig(**kw, init_from=str(llama_folders / "teacher"), lora_rank=4, out_dir=str(tmp_path / "trail")))
+    tt.train(tt.TrainConfig(**kw, init_from=str(llama_folders / "student"), lora_rank=4, out_dir=str(tmp_path / "sft")))
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    shutil.copy(tmp_path / "trail" / "manifest.json", merged)  # no probe file: distill scores the merged candidates itself
+    for c in json.loads((merged / "manifest.json").read_text())["checkpoints"]:
+        model, tok = plumbing.load_checkpoint(tmp_path / "trail" / c["file"])
+        plumbing.atomic_save(plumbing.checkpoint_dict(merge_lora(model), tok), merged / c["file"])
+        assert "lora_A" not in str(torch.load(merged / c["file"], weights_only=True)["model"].keys())
+    d = dict(data=str(tiny_domain), anchor_dir=str(tmp_path / "sft"), stages=3, steps_per_stage=4, probe_size=16, log_every=1000,
+             pool_start=0.0, lr=1e-2, init_from=str(llama_folders / "student"), lora_rank=4, method="scd", aw=True)
+    for trail in ("trail", "merged"):
+        distill.main(distill.DistillConfig(**d, teacher_dir=str(tmp_path / trail), out_dir=str(tmp_path / f"scd_{trail}")))
+    a, b = (json.loads((tmp_path / f"scd_{t}" / "schedule.json").read_text())["stages"] for t in ("trail", "merged"))
+    assert [s["ckpt"] for s in a] == [s["ckpt"] for s in b]
+    for sa, sb in zip(a, b):
+        assert sa["kl_best"] == pytest.approx(sb["kl_best"], abs=1e-5) and sa["kl_student"] == pytest.approx(sb["kl_student"], abs=1e-5)
+    assert max(s["kl_best"][0] for s in a) > 1e-3  # the candidates differ: the choice is not among equals
+    best = torch.load(tmp_path / "scd_trail" / "best.pt", weights_only=True)
+    assert best["lora"]["rank"] == 4 and all(".lora_" in k for k in best["model"])

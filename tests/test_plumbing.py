@@ -122,7 +122,7 @@ def test_pool_start_drops_the_early_checkpoints_from_every_schedule(tiny_domain,
     scores 3 candidates, CD starts at the pool's first, and each stage loads the checkpoint
     it chose."""
     loaded, real = [], plumbing.load_checkpoint
-    monkeypatch.setattr(distill, "load_checkpoint", lambda path, *a: loaded.append(path.name) or real(path, *a))
+    monkeypatch.setattr(distill, "load_checkpoint", lambda path, *a, **kw: loaded.append(path.name) or real(path, *a, **kw))
     distill.main(dcfg(tiny_domain, runs, "pool_scd", method="scd", stages=2, pool_start=0.5))
     sched = json.loads((runs / "pool_scd" / "schedule.json").read_text())
     assert sched["pool"] == ["ckpt_000006.pt", "ckpt_000009.pt", "ckpt_000012.pt"] and sched["best"] == 2

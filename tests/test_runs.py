@@ -12,7 +12,7 @@ from lab import bench
 import plumbing
 import scd
 import train_teacher as tt
-from model import GPTConfig, build
+from model import GPTConfig, add_lora, build
 from test_train import cfg
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,11 +36,26 @@ def test_the_memory_plan_counts_each_part_and_refuses_what_cannot_fit(capsys):
         plumbing.memory_plan(big, None, batch_size=512, seq_len=2048, answer_len=512, dtype="bfloat16", grad_ckpt=False, device="cpu")
 
 
-def test_the_plan_table_says_an_8b_teacher_does_not_fit_one_gpu():
+def test_the_plan_table_says_an_8b_teacher_fits_one_gpu_only_with_adapters():
     from lab import gpu_check
-    rows = {tuple(c.strip() for c in r.split("|")[1:3]): r for r in gpu_check.plans().splitlines()[2:]}
-    assert rows["llama-3.1-8b -> llama-3.2-3b", "teacher SFT"].split("|")[8].strip() == "none"
-    assert rows["qwen2.5-1.5b -> qwen2.5-0.5b", "distillation"].split("|")[8].strip() == "24, 48, 80"
+    rows = {tuple(c.strip() for c in r.split("|")[1:4]): r.split("|") for r in gpu_check.plans().splitlines()[2:]}
+    pair = "llama-3.1-8b -> llama-3.2-3b"
+    assert rows[pair, "teacher SFT", "all weights"][9].strip() == "none"
+    assert rows[pair, "teacher SFT", "LoRA r16"][9].strip() == "24, 48, 80"
+    assert rows[pair, "teacher SFT", "all weights"][10].strip() == "359.0 GiB"  # 24 x 8.03B x 2 bytes
+    assert rows[pair, "teacher SFT", "LoRA r16"][10].strip() == "3.8 GiB"  # 24 x 41.9M adapter weights x 4 bytes
+    assert rows["qwen2.5-1.5b -> qwen2.5-0.5b", "distillation", "all weights"][9].strip() == "24, 48, 80"
+
+
+def test_the_memory_plan_of_adapters_counts_the_frozen_base_in_the_autocast_dtype():
+    with torch.device("meta"):
+        model = build(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=128, vocab_size=1000))
+        P = model.num_params()
+        add_lora(model, rank=2)
+    A = model.num_params() - P  # c_attn (32 -> 96), c_proj (32 -> 32), c_fc (32 -> 128), c_proj (128 -> 32), rank 2
+    assert A == 2 * (32 + 96) + 2 * (32 + 32) + 2 * (32 + 128) + 2 * (128 + 32)
+    parts = plumbing.plan_parts(model, None, 4, 10, 3, "bfloat16", False)
+    assert (parts["weights"], parts["gradients"], parts["AdamW"]) == (4 * A + 2 * P, 4 * A, 8 * A)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
