@@ -68,7 +68,8 @@ class ReproduceConfig:
     stages: int = arg(4, "k4 protocol: the number of stages", low=1)
     teacher_lr: float = arg(3e-3, "the teacher's peak learning rate", low=0)
     student_lr: float = arg(3e-3, "every student's peak learning rate (chosen on KD's validation accuracy)", low=0)
-    converge: bool = arg(False, "also train each seed's teacher for twice its epochs: is the teacher converged?")
+    converge: bool = arg(False, "also train each seed's teacher for twice its epochs: is the teacher converged? (with "
+                         "--outcomes: for the file's first --seeds seeds, added to the file)")
     outcomes: str = arg("", "remake the report from this outcomes file alone, no training (every report writes one)")
     compare_to: str = arg("", "the --out_dir of a finished run with the other --base: the report compares the two")
 
@@ -95,8 +96,7 @@ def run_all(cfg):
     for seed in range(cfg.seeds):
         root = Path(cfg.out_dir) / f"seed{seed}"
         r = runs[seed] = {"teacher": root / "teacher", "SFT student": root / "student_sft"}
-        teacher = lambda folder, m=1: tt.TrainConfig(**common, seed=seed, preset=cfg.teacher, out_dir=str(folder), init_from=init,
-                                                     epochs=m * cfg.teacher_epochs, ckpt_per_epoch=cfg.ckpt_per_epoch, lr=cfg.teacher_lr)
+        teacher = lambda folder, m=1: teacher_config(cfg, seed, folder, m)
         sft = lambda name, folder, m=1: (name, tt.train, tt.TrainConfig(
             **common, seed=seed, preset=cfg.student, out_dir=str(folder), epochs=m * epochs, lr=cfg.student_lr, init_from=init,
             ckpt_per_epoch=cfg.ckpt_per_epoch, compare_to=str(r["teacher"])))
@@ -126,6 +126,28 @@ def run_all(cfg):
         for (name, m), folder in sw.items():
             wall[f"{name} x{m}"] = wall.get(f"{name} x{m}", 0.0) + finished(folder, name).get("wall_s", float("nan"))
     return runs, sweeps, wall, reused
+
+
+def teacher_config(cfg, seed, folder, m=1):
+    """The teacher's SFT run of a seed, for m times its epochs (m = 2: is it converged?)."""
+    return tt.TrainConfig(data=cfg.data, device=cfg.device, dtype=cfg.dtype, seed=seed, preset=cfg.teacher, out_dir=str(folder),
+                          init_from="base" if cfg.base == "pretrained" else "", epochs=m * cfg.teacher_epochs,
+                          ckpt_per_epoch=cfg.ckpt_per_epoch, lr=cfg.teacher_lr)
+
+
+def add_converge(o, seeds):
+    """The convergence precondition after a finished grid, without training the grid again:
+    seeds 0 .. seeds-1 get the teacher trained for twice its epochs (in the grid's own run
+    folders, resumable, reused when finished), and each run's manifest joins the outcomes o."""
+    g = ReproduceConfig(**o["cfg"])
+    splits = domains.load(g.data)
+    for seed in range(seeds):
+        folder = Path(g.out_dir) / f"seed{seed}" / "teacher_x2"
+        print(f"\n=== seed {seed}: the teacher for twice its epochs -> {folder}", flush=True)
+        tt.train(teacher_config(g, seed, folder, 2), splits)
+        o["files"][(folder / "manifest.json").as_posix()] = json.loads((folder / "manifest.json").read_text())
+    o["wall"]["teacher x2"] = sum(v["wall_s"] for k, v in o["files"].items() if k.endswith("teacher_x2/manifest.json"))
+    return o
 
 
 def protocol(cfg, steps_per_epoch):
@@ -493,10 +515,13 @@ def preconditions(runs, decs):
     x2 = {s: f for s, f in x2.items() if ran(f, "teacher")}
     if x2:
         best = lambda f: min(c["val_loss"] for c in read(f / "manifest.json")["checkpoints"])
-        gains = {s: 1 - best(f) / best(runs[s]["teacher"]) for s, f in x2.items()}
+        gains = {s: 1 - best(f) / best(runs[s]["teacher"]) for s, f in x2.items()}  # > 0: the longer run is better
         met = "no" if max(gains.values()) >= 0.02 else "yes" if len(x2) == len(runs) else "yes where measured"
+        g = list(gains.values())
+        mean = (f"; mean {100 * statistics.mean(g):+.1f}% ± {100 * stats.t_quantile(0.975, len(g) - 1) * statistics.stdev(g) / math.sqrt(len(g)):.1f} "
+                "(95%, over the seeds measured)" if len(g) > 1 else "")
         rows.append("| teacher converged: twice its steps lower its best validation loss by < 2%, every seed | "
-                    + ", ".join(f"seed {s} {100 * v:.1f}%" for s, v in gains.items())
+                    + ", ".join(f"seed {s} {100 * v:+.1f}%" for s, v in gains.items()) + mean
                     + ("" if len(x2) == len(runs) else f" (measured on {len(x2)} of {len(runs)} seeds)") + f" | {met} |")
     else:
         rows.append("| teacher converged | not measured (--converge true) | – |")
@@ -745,7 +770,10 @@ def report(o, report_dir):
 def main(cfg, command="python reproduce.py"):
     t = time.time()
     if cfg.outcomes:  # no training: the report again, from the outcomes file alone
-        path = report(load_outcomes(cfg.outcomes), cfg.report_dir)
+        o = load_outcomes(cfg.outcomes)
+        if cfg.converge:  # but first the longer teachers of the first --seeds seeds, added to the file
+            save_outcomes(add_converge(o, cfg.seeds), Path(cfg.outcomes))
+        path = report(o, cfg.report_dir)
         print(f"{path} remade from {cfg.outcomes}")
         return path
     runs, sweeps, wall, reused = run_all(cfg)

@@ -66,6 +66,14 @@ def test_one_command_writes_the_report_and_reuses_finished_phases(tiny_domain, t
     assert again == tmp_path / "rep" / "recomputed" / "results.md" and again.read_text() == text
     (tmp_path / "gone").rename(tmp_path / "runs")
     assert "| teacher converged | not measured (--converge true) | – |" in text and "| KD − SFT student ≥ 3 points" in text
+    # the convergence precondition, measured after the grid: seed 0's teacher for twice its epochs joins the file
+    rec = reproduce.main(reproduce.ReproduceConfig(outcomes=str(tmp_path / "rep" / "outcomes.json.gz"), converge=True, seeds=1))
+    assert conf(0, "teacher_x2")["epochs"] == 2 * cfg.teacher_epochs and conf(0, "teacher_x2")["seed"] == 0
+    best = lambda d: min(c["val_loss"] for c in json.loads((tmp_path / "runs" / "seed0" / d / "manifest.json").read_text())["checkpoints"])
+    gain = 1 - best("teacher_x2") / best("teacher")
+    assert f"| seed 0 {100 * gain:+.1f}% (measured on 1 of 2 seeds) | {'no' if gain >= 0.02 else 'yes where measured'} |" \
+        in rec.read_text()
+    assert "teacher x2" in reproduce.load_outcomes(tmp_path / "rep" / "outcomes.json.gz")["wall"]
     # the regime comparison, on a run compared with itself: every difference exactly 0, every criterion line twice
     cfg.compare_to = cfg.out_dir
     same = reproduce.main(cfg).read_text().split("## What pretraining changes")[1]
