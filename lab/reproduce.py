@@ -37,7 +37,7 @@ import scd  # noqa: E402
 from lab import stats  # noqa: E402
 import train_teacher as tt  # noqa: E402
 from model import PRESETS  # noqa: E402
-from plumbing import arg, parse_config, run_main, setup_device  # noqa: E402
+from plumbing import RunError, arg, parse_config, run_main, setup_device  # noqa: E402
 from plumbing import base_file, load_checkpoint  # noqa: E402
 
 METHODS = [("sft", False, "SFT, stages"), ("kd", False, "KD"), ("cd", False, "CD"), ("scd", False, "SCD"),
@@ -68,14 +68,22 @@ class ReproduceConfig:
     stages: int = arg(4, "k4 protocol: the number of stages", low=1)
     teacher_lr: float = arg(3e-3, "the teacher's peak learning rate", low=0)
     student_lr: float = arg(3e-3, "every student's peak learning rate (chosen on KD's validation accuracy)", low=0)
+    teacher_from: str = arg("", "your teacher: a model folder (or a .pt checkpoint) to fine-tune ('': --teacher from --base)")
+    student_from: str = arg("", "your student: a model folder (or a .pt checkpoint) for the SFT student and every distilled "
+                            "one ('': --student from --base)")
+    teacher_lora: int = arg(0, "the teacher's SFT with LoRA adapters of this rank: its trail is adapter files on a frozen "
+                            "--teacher_from (0: full fine-tune)", low=0)
+    student_lora: int = arg(0, "every student trains LoRA adapters of this rank on a frozen --student_from (0: all weights)", low=0)
+    batch_size: int = arg(16, "examples per step, every phase", low=1)
+    grad_ckpt: bool = arg(False, "activation checkpointing in every phase (less memory, more time)")
     converge: bool = arg(False, "also train each seed's teacher for twice its epochs: is the teacher converged? (with "
                          "--outcomes: for the file's first --seeds seeds, added to the file)")
     outcomes: str = arg("", "remake the report from this outcomes file alone, no training (every report writes one)")
     compare_to: str = arg("", "the --out_dir of a finished run with the other --base: the report compares the two")
 
     def __post_init__(self):  # the committed bases belong to the default world: other data starts from random init
-        if self.base == "auto":
-            self.base = "pretrained" if self.data.split(":")[0] == "default" else "none"
+        if self.base == "auto":  # your own models bring their own bases
+            self.base = "pretrained" if self.data.split(":")[0] == "default" and not (self.teacher_from or self.student_from) else "none"
         self.report_dir = self.report_dir or str(Path(self.outcomes).parent / "recomputed" if self.outcomes
                                                  else Path(self.out_dir) / "report")
     probe_size: int = arg(256, "probe examples for the SCD schedule", low=1)
@@ -88,10 +96,14 @@ def run_all(cfg):
     wall time per phase, number of finished phases reused)."""
     runs, sweeps, wall, reused = {}, {}, {}, 0
     methods = METHODS + (GRID if cfg.grid else [])
-    common = dict(data=cfg.data, device=cfg.device, dtype=cfg.dtype)
-    init = "base" if cfg.base == "pretrained" else ""
+    common = dict(data=cfg.data, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size, grad_ckpt=cfg.grad_ckpt,
+                  lora_rank=cfg.student_lora)
+    init = cfg.student_from or ("base" if cfg.base == "pretrained" else "")
+    for rank, start, who in ((cfg.teacher_lora, teacher_config(cfg, 0, "").init_from, "teacher"), (cfg.student_lora, init, "student")):
+        if rank and not start:  # said now, not after the teacher has trained
+            raise RunError(f"--{who}_lora {rank}: adapters need a base to adapt: give --{who}_from a model folder or .pt file")
     splits = domains.load(cfg.data)
-    stages, steps_per_stage, pool_start, epochs = protocol(cfg, len(splits["train"]) // 16)
+    stages, steps_per_stage, pool_start, epochs = protocol(cfg, len(splits["train"]) // cfg.batch_size)
     budgets = sorted({int(b) for b in cfg.budgets.split(",")} - {1})
     for seed in range(cfg.seeds):
         root = Path(cfg.out_dir) / f"seed{seed}"
@@ -131,8 +143,9 @@ def run_all(cfg):
 def teacher_config(cfg, seed, folder, m=1):
     """The teacher's SFT run of a seed, for m times its epochs (m = 2: is it converged?)."""
     return tt.TrainConfig(data=cfg.data, device=cfg.device, dtype=cfg.dtype, seed=seed, preset=cfg.teacher, out_dir=str(folder),
-                          init_from="base" if cfg.base == "pretrained" else "", epochs=m * cfg.teacher_epochs,
-                          ckpt_per_epoch=cfg.ckpt_per_epoch, lr=cfg.teacher_lr)
+                          init_from=cfg.teacher_from or ("base" if cfg.base == "pretrained" else ""), epochs=m * cfg.teacher_epochs,
+                          ckpt_per_epoch=cfg.ckpt_per_epoch, lr=cfg.teacher_lr, lora_rank=cfg.teacher_lora,
+                          batch_size=cfg.batch_size, grad_ckpt=cfg.grad_ckpt)
 
 
 def add_converge(o, seeds):
@@ -228,7 +241,7 @@ def collect(cfg, runs, sweeps, wall, command):
         cfg={k: v for k, v in vars(cfg).items() if k not in ("outcomes", "report_dir")}, command=command, files=files,
         subdomains=subdomains, runs={s: {n: f.as_posix() for n, f in r.items()} for s, r in runs.items()},
         sweeps={s: [[n, m, f.as_posix()] for (n, m), f in sw.items()] for s, sw in sweeps.items()}, wall=wall,
-        protocol=protocol(cfg, len(splits["train"]) // 16),
+        protocol=protocol(cfg, len(splits["train"]) // cfg.batch_size),
         machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device "
                 f"{setup_device(cfg.device, cfg.dtype)[0]}",
         bases=bases_table(cfg, splits) if cfg.base == "pretrained" else "",
@@ -307,9 +320,9 @@ def aw_weights_by_stage(run, teacher_dir, anchor_dir, device="cpu"):
     l_s = torch.tensor(disk(anchor_dir / "train_losses.json")["loss"])
     l_t = torch.tensor(disk(teacher_dir / "train_losses.json")["loss"])
     train = domains.load(disk(run / "config.json")["data"])["train"]
-    ws = []
+    ws, model = [], None
     for st in sched["stages"]:
-        model, tok = load_checkpoint(teacher_dir / st["file"], device)
+        model, tok = load_checkpoint(teacher_dir / st["file"], device, into=model)  # an adapter trail swaps adapters only
         enc = data.encode(train, tok, model.config.block_size)
         ws.append(scd.aw_weights(l_s, torch.tensor(data.example_losses(model, enc, tok.eot, device, nullcontext()))))
     return ws, l_t < l_s, torch.tensor([ex.get("noisy", False) for ex in train])
@@ -706,14 +719,14 @@ def report(o, report_dir):
     lines = [f"# Results: `{command}`", "",
              f"Seeds: {cfg.seeds}; every figure is the mean over seeds ± the half-width of its 95% interval over seeds "
              "and test examples (stats.py says how). One teacher per seed; seeds vary "
-             + ("the data order, dropout and the probe, never the bases" if cfg.base == "pretrained" else
+             + ("the data order, dropout and the probe, never the bases" if cfg.base == "pretrained" or cfg.student_from else
                 "the models' initialisation, the data order, dropout and the probe") + f". Data: {cfg.data}. "
              f"Machine: {o['machine']}. "
              f"Wall time of the phases, as each run recorded it: {sum(wall.values()) / 60:.1f} min. "
              "Every choice was made on validation; this report is the test split."
              + (" **One seed: one sample of each model.** Its intervals see the test examples only, not the run-to-run "
                 "noise, and its claims get no verdict." if cfg.seeds == 1 else ""), "",
-             f"Regime: {'the committed pretrained bases, fine-tuned (one pair of bases serves every seed)' if cfg.base == 'pretrained' else 'random init (--base none)'}; "
+             f"Regime: {regime(cfg)}; "
              f"protocol {cfg.protocol}: {stages} stages of {steps} steps, candidates from {pool:.0%} of the way to T* up to T*.", ""]
     if cfg.base == "pretrained":
         lines += ["## The bases before SFT", "", o["bases"], ""]
@@ -747,7 +760,7 @@ def report(o, report_dir):
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## What the adaptive schedule saw (nats on the probe, per stage)", "",
-              "At stage 0 the student is its start" + (" (the student base)" if cfg.base == "pretrained" else " (a random init)")
+              "At stage 0 the student is its start" + (" (the student base)" if cfg.base == "pretrained" or cfg.student_from else " (a random init)")
               + "; its term to the teacher's first / last candidate: " + ", ".join(f"{x:.2f} / {y:.2f}" for x, y in stage0_terms(runs))
               + " nats (per seed).", "", criterion_table(runs), ""]
     other_suffix = "_k4" if cfg.protocol == "paper" else ""
@@ -765,6 +778,16 @@ def report(o, report_dir):
     lines += ["", "## Plots", ""] + [f"![{p}]({p}.png)" for p in plots]
     (rep / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return rep / "results.md"
+
+
+def regime(cfg):
+    """Where teacher and students start, and what they train, in words."""
+    lora = lambda r: f" with rank-{r} adapters" if r else ""
+    if cfg.teacher_from or cfg.student_from:
+        return (f"the teacher fine-tuned from {cfg.teacher_from or cfg.teacher}{lora(cfg.teacher_lora)}, the students from "
+                f"{cfg.student_from or cfg.student}{lora(cfg.student_lora)}")
+    return ("the committed pretrained bases, fine-tuned (one pair of bases serves every seed)" if cfg.base == "pretrained"
+            else "random init (--base none)") + lora(cfg.student_lora)
 
 
 def main(cfg, command="python reproduce.py"):

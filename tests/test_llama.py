@@ -180,3 +180,27 @@ def test_scd_over_an_adapter_trail_chooses_what_it_chooses_over_the_trail_merged
     assert max(s["kl_best"][0] for s in a) > 1e-3  # the candidates differ: the choice is not among equals
     best = torch.load(tmp_path / "scd_trail" / "best.pt", weights_only=True)
     assert best["lora"]["rank"] == 4 and all(".lora_" in k for k in best["model"])
+
+
+def test_the_whole_comparison_runs_on_your_folders_with_adapters(tiny_domain, llama_folders, tmp_path):
+    """reproduce.py on a teacher folder, a student folder and a data folder: the teacher's trail
+    is adapter files, every student trains adapters, and the report is written in the run's folder."""
+    from lab import reproduce
+    cfg = reproduce.ReproduceConfig(data=str(tiny_domain), out_dir=str(tmp_path / "runs"), teacher_from=str(llama_folders / "teacher"),
+                                    student_from=str(llama_folders / "student"), teacher_lora=4, student_lora=4, seeds=1,
+                                    teacher_epochs=2, ckpt_per_epoch=1, stages=2, probe_size=16, teacher_lr=1e-2, student_lr=1e-2)
+    text = reproduce.main(cfg).read_text()
+    assert cfg.base == "none" and (tmp_path / "runs" / "report" / "results.md").exists()
+    assert "the teacher fine-tuned from" in text and "with rank-4 adapters, the students from" in text and "| SCD+AW |" in text
+    conf = lambda d: json.loads((tmp_path / "runs" / "seed0" / d / "config.json").read_text())
+    assert (conf("teacher")["init_from"], conf("teacher")["lora_rank"]) == (str(llama_folders / "teacher"), 4)
+    for d in ("student_sft", "kd_k4", "scd_aw_k4"):
+        assert (conf(d)["init_from"], conf(d)["lora_rank"]) == (str(llama_folders / "student"), 4)
+    teacher = json.loads((tmp_path / "runs" / "seed0" / "teacher" / "manifest.json").read_text())
+    assert all(torch.load(tmp_path / "runs" / "seed0" / "teacher" / c["file"], weights_only=True)["lora"]["rank"] == 4
+               for c in teacher["checkpoints"])
+    assert set(torch.load(tmp_path / "runs" / "seed0" / "scd_aw_k4" / "best.pt", weights_only=True)["model"]) == \
+        set(torch.load(tmp_path / "runs" / "seed0" / "student_sft" / "ckpt_000006.pt", weights_only=True)["model"])
+    with pytest.raises(plumbing.RunError, match="--student_lora 4: adapters need a base to adapt"):
+        reproduce.main(reproduce.ReproduceConfig(data=str(tiny_domain), out_dir=str(tmp_path / "x"), student_lora=4))
+    assert not (tmp_path / "x").exists()
