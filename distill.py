@@ -76,6 +76,8 @@ class DistillConfig:
     logit_chunk: int = arg(0, "answer positions per piece of the losses (0: pieces of at most 64 MiB of float32 logits; "
                            "the CPU demo's batches fit in one)", low=0)
     teacher_cache_gib: float = arg(2.0, "keep each stage's teacher logits on the training set if they fit in this many GiB (0: off)", low=0)
+    teacher_topk: int = arg(0, "keep the stage teacher's signal offline: its top-k log-probs per answer token and the tail "
+                            "mass, computed once per choice, then train with no teacher in memory (0: full logits)", low=0)
     log_every: int = arg(40, "steps between progress lines", low=1)
     eval_every: int = arg(0, "steps between validation-accuracy points of a learning curve in schedule.json (0: none)", low=0)
     # for the tests only
@@ -112,7 +114,7 @@ def main(cfg, splits=None):
     probes = [probe_logprobs(cfg, tdir, pool, train_enc, cfg.seed + 1000 * r, train_fp, tok, device, ctx)
               for r in range(1 + cfg.probe_resamples) if cfg.method == "scd"]
     t_sched, t_eval = time.time() - t_sched, 0.0
-    teacher = StageTeacher(tdir, train_enc, tok.eot, device, dtype, ctx, cfg.teacher_cache_gib)
+    teacher = StageTeacher(tdir, train_enc, tok.eot, device, dtype, ctx, cfg.teacher_cache_gib, cfg.teacher_topk)
     lengths, chunk = [len(p) + len(a) for p, a in train_enc], logit_chunk(student.config.vocab_size, cfg.logit_chunk)
     net, log = wrap(student, cfg.compile, world), Logger(out, rank, cfg.stages * cfg.steps_per_stage,
                                                           stage * cfg.steps_per_stage, cfg.log_every)
@@ -296,10 +298,13 @@ def sft_anchor(cfg, train_fp, n_train, student, device):
 class StageTeacher:
     """The teacher checkpoint c_k of the current stage, frozen (on CUDA in the autocast dtype:
     half the memory), and its logits at every training example's answer positions, computed
-    once per choice when they fit in cache_gib (each example is seen many times per stage)."""
+    once per choice when they fit in cache_gib (each example is seen many times per stage).
+    With topk, the offline signal: each row kept as its top-k log-probs (scd.compress_logprobs),
+    expanded per batch, and the teacher itself let go until the next choice."""
 
-    def __init__(self, tdir, train_enc, eot, device, dtype, ctx, cache_gib):
-        self.tdir, self.enc, self.eot, self.device, self.ctx, self.cache_gib = tdir, train_enc, eot, device, ctx, cache_gib
+    def __init__(self, tdir, train_enc, eot, device, dtype, ctx, cache_gib, topk=0):
+        self.tdir, self.enc, self.eot, self.device, self.ctx = tdir, train_enc, eot, device, ctx
+        self.cache_gib, self.topk = cache_gib, topk
         self.half = device.startswith("cuda") and dtype != "float32"
         self.file = self.model = self.rows = None
 
@@ -310,26 +315,32 @@ class StageTeacher:
         self.model, _ = load_checkpoint(self.tdir / file, self.device, into=self.model)
         if self.half:
             self.model.to(self.ctx.fast_dtype)
-        self.file, self.rows = file, teacher_logits(self.model, self.enc, self.eot, self.device, self.ctx, self.cache_gib)
+        self.file, self.rows = file, teacher_logits(self.model, self.enc, self.eot, self.device, self.ctx, self.cache_gib,
+                                                    topk=self.topk)
+        self.vocab = self.model.config.vocab_size
+        if self.topk and self.rows:
+            self.model = None  # the signal is offline: no teacher in memory while the student trains
 
     @torch.no_grad()
     def logits(self, idx, x, mask):
+        if self.rows and self.topk:  # log-probs with the tail mass spread evenly: logits of the same distribution
+            return torch.cat([scd.dense_logprobs(*self.rows[j], self.vocab) for j in idx])
         return torch.cat([self.rows[j] for j in idx]) if self.rows else self.model(x, positions=mask)
 
 
-
 @torch.no_grad()
-def teacher_logits(teacher, enc, eot, device, ctx, max_gib, chunk=64):
+def teacher_logits(teacher, enc, eot, device, ctx, max_gib, chunk=64, topk=0):
     """The teacher's logits at every training example's answer positions, one tensor per
-    example, or None if they would take more than max_gib."""
+    example (with topk, its top-k log-probs and their indices), or None if they would take
+    more than max_gib."""
     n_tok = sum(len(a) + 1 for _, a in enc)
-    if n_tok * teacher.config.vocab_size * 4 > max_gib * 2**30:
+    if n_tok * (8 * topk if topk else 4 * teacher.config.vocab_size) > max_gib * 2**30:
         return None
     order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]) + len(enc[i][1]))  # chunks pad little
     chunks = data.answer_logits(teacher, [enc[i] for i in order], eot, device, ctx, chunk)
     rows = [None] * len(enc)
     for i, r in zip(order, (r for lg, _, mask in chunks for r in lg.split(mask.sum(1).tolist()))):
-        rows[i] = r
+        rows[i] = scd.compress_logprobs(torch.log_softmax(r.float(), -1), topk) if topk else r
     return rows
 
 

@@ -74,6 +74,7 @@ class ReproduceConfig:
     teacher_lora: int = arg(0, "the teacher's SFT with LoRA adapters of this rank: its trail is adapter files on a frozen "
                             "--teacher_from (0: full fine-tune)", low=0)
     student_lora: int = arg(0, "every student trains LoRA adapters of this rank on a frozen --student_from (0: all weights)", low=0)
+    teacher_topk: int = arg(0, "distil from the stage teacher's top-k log-probs kept offline (distill.py --teacher_topk; 0: full logits)", low=0)
     batch_size: int = arg(16, "examples per step, every phase", low=1)
     grad_ckpt: bool = arg(False, "activation checkpointing in every phase (less memory, more time)")
     converge: bool = arg(False, "also train each seed's teacher for twice its epochs: is the teacher converged? (with "
@@ -115,7 +116,7 @@ def run_all(cfg):
         dist = lambda name, folder, method, aw, m=1: (name, distill.main, distill.DistillConfig(
             **common, seed=seed, preset=cfg.student, method=method, aw=aw, out_dir=str(folder), teacher_dir=str(r["teacher"]),
             anchor_dir=str(r["SFT student"]), stages=stages, steps_per_stage=m * steps_per_stage, probe_size=cfg.probe_size,
-            lr=cfg.student_lr, init_from=init, pool_start=pool_start))
+            lr=cfg.student_lr, init_from=init, pool_start=pool_start, teacher_topk=cfg.teacher_topk))
         phases = [("teacher", tt.train, teacher(r["teacher"])), sft("SFT student", r["SFT student"])]
         sw = sweeps[seed] = {}
         if cfg.converge:  # twice the teacher's steps: how much lower does its best validation loss go?

@@ -2,6 +2,7 @@ import json
 import math
 import re
 import shutil
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -181,3 +182,22 @@ def test_start_anchor_starts_from_the_sft_students_trained_weights(tiny_domain, 
         distill.main(dcfg(tiny_domain, runs, f"start_{start}", method="kd", stages=1, steps_per_stage=2, lr=0.0, start=start))
         final = torch.load(runs / f"start_{start}" / "final.pt", weights_only=True)["model"]
         assert all(torch.equal(final[k], sft[k]) for k in sft) == (start == "anchor")
+
+
+def test_the_offline_top_k_signal_lets_the_teacher_go_and_is_exact_when_k_covers_the_vocabulary(tiny_domain, runs):
+    distill.main(dcfg(tiny_domain, runs, "kd_full", method="kd", stages=1, steps_per_stage=4))
+    distill.main(dcfg(tiny_domain, runs, "kd_all_k", method="kd", stages=1, steps_per_stage=4, teacher_topk=10_000))
+    a, b = (torch.load(runs / d / "final.pt", weights_only=True)["model"] for d in ("kd_full", "kd_all_k"))
+    # k >= V: every log-prob kept, the same KL up to float32 round-off, which Adam's normalised steps turn into about
+    # 1e-5 on a weight; another signal would move weights by up to the LR, 3e-3, per step
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    _, tok, _, enc = plumbing.prepare(str(tiny_domain), "student", seed=0)
+    teacher = distill.StageTeacher(runs / "teacher", enc["train"], tok.eot, "cpu", "float32", nullcontext(), 2.0, topk=8)
+    teacher.use("ckpt_000012.pt")
+    assert teacher.model is None and teacher.rows[0][0].shape[1] == 8  # no teacher in memory, 8 log-probs a token
+    full = torch.log_softmax(distill.teacher_logits(plumbing.load_checkpoint(runs / "teacher" / "ckpt_000012.pt")[0],
+                                                    enc["train"], tok.eot, "cpu", nullcontext(), 2.0)[5], -1)
+    lp = teacher.logits([5], None, None)
+    top = full.topk(8, -1)
+    torch.testing.assert_close(lp.gather(1, top.indices), top.values)  # the top 8 exactly; the tail spread evenly
+    torch.testing.assert_close(lp.logsumexp(-1), torch.zeros(len(lp)), atol=1e-5, rtol=0)
