@@ -204,9 +204,8 @@ def choose(cfg, stage, schedule, student, probes, best, tok, device, ctx, world)
         prev = schedule[-1]["ckpt"] if schedule else None  # --monotone: never before the previous stage's choice
         for probe, cache in probes:
             s_lp = data.probe_logprobs(student.eval(), probe, tok.eot, device, ctx)  # p_student now, on the probe
-            dense = (scd.dense_logprobs(v, i, V) for v, i in cache)               # each p_c, one at a time
-            picks.append(scd.scd_checkpoint(scd.dense_logprobs(*cache[best], V), dense, s_lp, cfg.student_term, prev,
-                                            cfg.monotone))
+            kl_best, kl_student = probe_terms(cache, best, s_lp, V, logit_chunk(V, cfg.logit_chunk), cfg.student_term)
+            picks.append((scd.scd_argmin(kl_best, kl_student, prev, cfg.monotone), kl_best, kl_student))
         k, kl_best, kl_student = picks[0]
         row.update(kl_best=kl_best, kl_student=kl_student, resampled=[p[0] for p in picks[1:]])
     elif cfg.method != "sft":
@@ -216,6 +215,21 @@ def choose(cfg, stage, schedule, student, probes, best, tok, device, ctx, world)
         dist.broadcast_object_list(k, src=0)
         k = k[0]
     return k, row
+
+
+def probe_terms(cache, best, s_lp, V, chunk, student_term):
+    """Both terms of every candidate (scd.scd_checkpoint), on the probe's tokens `chunk` at a
+    time: a candidate's piece is expanded from its top-k (scd.dense_logprobs) only when scored,
+    so at a 128k vocabulary no candidate exists whole as (tokens x V). The terms are means over
+    the tokens: the pieces' means weighted by their share (one piece on the CPU demo)."""
+    n, kl_best, kl_student = s_lp.size(0), 0.0, 0.0
+    for r in range(0, n, chunk):
+        piece = lambda v, i: scd.dense_logprobs(v[r:r + chunk], i[r:r + chunk], V)
+        _, b, s = scd.scd_checkpoint(piece(*cache[best]), (piece(*c) for c in cache), s_lp[r:r + chunk], student_term)
+        share = min(chunk, n - r) / n
+        kl_best = kl_best + share * torch.tensor(b, dtype=torch.float64)
+        kl_student = kl_student + share * torch.tensor(s, dtype=torch.float64)
+    return kl_best.tolist(), kl_student.tolist()
 
 
 def teacher_pool(cfg, student, tok):

@@ -116,10 +116,15 @@ def scd_checkpoint(best_lp, ckpt_lps, student_lp, student_term="flipped", prev=N
         kl_best.append(token_kl(best_lp, lp).mean().item())
         p, q = (student_lp, lp) if student_term == "as_written" else (lp, student_lp)
         kl_student.append(token_kl(p, q).mean().item())
+    return scd_argmin(kl_best, kl_student, prev, monotone), kl_best, kl_student
+
+
+def scd_argmin(kl_best, kl_student, prev=None, monotone=False):
+    """c_k = argmin_c of the two terms' sum, given per candidate; monotone: none before prev."""
     score = torch.tensor(kl_best) + torch.tensor(kl_student)
     if monotone and prev is not None:
         score[:prev] = float("inf")
-    return int(score.argmin()), kl_best, kl_student
+    return int(score.argmin())
 
 
 def fixed_checkpoint(policy, stage, n_stages, best):

@@ -1,7 +1,8 @@
 """
 Speed of one training step, measured, never asserted: SFT, the teacher's forward pass, and a
-distillation step (METHOD.md section 2.4 with AW), both with the teacher in the loop and with
-the stage's teacher logits cached (what distill.py does when they fit). Prints medians over
+distillation step (METHOD.md section 2.4 with AW) with the teacher in the loop, with the
+stage's teacher logits cached (what distill.py does when they fit), and from the offline top-k
+signal (--teacher_topk); --lora_rank trains the student's adapters only. Prints medians over
 --rounds rounds with their spread, and one JSON line at the end.
 
     python -m lab.bench                                         # CPU presets on real default-domain batches
@@ -22,7 +23,7 @@ import torch
 
 import data
 import scd
-from model import GPTConfig, PRESETS, build
+from model import GPTConfig, PRESETS, add_lora, build
 from plumbing import arg, optimizer_step, parse_config, run_main, setup_device
 
 # The Llama family's shapes (from the models' config.json files), for timings and memory plans from random weights
@@ -51,6 +52,8 @@ class BenchConfig:
     steps: int = arg(20, "timed steps per measurement and round, after 3 warm-up steps", low=1)
     rounds: int = arg(7, "rounds; the figures are medians over rounds, with min..max", low=1)
     compile: bool = arg(False, "torch.compile the student and the teacher")
+    lora_rank: int = arg(0, "the student trains LoRA adapters of this rank on its frozen weights (0: all weights)", low=0)
+    topk: int = arg(64, "the offline teacher signal's log-probs per token (distill.py --teacher_topk), for distill_offline", low=1)
     device: str = arg("auto", "cpu, cuda, ...")
     dtype: str = arg("auto", "autocast precision", choices=("auto", "float32", "bfloat16", "float16"))
 
@@ -91,12 +94,17 @@ def measure(cfg):
     teacher, student = make(cfg.teacher).eval(), make(cfg.student)
     if device.startswith("cuda") and dtype != "float32":  # the frozen teacher in the autocast dtype, as distill.py keeps it
         teacher.to(ctx.fast_dtype)
+        if cfg.lora_rank:  # and an adapted student's frozen base (plumbing.start)
+            student.to(ctx.fast_dtype)
+    if cfg.lora_rank:
+        add_lora(student, cfg.lora_rank)  # the adapters in float32, on the base's device
     student.grad_checkpointing = cfg.grad_ckpt
     opt = student.configure_optimizer(1e-4, 0.1, (0.9, 0.95), device.split(":")[0])
     t_net, s_net = (torch.compile(m) if cfg.compile else m for m in (teacher, student))
     anchor = torch.rand(cfg.batch_size, device=device) + 0.5
     with torch.no_grad(), ctx:
         cached = [t_net(x, positions=m) for x, _, m in data_]  # what distill.py keeps per stage
+        offline = [scd.compress_logprobs(torch.log_softmax(lg.float(), -1), cfg.topk) for lg in cached]  # --teacher_topk
 
     def sft(i):
         x, y, m = data_[i]
@@ -115,7 +123,8 @@ def measure(cfg):
         with ctx:
             s_logits = s_net(x, positions=m)
             with torch.no_grad():
-                t_logits = cached[i] if cache else t_net(x, positions=m)
+                t_logits = (cached[i] if cache == "logits" else scd.dense_logprobs(*offline[i], vocab) if cache == "topk"
+                            else t_net(x, positions=m))
             loss, _ = scd.distill_loss(s_logits, t_logits, y, m, anchor_loss=anchor)
         optimizer_step(student, opt, scaler, loss, 1.0, "bench")
 
@@ -133,7 +142,8 @@ def measure(cfg):
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    kinds = dict(sft=sft, teacher_forward=teacher_forward, distill=distill, distill_cached=lambda i: distill(i, True))
+    kinds = dict(sft=sft, teacher_forward=teacher_forward, distill=distill, distill_cached=lambda i: distill(i, "logits"),
+                 distill_offline=lambda i: distill(i, "topk"))
     runs = {k: [] for k in kinds}
     for _ in range(cfg.rounds):  # interleaved: a slow moment of the machine hits every kind alike
         for k, fn in kinds.items():
@@ -153,11 +163,11 @@ def measure(cfg):
                distill_tok_s=round(tokens / statistics.median(runs["distill"])),
                distill_cached_tok_s=round(tokens / statistics.median(runs["distill_cached"])))
     if device.startswith("cuda"):  # model FLOPs utilisation against the card's datasheet peak
-        x, _, m = data_[0]
-        flops = flops_per_step(student, x, m, True) + flops_per_step(teacher, x, m, False)
+        x, _, m = data_[0]  # adapters: no weight gradients for the frozen matrices, so about 2 passes, not 3
+        flops = flops_per_step(student, x, m, True) * (2 / 3 if cfg.lora_rank else 1) + flops_per_step(teacher, x, m, False)
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in out["device"]), None)
         out["mfu"] = round(flops / statistics.median(runs["distill"]) / (peak * 1e12), 3) if peak else None
-        sft_flops = flops_per_step(student, x, m, True)
+        sft_flops = flops_per_step(student, x, m, True) * (2 / 3 if cfg.lora_rank else 1)
         out["sft_mfu"] = round(sft_flops / statistics.median(runs["sft"]) / (peak * 1e12), 3) if peak else None
         out["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     else:
@@ -167,7 +177,7 @@ def measure(cfg):
 
 def main(cfg):
     out = measure(cfg)
-    for k in ("sft", "teacher_forward", "distill", "distill_cached"):
+    for k in ("sft", "teacher_forward", "distill", "distill_cached", "distill_offline"):
         print(f"{k:16s} {out[k + '_ms']:8.2f} ms  (min..max over {cfg.rounds} rounds: "
               f"{out[k + '_ms_range'][0]}..{out[k + '_ms_range'][1]})")
     print(f"distillation / (SFT + teacher forward) = {out['ratio']} (min..max {out['ratio_range'][0]}..{out['ratio_range'][1]}; "

@@ -67,3 +67,19 @@ def test_the_memory_plan_counts_one_piece_of_float32_logits():
     pieces = plumbing.plan_parts(model, model, 8, 512, 128, "bfloat16", True, chunk)["logits"]
     assert one == 1024 * V * 4 * 4 and pieces == 1024 * V * 2 * 3 + 130 * V * 4 * 4
     assert pieces < 0.55 * one  # 1.06 GB against 2.10
+
+
+def test_the_probe_is_scored_in_pieces_to_the_same_terms_and_choice():
+    """Three candidates stored as their top-64 log-probs on 6 probe tokens at 128k: scored 2 or
+    4 tokens at a time (distill.probe_terms), both terms equal the one-piece terms to 1e-6, and
+    those are scd.scd_checkpoint's on the candidates expanded whole."""
+    import distill
+    torch.manual_seed(1)
+    cache = [scd.compress_logprobs(torch.log_softmax(3 * torch.randn(6, V), -1), 64) for _ in range(3)]
+    s_lp = torch.log_softmax(3 * torch.randn(6, V), -1)
+    whole = scd.scd_checkpoint(scd.dense_logprobs(*cache[2], V), [scd.dense_logprobs(*c, V) for c in cache], s_lp)
+    for chunk in (2, 4, 6):
+        b, s = distill.probe_terms(cache, 2, s_lp, V, chunk, "flipped")
+        assert b == pytest.approx(whole[1], abs=1e-6, rel=1e-6) and s == pytest.approx(whole[2], abs=1e-6, rel=1e-6)
+        assert scd.scd_argmin(b, s) == whole[0]
+    assert distill.probe_terms(cache, 2, s_lp, V, 6, "flipped") == (whole[1], whole[2])  # one piece: the same floats

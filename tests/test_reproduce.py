@@ -84,9 +84,10 @@ def test_one_command_writes_the_report_and_reuses_finished_phases(tiny_domain, t
 
 def test_gpu_check_runs_on_cpu_at_small_shapes(tiny_domain, tmp_path):
     summary = gpu_check.main(gpu_check.GpuCheckConfig(out_dir=str(tmp_path), small=True, data=str(tiny_domain), device="cpu"))
-    assert [r["dtype"] for r in summary["steps"]] == ["bfloat16", "float16"]
-    assert all(r["distill_ms"] > 0 and r["peak_mem_GiB"] > 0 for r in summary["steps"])
-    assert "| bfloat16 |" in (tmp_path / "gpu_check.md").read_text()
+    assert [(r["dtype"], r["lora_rank"]) for r in summary["steps"]] == [("bfloat16", 0), ("float16", 0), ("bfloat16", 4)]
+    assert all(r["distill_ms"] > 0 and r["distill_offline_ms"] > 0 and r["peak_mem_GiB"] > 0 for r in summary["steps"])
+    assert summary["steps"][2]["student_params_M"] > summary["steps"][0]["student_params_M"]  # the adapters' weights
+    assert "| teacher -> student | bfloat16 | LoRA r4 |" in (tmp_path / "gpu_check.md").read_text()
 
 
 def test_bench_prints_medians_and_spread():
