@@ -73,6 +73,7 @@ class DistillConfig:
                      choices=("auto", "float32", "bfloat16", "float16"))
     compile: bool = arg(False, "torch.compile the trained model (CUDA; slow to start, faster per step)")
     grad_ckpt: bool = arg(False, "activation checkpointing: recompute each block in the backward pass (less memory, more time)")
+    fsdp: bool = arg(False, "under torchrun, shard the student's weights, gradients and AdamW state (FSDP2), not DDP")
     logit_chunk: int = arg(0, "answer positions per piece of the losses (0: pieces of at most 64 MiB of float32 logits; "
                            "the CPU demo's batches fit in one)", low=0)
     teacher_cache_gib: float = arg(2.0, "keep each stage's teacher logits on the training set if they fit in this many GiB (0: off)", low=0)
@@ -116,7 +117,7 @@ def main(cfg, splits=None):
     t_sched, t_eval = time.time() - t_sched, 0.0
     teacher = StageTeacher(tdir, train_enc, tok.eot, device, dtype, ctx, cfg.teacher_cache_gib, cfg.teacher_topk)
     lengths, chunk = [len(p) + len(a) for p, a in train_enc], logit_chunk(student.config.vocab_size, cfg.logit_chunk)
-    net, log = wrap(student, cfg.compile, world), Logger(out, rank, cfg.stages * cfg.steps_per_stage,
+    net, log = wrap(student, cfg.compile, world, cfg.fsdp), Logger(out, rank, cfg.stages * cfg.steps_per_stage,
                                                           stage * cfg.steps_per_stage, cfg.log_every)
     skipped = 0
 

@@ -19,11 +19,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import hf
-from model import GPT, GPT2_NAMES, GPTConfig, PRESETS, add_lora, build, lora_state
+from model import GPT, GPT2_NAMES, Block, GPTConfig, LlamaBlock, PRESETS, add_lora, build, lora_state
 
 
 def arg(default, help, choices=None, low=None):
@@ -77,7 +81,8 @@ def run_main(fn, cfg):
     except (data.DataError, RunError, hf.UnsupportedModel) as e:
         sys.exit(f"error: {e}")
     print(f"wall time {time.time() - t:.0f}s")
-    if dist.is_initialized():
+    if dist.is_initialized():  # every process leaves together: none tears the group down while another still uses it
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -228,18 +233,34 @@ def checkpoint_dict(model, tok, dtype="float32", **extra):
     return dict(model=weights, model_config=asdict(model.config), vocab=tok.ids, lora=lora, **extra)
 
 
+WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered from the processes, on rank 0's CPU
+
+
 def trained_state(model):
-    """The weights a run changes: all of them, or an adapted model's adapters alone."""
-    return lora_state(model) if model.lora else model.state_dict()
+    """The weights a run changes, whole (under --fsdp gathered from every process): all of
+    them, or an adapted model's adapters alone."""
+    sd = get_model_state_dict(model, options=WHOLE) if isinstance(model, FSDPModule) else model.state_dict()
+    return {k: v for k, v in sd.items() if ".lora_" in k} if model.lora else sd
 
 
 def load_trained(model, weights):
     """trained_state's inverse: every weight, or exactly the adapters of an adapted model."""
-    if not model.lora:
-        return model.load_state_dict(weights)
-    if set(weights) != set(lora_state(model)):
+    if model.lora and set(weights) != set(lora_state(model)):
         raise KeyError(f"adapter names {sorted(set(weights) ^ set(lora_state(model)))[:4]} differ")
-    model.load_state_dict(weights, strict=False)
+    if isinstance(model, FSDPModule):  # each process keeps its shard of the whole weights
+        return set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=not model.lora))
+    return model.load_state_dict(weights, strict=not model.lora)
+
+
+def optimizer_state(model, optimizer):
+    """AdamW's state, whole (under --fsdp gathered from every process, by parameter name)."""
+    return get_optimizer_state_dict(model, optimizer, options=WHOLE) if isinstance(model, FSDPModule) else optimizer.state_dict()
+
+
+def load_optimizer(model, optimizer, state):
+    if isinstance(model, FSDPModule):
+        return set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    optimizer.load_state_dict(state)
 
 
 def adapt(model, base, rank, alpha=0.0, dropout=0.0):
@@ -296,10 +317,12 @@ def plan_parts(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt
                 activations=acts, logits=logits)
 
 
-def memory_plan(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt, device, n_ckpt=0, chunk=0):
-    """Print plan_parts before the first step, with the disk n_ckpt dense checkpoints take,
-    and refuse a run over the device's memory with its figures."""
+def memory_plan(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt, device, n_ckpt=0, chunk=0, shards=1):
+    """Print plan_parts before the first step (weights, gradients and AdamW state split over
+    `shards` processes under --fsdp), with the disk n_ckpt dense checkpoints take, and refuse a
+    run over the device's memory with its figures."""
     parts = plan_parts(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt, chunk)
+    parts.update({k: parts[k] // shards for k in ("weights", "gradients", "AdamW")})
     total, gib = sum(parts.values()), lambda x: f"{x / 2**30:.2f}"
     if device.startswith("cuda"):
         have = torch.cuda.get_device_properties(torch.device(device)).total_memory
@@ -393,6 +416,7 @@ def optimizer_step(model, optimizer, scaler, loss, grad_clip, where):
     if scaler:
         scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # under --fsdp, the norm over every shard
     skipped = False
     if scaler:
         scale = scaler.get_scale()
@@ -443,7 +467,7 @@ def start(cfg, model, teacher, train_enc, device, dtype, world, n_ckpt=0):
                 p.data = p.data.to(getattr(torch, dtype))
     memory_plan(model, teacher, cfg.batch_size // world, max(len(p) + len(a) for p, a in train_enc),
                 max(len(a) for _, a in train_enc) + 1, dtype, cfg.grad_ckpt, device, n_ckpt,
-                logit_chunk(model.config.vocab_size, cfg.logit_chunk))
+                logit_chunk(model.config.vocab_size, cfg.logit_chunk), world if cfg.fsdp else 1)
     model.to(device)
     return out_folder(cfg.out_dir)
 
@@ -468,7 +492,7 @@ def resume_sft(out, cfg, cls, splits, model, optimizer, scaler, probe, device):
     if resumable(out, config, asdict(cls())):
         state = torch.load(out / "state.pt", map_location=device, weights_only=True)
         load_trained(model, state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer(model, optimizer, state["optimizer"])
         if scaler is not None:
             scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
@@ -524,10 +548,19 @@ def progress(step, total, t0, start_step, tokens, msg):
             f"eta {int(eta // 60)}m{int(eta % 60):02d}s")
 
 
-def wrap(model, compile, world):
-    """The module the steps call: DDP over the processes under torchrun (the same model,
-    gradients averaged), compiled with --compile."""
-    net = DDP(model) if world > 1 else model
+def wrap(model, compile, world, fsdp=False):
+    """The module the steps call, compiled with --compile. Under torchrun: DDP (a whole copy of
+    the model in every process, gradients averaged), or with --fsdp FSDP2 (fully_shard: each
+    block's weights, gradients and AdamW state split over the processes, gathered for its
+    forward and backward; the model changes in place, so build its optimizer after this)."""
+    if world > 1 and fsdp:
+        blocks = [m for m in model.modules() if isinstance(m, (Block, LlamaBlock))]
+        for block in blocks:
+            fully_shard(block)
+        net = fully_shard(model)
+        print(f"FSDP2: {len(blocks)} blocks and the rest of the model sharded over {world} processes")
+    else:
+        net = DDP(model) if world > 1 else model
     return torch.compile(net) if compile else net
 
 

@@ -27,8 +27,8 @@ import data
 import scd
 from model import PRESETS
 from plumbing import (Logger, arg, atomic_save, check_finite, checkpoint_dict, global_mean, load_checkpoint,
-                      logit_chunk, lr_at, optimizer_step, parse_config, prepare, resume_sft, run_main, setup_device, shard,
-                      start, trained_state, wrap)
+                      logit_chunk, lr_at, optimizer_state, optimizer_step, parse_config, prepare, resume_sft, run_main,
+                      setup_device, shard, start, trained_state, wrap)
 
 
 @dataclass
@@ -62,6 +62,7 @@ class TrainConfig:
                      choices=("auto", "float32", "bfloat16", "float16"))
     compile: bool = arg(False, "torch.compile the trained model (CUDA; slow to start, faster per step)")
     grad_ckpt: bool = arg(False, "activation checkpointing: recompute each block in the backward pass (less memory, more time)")
+    fsdp: bool = arg(False, "under torchrun, shard weights, gradients and AdamW state over the processes (FSDP2), not DDP")
     logit_chunk: int = arg(0, "answer positions per piece of the losses (0: pieces of at most 64 MiB of float32 logits; "
                            "the CPU demo's batches fit in one)", low=0)
     log_every: int = arg(20, "steps between progress lines", low=1)
@@ -94,6 +95,7 @@ def train(cfg, splits=None):
           f"vocab {tok.vocab_size} | {len(train_enc)} train examples, {cfg.epochs} epochs (--epochs), {total} steps, "
           f"{len(ckpt_steps)} checkpoints | {device}, {dtype}")
     out = start(cfg, model, None, train_enc, device, dtype, world, len(ckpt_steps))  # memory plan, device, locked folder
+    net = wrap(model, cfg.compile, world, cfg.fsdp)  # DDP or FSDP2 under torchrun; before the optimizer sees the weights
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, 0.95), device.split(":")[0])
     probe = data.ProbeStore(out, train_enc, data.fingerprint(splits["train"]), cfg.probe_size, cfg.seed, cfg.probe_topk)
     manifest, step = resume_sft(out, cfg, TrainConfig, splits, model, optimizer, scaler, probe, device)  # or a fresh run
@@ -101,7 +103,7 @@ def train(cfg, splits=None):
         print(f"{out} holds this run, finished: nothing to do")
         return manifest["test"]
     lengths, chunk = [len(p) + len(a) for p, a in train_enc], logit_chunk(model.config.vocab_size, cfg.logit_chunk)
-    net, log = wrap(model, cfg.compile, world), Logger(out, rank, total, step, cfg.log_every)
+    log = Logger(out, rank, total, step, cfg.log_every)
     loss_sum, loss_n, skipped, t_eval = 0.0, 0, 0, 0.0
     model.train()
     while step < total:
@@ -135,7 +137,8 @@ def train(cfg, splits=None):
             model.train()
             atomic_save(probe.data, probe.path)
             atomic_save(manifest, out / "manifest.json")
-            state = dict(model=trained_state(model), optimizer=optimizer.state_dict(), step=step, rng=torch.get_rng_state())
+            state = dict(model=trained_state(model), optimizer=optimizer_state(model, optimizer), step=step,
+                         rng=torch.get_rng_state())
             atomic_save(state | ({"scaler": scaler.state_dict()} if scaler else {}), out / "state.pt")  # all a resume needs
             log.line(f"checkpoint {name}: val loss {summary['loss']:.4f}, val acc {summary['acc']:.3f}")
             loss_sum, loss_n = 0.0, 0

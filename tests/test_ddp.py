@@ -56,3 +56,28 @@ def test_shards_split_the_global_batch():
     idx = list(range(100, 116))
     parts = [tt.shard(idx, r, 4) for r in range(4)]
     assert sorted(sum(parts, [])) == idx and all(len(p) == 4 for p in parts)
+
+
+def test_fsdp_shards_and_trains_like_one_process_resumed_and_with_adapters(tiny_domain, tmp_path):
+    """--fsdp true under torchrun (FSDP2's fully_shard, 2 gloo processes): the same dense
+    checkpoints as one process with the same global batch, gathered to whole plain weights, also
+    when interrupted after the first checkpoint and resumed (AdamW's state gathered and sharded
+    again); with adapters, the checkpoints hold the adapters alone."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    tt.train(cfg(tiny_domain, one, ckpt_per_epoch=1))
+    flags = [f"--data={tiny_domain}", "--preset=student", "--epochs=2", "--batch_size=16", "--ckpt_per_epoch=1",
+             "--log_every=1000", "--fsdp=true"]
+    assert "FSDP2: 2 blocks and the rest of the model sharded over 2 processes" in \
+        torchrun("train_teacher.py", *flags, f"--out_dir={two}", "--stop_at_step=6")
+    assert "resuming" in torchrun("train_teacher.py", *flags, f"--out_dir={two}")
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
+    for c in json.loads((one / "manifest.json").read_text())["checkpoints"]:
+        a, b = (torch.load(d / c["file"], weights_only=True)["model"] for d in (one, two))
+        assert set(a) == set(b) and all(type(v) is torch.Tensor and v.shape == a[k].shape for k, v in b.items())
+        assert max_diff(one / c["file"], two / c["file"]) < 1e-4
+    base = one / "ckpt_000006.pt"  # adapters on a base of full weights
+    tt.train(cfg(tiny_domain, tmp_path / "lora1", ckpt_per_epoch=1, init_from=str(base), lora_rank=4))
+    torchrun("train_teacher.py", *flags, f"--out_dir={tmp_path / 'lora2'}", f"--init_from={base}", "--lora_rank=4")
+    a, b = (torch.load(tmp_path / d / "ckpt_000012.pt", weights_only=True) for d in ("lora1", "lora2"))
+    assert set(a["model"]) == set(b["model"]) and all(".lora_" in k for k in b["model"]) and b["lora"] == a["lora"]
+    assert max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]) < 1e-4

@@ -201,3 +201,14 @@ def test_the_offline_top_k_signal_lets_the_teacher_go_and_is_exact_when_k_covers
     top = full.topk(8, -1)
     torch.testing.assert_close(lp.gather(1, top.indices), top.values)  # the top 8 exactly; the tail spread evenly
     torch.testing.assert_close(lp.logsumexp(-1), torch.zeros(len(lp)), atol=1e-5, rtol=0)
+
+
+def test_the_signal_error_of_top_k_is_zero_when_k_covers_the_vocabulary(runs):
+    from lab import topk
+    V = torch.load(runs / "teacher" / "ckpt_000012.pt", weights_only=True)["model"]["lm_head.weight"].size(0)
+    err, n, vocab = topk.signal_error(runs / "teacher", runs / "sft", [V, 8])
+    assert vocab == V and n > 24  # every validation answer token, end tokens included
+    tail, kl, d_k, d = err[V]
+    assert abs(tail) < 1e-5 and abs(kl) < 1e-5 and d_k == pytest.approx(d, abs=1e-5)
+    tail, kl, d_k, d = err[8]
+    assert 0 < tail < 1 and kl > 0 and d == err[V][3]  # the full-distribution KL does not depend on k
