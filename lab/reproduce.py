@@ -74,7 +74,8 @@ class ReproduceConfig:
     teacher_lora: int = arg(0, "the teacher's SFT with LoRA adapters of this rank: its trail is adapter files on a frozen "
                             "--teacher_from (0: full fine-tune)", low=0)
     student_lora: int = arg(0, "every student trains LoRA adapters of this rank on a frozen --student_from (0: all weights)", low=0)
-    teacher_topk: int = arg(0, "distil from the stage teacher's top-k log-probs kept offline (distill.py --teacher_topk; 0: full logits)", low=0)
+    teacher_topk: int = arg(0, "distil from the stage teacher's top-k log-probs kept offline (distill.py --teacher_topk; "
+                            "0: full logits)", low=0)
     batch_size: int = arg(16, "examples per step, every phase", low=1)
     grad_ckpt: bool = arg(False, "activation checkpointing in every phase (less memory, more time)")
     converge: bool = arg(False, "also train each seed's teacher for twice its epochs: is the teacher converged? (with "
@@ -531,11 +532,13 @@ def preconditions(runs, decs):
         best = lambda f: min(c["val_loss"] for c in read(f / "manifest.json")["checkpoints"])
         gains = {s: 1 - best(f) / best(runs[s]["teacher"]) for s, f in x2.items()}  # > 0: the longer run is better
         met = "no" if max(gains.values()) >= 0.02 else "yes" if len(x2) == len(runs) else "yes where measured"
-        g = list(gains.values())
-        mean = (f"; mean {100 * statistics.mean(g):+.1f}% ± {100 * stats.t_quantile(0.975, len(g) - 1) * statistics.stdev(g) / math.sqrt(len(g)):.1f} "
-                "(95%, over the seeds measured)" if len(g) > 1 else "")
+        v, mean = list(gains.values()), ""
+        if len(v) > 1:  # the mean gain over the seeds measured, with its 95% interval (Student's t)
+            m, half = statistics.mean(v), stats.t_quantile(0.975, len(v) - 1) * statistics.stdev(v) / math.sqrt(len(v))
+            mean = f"; mean {100 * m:+.1f}% [{100 * (m - half):+.1f}, {100 * (m + half):+.1f}]"
+            met += "; the mean's interval lies below +2%" if m + half < 0.02 and met != "no" else ""
         rows.append("| teacher converged: twice its steps lower its best validation loss by < 2%, every seed | "
-                    + ", ".join(f"seed {s} {100 * v:+.1f}%" for s, v in gains.items()) + mean
+                    + ", ".join(f"seed {s} {100 * g:+.1f}%" for s, g in gains.items()) + mean
                     + ("" if len(x2) == len(runs) else f" (measured on {len(x2)} of {len(runs)} seeds)") + f" | {met} |")
     else:
         rows.append("| teacher converged | not measured (--converge true) | – |")

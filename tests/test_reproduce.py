@@ -74,6 +74,8 @@ def test_one_command_writes_the_report_and_reuses_finished_phases(tiny_domain, t
     assert f"| seed 0 {100 * gain:+.1f}% (measured on 1 of 2 seeds) | {'no' if gain >= 0.02 else 'yes where measured'} |" \
         in rec.read_text()
     assert "teacher x2" in reproduce.load_outcomes(tmp_path / "rep" / "outcomes.json.gz")["wall"]
+    others = lambda t: [line for line in t.splitlines() if line.startswith(("| teacher − SFT", "| KD − SFT"))]
+    assert len(others(text)) == 3 and others(rec.read_text()) == others(text)  # the other preconditions stay as they were
     # the regime comparison, on a run compared with itself: every difference exactly 0, every criterion line twice
     cfg.compare_to = cfg.out_dir
     same = reproduce.main(cfg).read_text().split("## What pretraining changes")[1]
