@@ -6,6 +6,7 @@ and loading models (the committed bases checked by sha256), the memory plan, out
 lines, and the checks that stop a run loudly instead of letting it train on NaN.
 """
 import argparse
+import gc
 import hashlib
 import json
 import math
@@ -82,6 +83,7 @@ def run_main(fn, cfg):
         sys.exit(f"error: {e}")
     print(f"wall time {time.time() - t:.0f}s")
     if dist.is_initialized():  # every process leaves together: none tears the group down while another still uses it
+        gc.collect()  # and what the run left in reference cycles (FSDP2's modules and their work) goes while the group lives
         dist.barrier()
         dist.destroy_process_group()
 

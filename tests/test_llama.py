@@ -188,7 +188,8 @@ def test_the_whole_comparison_runs_on_your_folders_with_adapters(tiny_domain, ll
     from lab import reproduce
     cfg = reproduce.ReproduceConfig(data=str(tiny_domain), out_dir=str(tmp_path / "runs"), teacher_from=str(llama_folders / "teacher"),
                                     student_from=str(llama_folders / "student"), teacher_lora=4, student_lora=4, seeds=1,
-                                    teacher_epochs=2, ckpt_per_epoch=1, stages=2, probe_size=16, teacher_lr=1e-2, student_lr=1e-2)
+                                    teacher_epochs=2, ckpt_per_epoch=1, stage_epochs=1, stages=2, probe_size=8, teacher_lr=1e-2,
+                                    student_lr=1e-2)
     text = reproduce.main(cfg).read_text()
     assert cfg.base == "none" and (tmp_path / "runs" / "report" / "results.md").exists()
     assert "the teacher fine-tuned from" in text and "with rank-4 adapters, the students from" in text and "| SCD+AW |" in text
@@ -200,7 +201,7 @@ def test_the_whole_comparison_runs_on_your_folders_with_adapters(tiny_domain, ll
     assert all(torch.load(tmp_path / "runs" / "seed0" / "teacher" / c["file"], weights_only=True)["lora"]["rank"] == 4
                for c in teacher["checkpoints"])
     assert set(torch.load(tmp_path / "runs" / "seed0" / "scd_aw_k4" / "best.pt", weights_only=True)["model"]) == \
-        set(torch.load(tmp_path / "runs" / "seed0" / "student_sft" / "ckpt_000006.pt", weights_only=True)["model"])
+        set(torch.load(tmp_path / "runs" / "seed0" / "student_sft" / "ckpt_000012.pt", weights_only=True)["model"])
     with pytest.raises(plumbing.RunError, match="--student_lora 4: adapters need a base to adapt"):
         reproduce.main(reproduce.ReproduceConfig(data=str(tiny_domain), out_dir=str(tmp_path / "x"), student_lora=4))
     assert not (tmp_path / "x").exists()
