@@ -100,8 +100,8 @@ def run_all(cfg):
     methods = METHODS + (GRID if cfg.grid else [])
     common = dict(data=cfg.data, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size, grad_ckpt=cfg.grad_ckpt,
                   lora_rank=cfg.student_lora)
-    init = cfg.student_from or ("base" if cfg.base == "pretrained" else "")
-    for rank, start, who in ((cfg.teacher_lora, teacher_config(cfg, 0, "").init_from, "teacher"), (cfg.student_lora, init, "student")):
+    t_init, init = starts(cfg)
+    for rank, start, who in ((cfg.teacher_lora, t_init, "teacher"), (cfg.student_lora, init, "student")):
         if rank and not start:  # said now, not after the teacher has trained
             raise RunError(f"--{who}_lora {rank}: adapters need a base to adapt: give --{who}_from a model folder or .pt file")
     splits = domains.load(cfg.data)
@@ -142,10 +142,16 @@ def run_all(cfg):
     return runs, sweeps, wall, reused
 
 
+def starts(cfg):
+    """Where the teacher and the students start: your folders, else the committed bases, else random init ('')."""
+    base = "base" if cfg.base == "pretrained" else ""
+    return cfg.teacher_from or base, cfg.student_from or base
+
+
 def teacher_config(cfg, seed, folder, m=1):
     """The teacher's SFT run of a seed, for m times its epochs (m = 2: is it converged?)."""
     return tt.TrainConfig(data=cfg.data, device=cfg.device, dtype=cfg.dtype, seed=seed, preset=cfg.teacher, out_dir=str(folder),
-                          init_from=cfg.teacher_from or ("base" if cfg.base == "pretrained" else ""), epochs=m * cfg.teacher_epochs,
+                          init_from=starts(cfg)[0], epochs=m * cfg.teacher_epochs,
                           ckpt_per_epoch=cfg.ckpt_per_epoch, lr=cfg.teacher_lr, lora_rank=cfg.teacher_lora,
                           batch_size=cfg.batch_size, grad_ckpt=cfg.grad_ckpt)
 
