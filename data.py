@@ -200,15 +200,36 @@ def batch_indices(lengths, batch_size, seed, step):
 
 
 # -----------------------------------------------------------------------------
-# a model's logits and losses at the answer positions of encoded examples
+# a model's logits and losses at the answer positions of encoded examples, the
+# vocabulary-sized head applied a piece of positions at a time
+
+def logit_chunk(vocab_size, requested=0, gib=1 / 16):
+    """Answer positions per piece of the head and the losses: `requested` (--logit_chunk) if
+    given, else as many as keep one piece's float32 logits within gib. At a 128k vocabulary that
+    is 130 positions; the CPU demo's few hundred tokens fit every batch in one piece."""
+    return requested or max(1, int(gib * 2**30) // (4 * vocab_size))
+
+
+def in_pieces(fn, chunk):
+    """A head for model(x, positions=mask, head=...): the logits of `chunk` answer positions at a
+    time, fn(logits, rows) on each piece (rows: the piece's slice of the answer positions), the
+    outputs concatenated (a tuple of outputs: each concatenated). No (positions x V) array
+    exists whole; with chunk >= the positions it is one piece, the plain head."""
+    def head(h, lm_head):
+        outs = [fn(lm_head(h[r:r + chunk]), slice(r, r + chunk)) for r in range(0, h.size(0), chunk)]
+        return tuple(map(torch.cat, zip(*outs))) if isinstance(outs[0], tuple) else torch.cat(outs)
+    return head
+
 
 @torch.no_grad()
-def answer_logits(model, enc, eot, device, ctx, chunk):
-    """(logits at the answer positions, y, mask) for consecutive chunks of encoded examples."""
-    for s in range(0, len(enc), chunk):
-        x, y, mask = make_batch(enc, range(s, min(s + chunk, len(enc))), eot, device)
+def answer_pieces(model, enc, eot, device, ctx, fn, batch_size, chunk=0):
+    """fn(logits, y at those positions) over the answer positions of consecutive batches of
+    encoded examples, a piece at a time (in_pieces) -> yields (fn's output, mask) per batch."""
+    chunk = chunk or logit_chunk(model.config.vocab_size)
+    for s in range(0, len(enc), batch_size):
+        x, y, mask = make_batch(enc, range(s, min(s + batch_size, len(enc))), eot, device)
         with ctx:
-            yield model(x, positions=mask), y, mask
+            yield model(x, positions=mask, head=in_pieces(lambda lg, r: fn(lg, y[mask][r]), chunk)), mask
 
 
 def example_mean(values, mask):
@@ -217,18 +238,23 @@ def example_mean(values, mask):
     return torch.zeros(mask.size(0), device=values.device).index_add_(0, rows, values.float()) / mask.sum(1).clamp(min=1)
 
 
+def token_ce(logits, y):
+    """Cross-entropy of each answer position's target, in float32: (N, V), (N,) -> (N,)."""
+    return F.cross_entropy(logits.float(), y, reduction="none")
+
+
 def answer_ce(logits, y, mask, chunk=0):
     """Each example's mean cross-entropy over its answer tokens, in float32: the SFT loss and
     what evaluation reports. The same quantity as scd.gold_ce (the tests hold them equal),
     kept here so that SFT and evaluation run while the course copy has scd.py blanked.
     chunk: answer positions per piece (scd.by_chunks; 0: one piece)."""
-    token_ce = lambda lg, t: F.cross_entropy(lg.float(), t, reduction="none")
     return example_mean(scd.by_chunks(token_ce, logits, y[mask], chunk=chunk), mask)
 
 
-def example_losses(model, enc, eot, device, ctx, chunk=256):
+def example_losses(model, enc, eot, device, ctx, batch_size=256, chunk=0):
     """Per-example answer CE of model on encoded examples (AW's anchor l_S): a list."""
-    return [v for lg, y, mask in answer_logits(model, enc, eot, device, ctx, chunk) for v in answer_ce(lg, y, mask).tolist()]
+    return [v for ce, mask in answer_pieces(model, enc, eot, device, ctx, token_ce, batch_size, chunk)
+            for v in example_mean(ce, mask).tolist()]
 
 
 # -----------------------------------------------------------------------------
@@ -251,9 +277,13 @@ def probe_file(folder, seed, size, topk):
     return Path(folder) / f"probe_s{seed}_n{size}_k{topk}.pt"
 
 
-def probe_logprobs(model, probe, eot, device, ctx, chunk=32):
-    """Log-probabilities at the probe's answer positions: (N answer tokens, V), float32."""
-    return torch.cat([torch.log_softmax(lg.float(), -1) for lg, _, _ in answer_logits(model, probe, eot, device, ctx, chunk)])
+def probe_logprobs(model, probe, eot, device, ctx, topk, batch_size=32, chunk=0):
+    """A checkpoint's log-probabilities at the probe's answer positions, compressed as they are
+    stored (scd.compress_logprobs: the top k of each token and the tail mass), a piece at a time.
+    -> (values (N answer tokens, k), indices (N, k))."""
+    top = lambda lg, y: scd.compress_logprobs(torch.log_softmax(lg.float(), -1), topk)
+    pieces = [vi for vi, _ in answer_pieces(model, probe, eot, device, ctx, top, batch_size, chunk)]
+    return tuple(map(torch.cat, zip(*pieces)))
 
 
 class ProbeStore:
@@ -278,9 +308,9 @@ class ProbeStore:
         self.data = {k: v[:keep] if isinstance(v, list) else v for k, v in stored.items()}
         return True
 
-    def add(self, step, logprobs):
-        """Store one checkpoint's log-probs on the probe, compressed."""
-        v, i = scd.compress_logprobs(logprobs, self.topk)
+    def add(self, step, compressed):
+        """Store one checkpoint's compressed log-probs on the probe (probe_logprobs)."""
+        v, i = compressed
         self.data["steps"].append(step), self.data["values"].append(v.cpu()), self.data["indices"].append(i.cpu())
 
     def get(self, steps, device):
@@ -296,7 +326,7 @@ class ProbeStore:
 # entity F1 where answers are entity lists, per-example records
 
 @torch.no_grad()
-def evaluate(model, examples, tok, device="cpu", ctx=None, decode=False, batch_size=256):
+def evaluate(model, examples, tok, device="cpu", ctx=None, decode=False, batch_size=256, chunk=0):
     """-> (summary dict, per-example records). Records keep what SFS/TFS analysis needs.
 
     decode=False: exact match without generating. Greedy decoding reproduces the gold answer
@@ -304,7 +334,7 @@ def evaluate(model, examples, tok, device="cpu", ctx=None, decode=False, batch_s
     every answer position, its EOT included, is the gold token: so one forward pass gives
     both the loss and the exact match. decode=True generates and compares strings
     (stripped), which also accepts another tokenisation of the same text; the tests show
-    both agree on trained checkpoints.
+    both agree on trained checkpoints. chunk: answer positions per piece of the head (in_pieces).
     """
     ctx = ctx or nullcontext()
     was_training = model.training
@@ -315,10 +345,10 @@ def evaluate(model, examples, tok, device="cpu", ctx=None, decode=False, batch_s
     for s in range(0, len(enc), batch_size):
         idx = by_len[s:s + batch_size]
         x, y, mask = make_batch(enc, idx, tok.eot, device)
+        scored = lambda lg, r: (token_ce(lg, y[mask][r]), (lg.argmax(-1) != y[mask][r]).float())  # per answer token
         with ctx:
-            logits = model(x, positions=mask)
-            losses = answer_ce(logits, y, mask)
-            right = example_mean((logits.argmax(-1) != y[mask]).float(), mask) == 0
+            ce, wrong = model(x, positions=mask, head=in_pieces(scored, chunk or logit_chunk(model.config.vocab_size)))
+            losses, right = example_mean(ce, mask), example_mean(wrong, mask) == 0
             if decode:
                 outs = model.generate(*prompt_batch([enc[i][0] for i in idx], tok.eot, device),
                                       max(len(enc[i][1]) for i in idx) + 1, tok.eot)

@@ -1,8 +1,8 @@
 """
 Hugging Face model folders, read without transformers: config.json -> our config,
-model.safetensors (or its shards, or pytorch_model.bin) -> our weights, tokenizer.json ->
-a tokenizer (through the tokenizers library). Optional extras: pip install safetensors
-tokenizers. Nothing is downloaded: a folder is what `huggingface-cli download NAME
+model.safetensors (or its shards, or pytorch_model.bin) -> our weights, read one tensor at
+a time, tokenizer.json -> a tokenizer (through the tokenizers library, an optional extra:
+pip install tokenizers). Nothing is downloaded: a folder is what `huggingface-cli download NAME
 --local-dir DIR` leaves.
 """
 import hashlib
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from model import GPT, GPTConfig, Llama
+from model import GPT, GPTConfig, Llama, rope_frequencies
 
 
 class UnsupportedModel(ValueError):
@@ -54,26 +54,65 @@ def config_from_hf(c, path):
 
 def load_folder(path):
     """A Hugging Face model folder -> our model, in float32. Reads model.safetensors, or the
-    shards its index names (safetensors: pip install safetensors), or pytorch_model.bin."""
+    shards its index names, or pytorch_model.bin. A Llama-family model is built without memory
+    (on the meta device), given one float32 copy, and filled one tensor at a time: host memory
+    peaks near that one copy, not the file's weights, a float32 copy of them and a randomly
+    initialised model at once (80 GB for an 8B folder)."""
     path = Path(path)
     config = config_from_hf(json.loads((path / "config.json").read_text(encoding="utf-8")), path)
     index = path / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
     if (path / files[0]).exists():
-        from safetensors.torch import load_file  # the optional extra
-        sd = {k: v for f in files for k, v in load_file(path / f).items()}
+        tensors = (kv for f in files for kv in read_safetensors(path / f))
     else:
-        sd = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        tensors = iter(torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True).items())
     if config.arch == "gpt2":  # GPT2Model files name the blocks without the "transformer." of GPT2LMHeadModel
-        sd = {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v.float() for k, v in sd.items()}
+        sd = {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v.float() for k, v in tensors}
         sd.setdefault("lm_head.weight", sd["transformer.wte.weight"])
         return GPT.from_hf(sd, config)
-    sd = {k: v.float() for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+    with torch.device("meta"):
+        model = Llama(config)  # shapes only: nothing allocated, nothing drawn
+    model.to_empty(device="cpu")  # one float32 copy, uninitialised
+    if config.tie_embeddings:  # to_empty gives each module its own tensor: tie them again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq.copy_(rope_frequencies(config))  # a computed buffer, not in the files
+    want, seen = model.state_dict(keep_vars=True), set()
+    for name, t in tensors:
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        if name not in want:
+            raise UnsupportedModel(f"{path}: weight {name!r} has no place in a {config.arch} model of this config")
+        if tuple(t.shape) != tuple(want[name].shape):
+            raise UnsupportedModel(f"{path}: weight {name!r} has shape {tuple(t.shape)}, config.json says {tuple(want[name].shape)}")
+        with torch.no_grad():
+            want[name].copy_(t)  # converted to float32 in place; the file's tensor goes at the next one
+        seen.add(name)
     if config.tie_embeddings:
-        sd.setdefault("lm_head.weight", sd["model.embed_tokens.weight"])
-    model = Llama(config)
-    model.load_state_dict(sd)  # strict: a missing or unexpected name is an error
+        seen.add("lm_head.weight")  # the embedding's own tensor
+    if set(want) - seen:
+        raise UnsupportedModel(f"{path}: weights missing from the files: {sorted(set(want) - seen)[:4]}")
     return model
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
+
+
+def read_safetensors(path):
+    """A .safetensors file's tensors, one at a time: (name, tensor) read from disk on demand
+    (the format: an 8-byte header length, a JSON header of dtypes, shapes and byte offsets, then
+    the bytes), so no more than one tensor of the file is in memory at once."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        for name, h in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if h["dtype"] not in SAFETENSORS_DTYPES:
+                raise UnsupportedModel(f"{path}: tensor {name!r} has dtype {h['dtype']}, not one of {', '.join(SAFETENSORS_DTYPES)}")
+            begin, end = h["data_offsets"]
+            f.seek(8 + n + begin)
+            raw = torch.empty(end - begin, dtype=torch.uint8)
+            f.readinto(raw.numpy())  # straight into the tensor's memory: no second copy of the bytes
+            yield name, raw.view(SAFETENSORS_DTYPES[h["dtype"]]).reshape(h["shape"])
 
 
 class FolderTokenizer:

@@ -80,13 +80,16 @@ class LM(nn.Module):
             return checkpoint(block, x, *args, use_reentrant=False)
         return block(x, *args)
 
-    def forward(self, idx, positions=None):
+    def forward(self, idx, positions=None, head=None):
         """idx (B, T) token ids -> logits (B, T, V); with positions, a (B, T) bool mask, only
         there: (N, V) in row-major order. Answers are a small share of each sequence and the
-        vocabulary-sized head is the expensive part, so training asks for answer positions only."""
+        vocabulary-sized head is the expensive part, so training asks for answer positions only.
+        head(h, lm_head): what to make of the final hidden states instead of the whole logits
+        (data.in_pieces: the head a piece of positions at a time, for 128k vocabularies)."""
         assert idx.size(1) <= self.config.block_size, f"sequence of {idx.size(1)} tokens > block_size {self.config.block_size}"
         x = self.body(idx)
-        return self.lm_head(x if positions is None else x[positions])
+        x = x if positions is None else x[positions]
+        return self.lm_head(x) if head is None else head(x, self.lm_head)
 
     def configure_optimizer(self, lr, weight_decay, betas, device_type):
         # decay the blocks' matrices; not biases, norms or embeddings (lookup tables, tied to the head or not)

@@ -22,13 +22,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor
-from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.distributed.fsdp import FSDPModule
 
 import data
 import hf
-from model import GPT, GPT2_NAMES, Block, GPTConfig, LlamaBlock, PRESETS, add_lora, build, lora_state
+from model import GPT, GPT2_NAMES, GPTConfig, PRESETS, add_lora, build, lora_state
 
 
 def arg(default, help, choices=None, low=None):
@@ -57,7 +55,8 @@ def parse_config(cls, description):
             raise argparse.ArgumentTypeError(f"{s!r} is neither true nor false")
         return s.lower() == "true"
 
-    for f in fields(cls):
+    inherited = {f.name for base in cls.__mro__[1:] if hasattr(base, "__dataclass_fields__") for f in fields(base)}
+    for f in sorted(fields(cls), key=lambda f: f.name in inherited):  # the script's own flags first, then the shared ones
         m, kw = f.metadata, {}
         if isinstance(f.default, bool):
             kw = dict(type=yes_no, metavar="{true,false}")
@@ -112,13 +111,22 @@ def setup_device(device, dtype):
             sys.stdout = open(os.devnull, "w")
     dev_type = "cuda" if device.startswith("cuda") else "cpu"
     if dtype == "auto":
-        dtype = "float32" if dev_type == "cpu" else ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+        dtype = "float32" if dev_type == "cpu" else ("bfloat16" if native_bf16() else "float16")
     if dev_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     ptdtype = dict(float32=torch.float32, bfloat16=torch.bfloat16, float16=torch.float16)[dtype]
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(dev_type, dtype=ptdtype)
     scaler = torch.amp.GradScaler(dev_type) if ptdtype == torch.float16 else None
     return device, dtype, ctx, scaler, rank, world
+
+
+def native_bf16():
+    """True on a card that computes in bf16 (Ampere and later); Turing and Volta only emulate it,
+    slowly, and torch counts emulation as support unless asked not to."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # a torch without the argument counts only native support
+        return torch.cuda.is_bf16_supported()
 
 
 def lr_at(step, total, peak, warmup_frac):
@@ -202,9 +210,10 @@ def load_checkpoint(path, device="cpu", into=None):
     """A weights file -> (model in eval mode, tokenizer). An adapter checkpoint is its base,
     checked by sha256, plus the adapters; `into`, a model already holding the same base and
     adapter shape (the previous candidate of a trail), has only its adapters swapped: a few
-    MB, never the base again."""
+    MB, never the base again, and the model stays where it is. The file is read onto the CPU
+    whatever device wrote it."""
     try:
-        ck = torch.load(path, map_location=device, weights_only=True)
+        ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise RunError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     lora = ck.get("lora")
@@ -224,7 +233,69 @@ def load_checkpoint(path, device="cpu", into=None):
         load_trained(model, ck["model"])
     except Exception as e:
         raise RunError(f"{path}: its weights do not fit the model ({type(e).__name__}: {e})") from None
-    return model.to(device).eval(), tokenizer(ck["vocab"])
+    return (model if model is into else model.to(device)).eval(), tokenizer(ck["vocab"])
+
+
+def teacher_manifest(tdir, pool_start):
+    """A teacher run's manifest.json (its checkpoints, T*), or a clear error before anything runs."""
+    tdir = Path(tdir)
+    if not (tdir / "manifest.json").exists():
+        raise RunError(f"{tdir}: no manifest.json; train a teacher first (python train_teacher.py --out_dir {tdir})")
+    manifest = read_json(tdir / "manifest.json")
+    if not manifest["checkpoints"]:
+        raise RunError(f"{tdir}/manifest.json lists no checkpoints")
+    if pool_start > 1:
+        raise RunError(f"--pool_start {pool_start}: a fraction of the way to T*, from 0 to 1")
+    return manifest
+
+
+def check_teacher(path, tok, student):
+    """The teacher checkpoint at path, read on the CPU, after checks that it can teach this
+    student: the same tokenizer (distributions compared token by token), a context as long."""
+    t_model, t_tok = load_checkpoint(path)
+    tdir = Path(path).parent
+    if t_tok.identity != tok.identity:
+        raise RunError(f"{tdir} has another tokenizer than the student (vocabulary {t_tok.vocab_size} vs {tok.vocab_size}"
+                       + (f", tokenizer.json sha {t_tok.identity[2]} vs {tok.identity[2]})" if t_tok.identity[0] == tok.identity[0]
+                          == "tokenizer.json" else ")") + ": distillation compares their distributions token by token")
+    if t_model.config.block_size < student.config.block_size:
+        raise RunError(f"{tdir} has a shorter context ({t_model.config.block_size}) than the student ({student.config.block_size})")
+    return t_model
+
+
+def check_same_start(cfg, adir):
+    """A distilled student starts where the SFT student in adir did: the same seed and init
+    (and preset, where the init is the preset's own)."""
+    a = read_json(Path(adir) / "config.json")
+    for k in ("seed", "init_from") + (("preset",) if cfg.init_from in ("", "base") else ()):
+        if a.get(k) != getattr(cfg, k):
+            raise RunError(f"--{k} {getattr(cfg, k)!r} differs from the SFT student's ({a.get(k)!r} in {adir}): "
+                           "the student would not start where the SFT student did")
+
+
+def evaluate_students(out, test, tok, device, ctx, chunk=0, into=None):
+    """distill.py's best-on-validation and final students on test, one at a time: records and
+    summaries. Exact match as on validation, from one forward pass (data.evaluate: it equals
+    greedy decoding). into: the run's own student, whose weights are replaced by each saved
+    student's (no second model in memory); None reads each into a model of its own."""
+    results = {}
+    for name in ("best", "final"):
+        model = (load_weights(out / f"{name}.pt", into) if into is not None else load_checkpoint(out / f"{name}.pt", device))[0]
+        summary, records = data.evaluate(model, test, tok, device, ctx=ctx, chunk=chunk)
+        del model
+        atomic_save(records, out / f"test_records_{name}.jsonl")
+        results[name] = {k: round(v, 4) for k, v in summary.items()}
+        print(f"{name} student on test: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
+    results["best_stage"] = torch.load(out / "best.pt", weights_only=True)["stage"]
+    return results
+
+
+def load_weights(path, model):
+    """A checkpoint's weights (or adapters) read on the CPU into a live model of the same shape,
+    which stays on its device. -> (the model in eval mode, tokenizer), as load_checkpoint."""
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    load_trained(model, ck["model"])
+    return model.eval(), tokenizer(ck["vocab"])
 
 
 def checkpoint_dict(model, tok, dtype="float32", **extra):
@@ -289,58 +360,6 @@ def weights_sha(path):
                     h.update(block)
         _SHA[key] = h.hexdigest()
     return _SHA[key]
-
-
-def logit_chunk(vocab_size, requested=0, gib=1 / 16):
-    """Answer positions per piece of the losses (scd.by_chunks): --logit_chunk if given, else as
-    many as keep one piece's float32 logits within gib (the CPU demo's batches fit in one)."""
-    return requested or max(1, int(gib * 2**30) // (4 * vocab_size))
-
-
-def plan_parts(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt, chunk=0):
-    """Bytes a training step holds, by part (an estimate, made before the first step): the
-    trained weights in float32 with their gradients and AdamW's two moments (with adapters,
-    those of the adapters alone, and the frozen base in the autocast dtype); the frozen teacher
-    in the autocast dtype; the activations kept for the backward pass (about 7 C + 2 kv + 4 I
-    values per token and layer, or with activation checkpointing each block's input and one
-    block's whole); the logits at the answer positions: in one piece, float32 copies of the
-    student's, their log-softmax and gradient, and the teacher's; in pieces of `chunk`
-    positions, the student's and teacher's logits and the student's gradient in the autocast
-    dtype, and four float32 copies of one piece."""
-    c, b = model.config, 2 if dtype in ("bfloat16", "float16") else 4
-    P = sum(p.numel() for p in model.parameters() if p.requires_grad)  # trained: all, or the adapters alone
-    frozen = model.num_params() - P  # an adapted model's base, kept in the autocast dtype (start)
-    per_layer = 7 * c.n_embd + 2 * c.n_kv_head * c.head_dim + 4 * c.intermediate_size  # values per token
-    acts = batch_size * seq_len * b * (c.n_layer * c.n_embd + per_layer if grad_ckpt else c.n_layer * per_layer)
-    n = batch_size * answer_len
-    logits = (n * c.vocab_size * 4 * (4 if teacher else 3) if not chunk or chunk >= n else
-              n * c.vocab_size * b * (3 if teacher else 2) + chunk * c.vocab_size * 4 * 4)
-    return dict(weights=4 * P + b * frozen, gradients=4 * P, AdamW=8 * P, teacher=teacher.num_params() * b if teacher else 0,
-                activations=acts, logits=logits)
-
-
-def memory_plan(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt, device, n_ckpt=0, chunk=0, shards=1):
-    """Print plan_parts before the first step (weights, gradients and AdamW state split over
-    `shards` processes under --fsdp), with the disk n_ckpt dense checkpoints take, and refuse a
-    run over the device's memory with its figures."""
-    parts = plan_parts(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt, chunk)
-    parts.update({k: parts[k] // shards for k in ("weights", "gradients", "AdamW")})
-    total, gib = sum(parts.values()), lambda x: f"{x / 2**30:.2f}"
-    if device.startswith("cuda"):
-        have = torch.cuda.get_device_properties(torch.device(device)).total_memory
-    else:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    line = ("memory plan (GiB, estimated): " + " | ".join(f"{k} {gib(v)}" for k, v in parts.items() if v)
-            + f" | total {gib(total)} of {gib(have)} on {device}")
-    if n_ckpt:
-        adapters = model.lora
-        size = sum(v.numel() for v in trained_state(model).values()) * (2 if dtype == "bfloat16" and not adapters else 4)
-        line += f"; disk: {n_ckpt} dense checkpoints x {gib(size)} GiB" + (" (adapters only)" if adapters else "")
-    print(line)
-    if total > have:
-        raise RunError(f"the run does not fit: {line.split(': ', 1)[1]}; use a smaller --batch_size, --grad_ckpt true, "
-                       "a smaller model, or several GPUs (torchrun)")
-    return parts
 
 
 def fingerprints(splits):
@@ -409,29 +428,6 @@ def check_finite(where, **terms):
                        "last saved state is the last good one (rerunning the same command resumes from it)")
 
 
-def optimizer_step(model, optimizer, scaler, loss, grad_clip, where):
-    """Backward, clip, step. -> True if the step was skipped. With fp16 the scaler scales
-    the loss, unscales before clipping, and skips (then halves its scale) a step whose
-    gradients overflowed: that is its job, so those steps are counted, not errors.
-    Without a scaler a non-finite gradient norm stops the run."""
-    (scaler.scale(loss) if scaler else loss).backward()
-    if scaler:
-        scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # under --fsdp, the norm over every shard
-    skipped = False
-    if scaler:
-        scale = scaler.get_scale()
-        scaler.step(optimizer)
-        scaler.update()
-        skipped = scaler.get_scale() < scale
-    else:
-        check_finite(where, grad_norm=norm)
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return skipped
-
-
 def global_mean(t, world):
     """The mean of a tensor over the processes (the global batch's value, for logs)."""
     if world > 1:
@@ -456,24 +452,6 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def start(cfg, model, teacher, train_enc, device, dtype, world, n_ckpt=0):
-    """Before a script's first step: the batch fits the data, the memory plan is printed (and
-    a run that cannot fit refused), the model is on its device, the run folder is locked.
-    -> the run folder."""
-    if len(train_enc) < cfg.batch_size:
-        raise RunError(f"--batch_size {cfg.batch_size} is larger than the {len(train_enc)} training examples")
-    model.grad_checkpointing = cfg.grad_ckpt
-    if model.lora and dtype != "float32":  # a frozen base needs no float32 master copy
-        for p in model.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(getattr(torch, dtype))
-    memory_plan(model, teacher, cfg.batch_size // world, max(len(p) + len(a) for p, a in train_enc),
-                max(len(a) for _, a in train_enc) + 1, dtype, cfg.grad_ckpt, device, n_ckpt,
-                logit_chunk(model.config.vocab_size, cfg.logit_chunk), world if cfg.fsdp else 1)
-    model.to(device)
-    return out_folder(cfg.out_dir)
-
-
 def run_config(cfg, splits, test_flag):
     """What identifies a run: its flags (not its folder, nor the test-only stop flag) and the
     fingerprints of its data."""
@@ -483,21 +461,30 @@ def run_config(cfg, splits, test_flag):
     return config
 
 
+def rng_state(device):
+    """torch's random state: the CPU generator's, and on CUDA the device's (dropout draws there)."""
+    return dict(rng=torch.get_rng_state()) | ({"cuda_rng": torch.cuda.get_rng_state(device)} if device.startswith("cuda") else {})
+
+
 def resume_sft(out, cfg, cls, splits, model, optimizer, scaler, probe, device):
     """train_teacher.py's resume: a folder holding this very run continues from its last
-    checkpoint with everything restored (weights, optimizer, scaler, torch's RNG, so dropout
-    continues as if never stopped; the manifest and the probe's log-probs up to that step).
+    checkpoint with everything restored (weights, optimizer, scaler, torch's RNG on the CPU and
+    the device, so dropout continues as if never stopped; the manifest and the probe's log-probs
+    up to that step). The state file is read onto the CPU whatever device wrote it, and copied
+    into the live model and optimizer: no second copy of them on the device.
     -> (manifest, the step to start at)."""
     config = run_config(cfg, splits, "stop_at_step")
     manifest = dict(config=config, fingerprint=config["fingerprint"]["train"], checkpoints=[], best=None)
     step = 0
     if resumable(out, config, asdict(cls())):
-        state = torch.load(out / "state.pt", map_location=device, weights_only=True)
+        state = torch.load(out / "state.pt", map_location="cpu", weights_only=True)
         load_trained(model, state["model"])
         load_optimizer(model, optimizer, state["optimizer"])
         if scaler is not None:
             scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and device.startswith("cuda"):
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         step, manifest = state["step"], read_json(out / "manifest.json")
         manifest["checkpoints"] = [c for c in manifest["checkpoints"] if c["step"] <= step]
         probe.load(up_to=step)
@@ -507,14 +494,14 @@ def resume_sft(out, cfg, cls, splits, model, optimizer, scaler, probe, device):
     return manifest, step
 
 
-def resume_stages(out, cfg, cls, splits, student, device):
+def resume_stages(out, cfg, cls, splits, student):
     """distill.py's resume, at stage boundaries (each stage restarts its optimizer anyway).
     -> (the finished run's results or None, the stage to start at, the best validation
     accuracy so far, the schedule so far)."""
     config = run_config(cfg, splits, "stop_at_stage")
     state = 0, -1.0, []  # a fresh run: stage 0, no best yet, no schedule
     if resumable(out, config, asdict(cls())):
-        st = torch.load(out / "state.pt", map_location=device, weights_only=True)
+        st = torch.load(out / "state.pt", map_location="cpu", weights_only=True)  # copied into the student
         if st["stage"] == cfg.stages and (out / "results.json").exists():
             print(f"{out} holds this run, finished: nothing to do")
             return read_json(out / "results.json"), 0, 0, []
@@ -550,22 +537,6 @@ def progress(step, total, t0, start_step, tokens, msg):
             f"eta {int(eta // 60)}m{int(eta % 60):02d}s")
 
 
-def wrap(model, compile, world, fsdp=False):
-    """The module the steps call, compiled with --compile. Under torchrun: DDP (a whole copy of
-    the model in every process, gradients averaged), or with --fsdp FSDP2 (fully_shard: each
-    block's weights, gradients and AdamW state split over the processes, gathered for its
-    forward and backward; the model changes in place, so build its optimizer after this)."""
-    if world > 1 and fsdp:
-        blocks = [m for m in model.modules() if isinstance(m, (Block, LlamaBlock))]
-        for block in blocks:
-            fully_shard(block)
-        net = fully_shard(model)
-        print(f"FSDP2: {len(blocks)} blocks and the rest of the model sharded over {world} processes")
-    else:
-        net = DDP(model) if world > 1 else model
-    return torch.compile(net) if compile else net
-
-
 class Logger:
     """Progress lines every log_every steps (printed, and written to log.txt by rank 0)."""
 
@@ -574,9 +545,14 @@ class Logger:
         self.total, self.start_step, self.every = total, start_step, log_every
         self.t0, self.tokens = time.time(), 0
 
-    def step(self, step, tokens, msg, skipped=None, force=False):
+    def step(self, step, tokens, msg, skipped=None, force=False, world=1):
+        """msg: the line's text, or a dict of figures (tensors: their global batch's mean)."""
         self.tokens += tokens
         if step % self.every == 0 or force:
+            if isinstance(msg, dict):
+                fmt = dict(ce=".4f", kl=".4f", w=".3f", lr=".2e", loss=".4f")
+                mean = lambda v: global_mean(v.detach().float().mean(), world).item() if torch.is_tensor(v) else v
+                msg = " | ".join(f"{k} {mean(v):{fmt.get(k, '')}}" for k, v in msg.items())
             self.line(progress(step, self.total, self.t0, self.start_step, self.tokens,
                                msg + ("" if skipped is None else f" | fp16 skipped {skipped}")), flush=True)
 

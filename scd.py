@@ -113,10 +113,17 @@ def scd_checkpoint(best_lp, ckpt_lps, student_lp, student_term="flipped", prev=N
     """
     kl_best, kl_student = [], []
     for lp in ckpt_lps:
-        kl_best.append(token_kl(best_lp, lp).mean().item())
-        p, q = (student_lp, lp) if student_term == "as_written" else (lp, student_lp)
-        kl_student.append(token_kl(p, q).mean().item())
+        b, s = schedule_terms(best_lp, lp, student_lp, student_term)
+        kl_best.append(b.mean().item())
+        kl_student.append(s.mean().item())
     return scd_argmin(kl_best, kl_student, prev, monotone), kl_best, kl_student
+
+
+def schedule_terms(best_lp, ckpt_lp, student_lp, student_term="flipped"):
+    """One candidate c's two terms at each probe token, (N,) each: KL(p_T* || p_c), and the
+    student term, KL(p_c || p_student) ("flipped") or KL(p_student || p_c) ("as_written")."""
+    p, q = (student_lp, ckpt_lp) if student_term == "as_written" else (ckpt_lp, student_lp)
+    return token_kl(best_lp, ckpt_lp), token_kl(p, q)
 
 
 def scd_argmin(kl_best, kl_student, prev=None, monotone=False):

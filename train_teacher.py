@@ -24,25 +24,22 @@ from pathlib import Path
 import torch
 
 import data
+import scale
 import scd
 from model import PRESETS
-from plumbing import (Logger, arg, atomic_save, check_finite, checkpoint_dict, global_mean, load_checkpoint,
-                      logit_chunk, lr_at, optimizer_state, optimizer_step, parse_config, prepare, resume_sft, run_main,
-                      setup_device, shard, start, trained_state, wrap)
+from plumbing import (Logger, arg, atomic_save, check_finite, checkpoint_dict, global_mean, load_checkpoint, load_weights,
+                      lr_at, optimizer_state, parse_config, prepare, resume_sft, rng_state, run_main, setup_device, shard,
+                      trained_state)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(scale.SystemConfig):  # and the system flags, in scale.py
     # data
     data: str = arg("default", "'default' (the committed data/default/) or a folder with train/val/test.jsonl")
     # model
     preset: str = arg("teacher", "model preset (student: the SFT student of the same recipe)", choices=tuple(PRESETS))
     init_from: str = arg("auto", "auto (the preset's committed base on the default domain, else random init), '' (random "
                          "init), base, a .pt checkpoint, a GPT-2 name or a model folder")
-    lora_rank: int = arg(0, "LoRA adapters of this rank on every projection of a frozen --init_from (0: full fine-tune); "
-                         "each checkpoint then holds the adapters and the base's path and sha256", low=0)
-    lora_alpha: float = arg(0.0, "the adapters' scale is alpha / rank (0: alpha = 2 x rank)", low=0)
-    lora_dropout: float = arg(0.0, "dropout on the adapters' input", low=0)
     # optimisation: the main command's recipe on the default domain
     epochs: int = arg(0, "passes over the training set (0: 24 for the teacher, 12 for a student: the students' budget)", low=0)
     batch_size: int = arg(16, "examples per step (the global batch under torchrun)", low=1)
@@ -57,14 +54,6 @@ class TrainConfig:
     # system
     out_dir: str = arg("runs/teacher", "output folder; rerunning the same command resumes it")
     seed: int = arg(0, "seed of the model init, dropout, the data order and the probe")
-    device: str = arg("auto", "cpu, cuda, cuda:1, ... (auto: cuda if available)")
-    dtype: str = arg("auto", "autocast precision (auto: bf16/fp16 on CUDA, fp32 on CPU)",
-                     choices=("auto", "float32", "bfloat16", "float16"))
-    compile: bool = arg(False, "torch.compile the trained model (CUDA; slow to start, faster per step)")
-    grad_ckpt: bool = arg(False, "activation checkpointing: recompute each block in the backward pass (less memory, more time)")
-    fsdp: bool = arg(False, "under torchrun, shard weights, gradients and AdamW state over the processes (FSDP2), not DDP")
-    logit_chunk: int = arg(0, "answer positions per piece of the losses (0: pieces of at most 64 MiB of float32 logits; "
-                           "the CPU demo's batches fit in one)", low=0)
     log_every: int = arg(20, "steps between progress lines", low=1)
     compare_to: str = arg("", "a teacher run folder: print the SFS/TFS table of that teacher against this model")
     # for the tests only
@@ -94,15 +83,15 @@ def train(cfg, splits=None):
     print(f"{cfg.preset} from {cfg.init_from or 'random init'} (--init_from): {model.num_params() / 1e6:.2f}M parameters, "
           f"vocab {tok.vocab_size} | {len(train_enc)} train examples, {cfg.epochs} epochs (--epochs), {total} steps, "
           f"{len(ckpt_steps)} checkpoints | {device}, {dtype}")
-    out = start(cfg, model, None, train_enc, device, dtype, world, len(ckpt_steps))  # memory plan, device, locked folder
-    net = wrap(model, cfg.compile, world, cfg.fsdp)  # DDP or FSDP2 under torchrun; before the optimizer sees the weights
+    out = scale.start(cfg, model, tok, None, train_enc, device, dtype, world, len(ckpt_steps))  # memory plan, locked folder
+    net = scale.wrap(model, cfg.compile, world, cfg.fsdp)  # DDP or FSDP2 under torchrun; before the optimizer sees the weights
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, 0.95), device.split(":")[0])
     probe = data.ProbeStore(out, train_enc, data.fingerprint(splits["train"]), cfg.probe_size, cfg.seed, cfg.probe_topk)
     manifest, step = resume_sft(out, cfg, TrainConfig, splits, model, optimizer, scaler, probe, device)  # or a fresh run
     if "test" in manifest and step == total:
         print(f"{out} holds this run, finished: nothing to do")
         return manifest["test"]
-    lengths, chunk = [len(p) + len(a) for p, a in train_enc], logit_chunk(model.config.vocab_size, cfg.logit_chunk)
+    lengths, chunk = [len(p) + len(a) for p, a in train_enc], data.logit_chunk(model.config.vocab_size, cfg.logit_chunk)
     log = Logger(out, rank, total, step, cfg.log_every)
     loss_sum, loss_n, skipped, t_eval = 0.0, 0, 0, 0.0
     model.train()
@@ -112,10 +101,26 @@ def train(cfg, splits=None):
         x, y, mask = data.make_batch(train_enc, idx, tok.eot, device)
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, total, cfg.lr, cfg.warmup_frac)  # warm-up, then cosine decay to 0
-        with ctx:
+        with ctx:  # autocast: matmuls in bf16/fp16 on CUDA, the loss in float32 (answer_ce casts)
             loss = data.answer_ce(net(x, positions=mask), y, mask, chunk).mean()
-        check_finite(f"step {step + 1}", loss=loss)
-        skipped += optimizer_step(model, optimizer, scaler, loss, cfg.grad_clip, f"step {step + 1}")
+        check_finite(f"step {step + 1}", loss=loss)  # a NaN stops the run here, before anything is saved
+        # backward and the AdamW step. With fp16 the GradScaler multiplies the loss so that small
+        # gradients survive in fp16, unscales them before clipping, and skips a step whose gradients
+        # overflowed (halving its scale): that is its job, so such steps are counted, not errors.
+        # bf16 and float32 need no scaler, and there a non-finite gradient norm stops the run.
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(optimizer)
+        norm = scale.clip_grads(model, cfg.grad_clip)
+        if scaler:
+            before = scaler.get_scale()
+            scaler.step(optimizer)
+            scaler.update()
+            skipped += scaler.get_scale() < before
+        else:
+            check_finite(f"step {step + 1}", grad_norm=norm)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         step += 1
         loss = global_mean(loss.detach(), world)
         loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
@@ -125,7 +130,7 @@ def train(cfg, splits=None):
         if step in ckpt_steps:
             # section 2.1: a dense checkpoint, its validation loss (T* is the lowest), its log-probs on the probe
             t = time.time()
-            summary, _ = data.evaluate(model, splits["val"], tok, device, ctx=ctx)
+            summary, _ = data.evaluate(model, splits["val"], tok, device, ctx=ctx, chunk=chunk)
             t_eval += time.time() - t
             name = f"ckpt_{step:06d}.pt"  # the weights in bf16 if trained in bf16; with adapters, the adapters alone
             atomic_save(checkpoint_dict(model, tok, dtype), out / name)
@@ -133,12 +138,12 @@ def train(cfg, splits=None):
                                                 train_loss=round(loss_sum / loss_n, 5),
                                                 val_loss=round(summary["loss"], 5), val_acc=round(summary["acc"], 4)))
             manifest["best"] = scd.best_checkpoint([c["val_loss"] for c in manifest["checkpoints"]])
-            probe.add(step, data.probe_logprobs(model.eval(), probe.probe, tok.eot, device, ctx))
+            probe.add(step, data.probe_logprobs(model.eval(), probe.probe, tok.eot, device, ctx, cfg.probe_topk, chunk=chunk))
             model.train()
             atomic_save(probe.data, probe.path)
             atomic_save(manifest, out / "manifest.json")
             state = dict(model=trained_state(model), optimizer=optimizer_state(model, optimizer), step=step,
-                         rng=torch.get_rng_state())
+                         **rng_state(device))
             atomic_save(state | ({"scaler": scaler.state_dict()} if scaler else {}), out / "state.pt")  # all a resume needs
             log.line(f"checkpoint {name}: val loss {summary['loss']:.4f}, val acc {summary['acc']:.3f}")
             loss_sum, loss_n = 0.0, 0
@@ -149,7 +154,8 @@ def train(cfg, splits=None):
     if rank > 0:  # the test pass and the anchor file are rank 0's
         return None
     t = time.time()
-    summary = finish(cfg, out, manifest, splits, device, ctx)
+    optimizer = net = None  # AdamW's state goes before T* is read back for the test pass and the anchor
+    summary = finish(cfg, out, manifest, splits, device, ctx, chunk, model if world == 1 else None)
     wall, t_eval = time.time() - t_start, t_eval + time.time() - t
     manifest.update(wall_s=round(wall, 1), eval_s=round(t_eval, 1))  # of the sitting that finished the run
     atomic_save(manifest, out / "manifest.json")
@@ -158,14 +164,16 @@ def train(cfg, splits=None):
     return summary
 
 
-def finish(cfg, out, manifest, splits, device, ctx):
+def finish(cfg, out, manifest, splits, device, ctx, chunk=0, into=None):
     """T*, the checkpoint of lowest validation loss, on test (per-example records) and on
-    train: its per-example loss is section 2.2's anchor l_S(x) when this run is the SFT student."""
+    train: its per-example loss is section 2.2's anchor l_S(x) when this run is the SFT student.
+    into: the run's own model, which takes T*'s weights (no second model in memory)."""
     best = manifest["checkpoints"][manifest["best"]]
-    model, tok = load_checkpoint(out / best["file"], device)
-    summary, records = data.evaluate(model, splits["test"], tok, device, ctx=ctx)  # forced match, as validation
+    model, tok = load_weights(out / best["file"], into) if into is not None else load_checkpoint(out / best["file"], device)
+    summary, records = data.evaluate(model, splits["test"], tok, device, ctx=ctx, chunk=chunk)  # forced match, as validation
     atomic_save(records, out / "test_records.jsonl")
-    losses = data.example_losses(model, data.encode(splits["train"], tok, model.config.block_size), tok.eot, device, ctx)
+    losses = data.example_losses(model, data.encode(splits["train"], tok, model.config.block_size), tok.eot, device, ctx,
+                                 chunk=chunk)
     atomic_save(dict(fingerprint=manifest["fingerprint"], checkpoint=best["file"], loss=losses), out / "train_losses.json")
     manifest["test"] = {k: round(v, 4) for k, v in summary.items()}
     atomic_save(manifest, out / "manifest.json")

@@ -24,7 +24,8 @@ import torch
 import data
 import scd
 from model import GPTConfig, PRESETS, add_lora, build
-from plumbing import arg, optimizer_step, parse_config, run_main, setup_device
+import scale
+from plumbing import arg, parse_config, run_main, setup_device
 
 # The Llama family's shapes (from the models' config.json files), for timings and memory plans from random weights
 LLAMA = dict(arch="llama", bias=False, block_size=2048, rope_theta=500000.0, vocab_size=128256)
@@ -38,7 +39,16 @@ SHAPES = {
                          qkv_bias=True, rope_theta=1e6),
 }
 SHAPES.update(PRESETS)
-PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L4": 121, "A10": 125, "4090": 165}  # dense bf16, datasheets
+# dense bf16 tensor-core peaks from the datasheets, TFLOPS; the first entry whose words all appear in the card's name
+PEAK_TFLOPS = [("H100 PCIe", 756), ("H100 SXM", 989), ("H100 SXM5", 989), ("H100 HBM3", 989), ("H200", 989), ("A100", 312), ("L40S", 362),
+               ("L40", 181), ("L4", 121), ("A10", 125), ("RTX 4090", 165)]
+
+
+def peak_tflops(name):
+    """The card's dense bf16 peak, matched on whole words of its name ("NVIDIA L40S" is not an
+    L40 nor an L4, "NVIDIA H100 PCIe" not an SXM card), or None for a card not listed."""
+    words = set(name.replace("-", " ").split())
+    return next((v for key, v in PEAK_TFLOPS if set(key.split()) <= words), None)
 
 
 @dataclass
@@ -92,16 +102,17 @@ def measure(cfg):
     make = lambda name: build(GPTConfig(**{**SHAPES[name], "block_size": block, "vocab_size": vocab})).to(device)
     torch.manual_seed(0)
     teacher, student = make(cfg.teacher).eval(), make(cfg.student)
-    if device.startswith("cuda") and dtype != "float32":  # the frozen teacher in the autocast dtype, as distill.py keeps it
-        teacher.to(ctx.fast_dtype)
-        if cfg.lora_rank:  # and an adapted student's frozen base (plumbing.start)
-            student.to(ctx.fast_dtype)
+    if dtype != "float32":  # the frozen teacher's parameters in the autocast dtype, as scale.StageTeacher keeps them
+        scale.half(teacher, ctx.fast_dtype)
+        if cfg.lora_rank:  # and an adapted student's frozen base (scale.start)
+            scale.half(student, ctx.fast_dtype)
     if cfg.lora_rank:
         add_lora(student, cfg.lora_rank)  # the adapters in float32, on the base's device
     student.grad_checkpointing = cfg.grad_ckpt
     opt = student.configure_optimizer(1e-4, 0.1, (0.9, 0.95), device.split(":")[0])
     t_net, s_net = (torch.compile(m) if cfg.compile else m for m in (teacher, student))
     anchor = torch.rand(cfg.batch_size, device=device) + 0.5
+    chunk = data.logit_chunk(vocab)  # the losses in pieces, as the scripts compute them
     with torch.no_grad(), ctx:
         cached = [t_net(x, positions=m) for x, _, m in data_]  # what distill.py keeps per stage
         offline = [scd.compress_logprobs(torch.log_softmax(lg.float(), -1), cfg.topk) for lg in cached]  # --teacher_topk
@@ -109,7 +120,7 @@ def measure(cfg):
     def sft(i):
         x, y, m = data_[i]
         with ctx:
-            loss = scd.gold_ce(s_net(x, positions=m), y, m).mean()
+            loss = scd.gold_ce(s_net(x, positions=m), y, m, chunk).mean()
         optimizer_step(student, opt, scaler, loss, 1.0, "bench")
 
     @torch.no_grad()
@@ -125,8 +136,20 @@ def measure(cfg):
             with torch.no_grad():
                 t_logits = (cached[i] if cache == "logits" else scd.dense_logprobs(*offline[i], vocab) if cache == "topk"
                             else t_net(x, positions=m))
-            loss, _ = scd.distill_loss(s_logits, t_logits, y, m, anchor_loss=anchor)
+            loss, _ = scd.distill_loss(s_logits, t_logits, y, m, anchor_loss=anchor, chunk=chunk)  # in pieces, as distill.py
         optimizer_step(student, opt, scaler, loss, 1.0, "bench")
+
+    def optimizer_step(student, opt, scaler, loss, clip, where):  # the scripts' step: backward, unscale, clip, step
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(opt)
+        scale.clip_grads(student, clip)
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
@@ -165,7 +188,7 @@ def measure(cfg):
     if device.startswith("cuda"):  # model FLOPs utilisation against the card's datasheet peak
         x, _, m = data_[0]  # adapters: no weight gradients for the frozen matrices, so about 2 passes, not 3
         flops = flops_per_step(student, x, m, True) * (2 / 3 if cfg.lora_rank else 1) + flops_per_step(teacher, x, m, False)
-        peak = next((v for k, v in PEAK_TFLOPS.items() if k in out["device"]), None)
+        peak = peak_tflops(out["device"])
         out["mfu"] = round(flops / statistics.median(runs["distill"]) / (peak * 1e12), 3) if peak else None
         sft_flops = flops_per_step(student, x, m, True) * (2 / 3 if cfg.lora_rank else 1)
         out["sft_mfu"] = round(sft_flops / statistics.median(runs["sft"]) / (peak * 1e12), 3) if peak else None

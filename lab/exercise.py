@@ -21,11 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 EXERCISES = ("token_kl", "distill_kl", "per_example", "gold_ce", "aw_weights", "scd_loss", "distill_loss",
              "scd_checkpoint", "fixed_checkpoint", "decompose")
-REFERENCE = ("model.py", "data.py", "scd.py", "train_teacher.py", "distill.py", "plumbing.py", "hf.py", "METHOD.md",
+REFERENCE = ("model.py", "data.py", "scd.py", "train_teacher.py", "distill.py", "plumbing.py", "scale.py", "hf.py", "METHOD.md",
              "LICENSE", "requirements.txt", "requirements-test.txt", "assets", "data/default", "notebooks/assignments.ipynb")
 # the reference's tests; the lab's (comparison, statistics, generators, benchmarks, mutants, this kit) stay behind
 TESTS = ("conftest.py", "test_scd.py", "test_chunks.py", "test_data.py", "test_model.py", "test_train.py", "test_distill.py",
-         "test_plumbing.py", "test_llama.py", "test_ddp.py")
+         "test_plumbing.py", "test_llama.py", "test_ddp.py", "test_scale.py")
 README = """# Scheduled Checkpoint Distillation: the assignment
 
 Open `notebooks/assignments.ipynb`: it has the six parts, their commands and questions.

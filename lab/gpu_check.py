@@ -26,7 +26,9 @@ import torch
 
 from lab import bench
 from lab import reproduce
-from plumbing import arg, logit_chunk, parse_config, plan_parts, run_main
+from data import logit_chunk
+from plumbing import arg, parse_config, run_main
+from scale import plan_parts
 from model import GPTConfig, add_lora, build
 
 
@@ -43,8 +45,8 @@ PAIRS = [("llama-3.1-8b", "llama-3.2-3b"), ("llama-3.2-3b", "llama-3.2-1b"), ("q
 
 
 def plans(batch_size=8, seq_len=512, answer_len=128, cards=(24, 48, 80), rank=16):
-    """Markdown: what each phase of each pair needs on one GPU (plumbing.plan_parts, bf16
-    autocast, the losses in pieces of plumbing.logit_chunk), full fine-tuning and with rank-16
+    """Markdown: what each phase of each pair needs on one GPU (scale.plan_parts, bf16
+    autocast, the losses in pieces of data.logit_chunk), full fine-tuning and with rank-16
     adapters on every projection (the frozen base in bf16; weights, gradients and AdamW state
     in float32 for the adapters alone), without and with activation checkpointing, on which
     cards it fits (within 95% of the card; the teacher-logit cache, up to --teacher_cache_gib,
@@ -85,12 +87,18 @@ def main(cfg):
              for d, r in (("bfloat16", 0), ("float16", 0), ("bfloat16", 4))] if cfg.small else
             [dict(gpt2, dtype="bfloat16"), dict(gpt2, dtype="float16"),  # and the paper's family, Llama 3.2 3B -> 1B,
              llama, dict(llama, lora_rank=16), dict(llama, student="llama-3.2-3b", lora_rank=16)])  # the 3B's own SFT
-    rows = []
+    rows, log = [], open(out / "rows.jsonl", "a")  # each row written as soon as it is measured
     for shapes in runs:
         t = time.time()
-        r = bench.measure(bench.BenchConfig(**shapes, device=dev))
+        try:
+            r = bench.measure(bench.BenchConfig(**shapes, device=dev))
+        except torch.cuda.OutOfMemoryError as e:  # a row that does not fit says so; the next rows still run
+            r = dict(shapes, device=torch.cuda.get_device_name() if dev.startswith("cuda") else dev, error=f"out of memory: {e}"[:300])
+            torch.cuda.empty_cache()
         r["wall_s"] = round(time.time() - t, 1)
         rows.append(r)
+        log.write(json.dumps(r) + "\n")
+        log.flush()
         print(json.dumps(r), flush=True)
     t = time.time()
     e2e = out / "e2e"
@@ -104,12 +112,15 @@ def main(cfg):
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=1))
     lines = [f"# gpu_check.py on {summary['device']}", "",
              f"Random init, batch {rows[0]['batch_size']} x {rows[0]['seq_len'] or 'default-domain'} tokens, medians of "
-             f"{rows[0]['rounds']} rounds of {rows[0]['steps']} steps.", "",
+             f"{rows[0]['rounds']} rounds of {rows[0]['steps']} steps; the losses in pieces (data.logit_chunk).", "",
              "| teacher -> student | autocast | student trains | SFT ms | SFT MFU | teacher fwd ms | distill ms | "
              "distill, cached teacher ms | distill, offline top-k ms | distill tok/s | ratio | distill MFU | peak GiB |",
              "|" + " --- |" * 13]
     for r in rows:
-        trains = f"LoRA r{r['lora_rank']}" if r["lora_rank"] else "all"
+        trains = f"LoRA r{r['lora_rank']}" if r.get("lora_rank") else "all"
+        if "error" in r:
+            lines.append(f"| {r['teacher']} -> {r['student']} | {r.get('dtype')} | {trains} | " + r["error"][:60] + " |" * 11)
+            continue
         lines.append(f"| {r['teacher']} -> {r['student']} | {r['dtype']} | {trains} | {r['sft_ms']} | {r.get('sft_mfu')} | "
                      f"{r['teacher_forward_ms']} | {r['distill_ms']} | {r['distill_cached_ms']} | {r['distill_offline_ms']} | "
                      f"{r['distill_tok_s']:,} | {r['ratio']} | {r.get('mfu')} | {r['peak_mem_GiB']} |")

@@ -39,10 +39,9 @@ def signal_error(teacher_dir, student_dir, ks):
     (t, tok), (s, _) = load_checkpoint(best(teacher_dir)), load_checkpoint(best(student_dir))
     cfg = read_json(teacher_dir / "config.json")
     val = data.encode(reproduce.domains.load(cfg["data"])["val"], tok, t.config.block_size)
-    rows = [(torch.log_softmax(lt.float(), -1), torch.log_softmax(ls.float(), -1))
-            for (lt, _, _), (ls, _, _) in zip(data.answer_logits(t, val, tok.eot, "cpu", nullcontext(), 256),
-                                              data.answer_logits(s, val, tok.eot, "cpu", nullcontext(), 256))]
-    lt, ls = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+    logprobs = lambda m: torch.cat([lp for lp, _ in data.answer_pieces(m, val, tok.eot, "cpu", nullcontext(),
+                                                                       lambda lg, y: torch.log_softmax(lg.float(), -1), 256)])
+    lt, ls = logprobs(t), logprobs(s)
     out = {}
     for k in ks:
         values, indices = scd.compress_logprobs(lt, k)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import data
+import scale
 import scd
 
 V = 128_256  # Llama 3's vocabulary
@@ -58,28 +59,34 @@ def test_the_memory_plan_counts_one_piece_of_float32_logits():
     """At a 128k vocabulary, batch 8 x 128 answer tokens in bf16: in one piece four float32 copies
     of (1024 x V); in pieces of 130 positions (64 MiB of float32 logits each), the bf16 logits
     and gradient of the student, the teacher's, and four float32 copies of one piece."""
-    import plumbing
     from model import GPTConfig, build
     model = build(GPTConfig(vocab_size=V, n_layer=1, n_head=1, n_embd=8, block_size=16))
-    chunk = plumbing.logit_chunk(V)
+    chunk = data.logit_chunk(V)
     assert chunk == 2**26 // (4 * V) == 130
-    one = plumbing.plan_parts(model, model, 8, 512, 128, "bfloat16", True)["logits"]
-    pieces = plumbing.plan_parts(model, model, 8, 512, 128, "bfloat16", True, chunk)["logits"]
+    one = scale.plan_parts(model, model, 8, 512, 128, "bfloat16", True)["logits"]
+    pieces = scale.plan_parts(model, model, 8, 512, 128, "bfloat16", True, chunk)["logits"]
     assert one == 1024 * V * 4 * 4 and pieces == 1024 * V * 2 * 3 + 130 * V * 4 * 4
     assert pieces < 0.55 * one  # 1.06 GB against 2.10
 
 
 def test_the_probe_is_scored_in_pieces_to_the_same_terms_and_choice():
-    """Three candidates stored as their top-64 log-probs on 6 probe tokens at 128k: scored 2 or
-    4 tokens at a time (distill.probe_terms), both terms equal the one-piece terms to 1e-6, and
-    those are scd.scd_checkpoint's on the candidates expanded whole."""
-    import distill
+    """Three candidates stored as their top-64 log-probs on a probe of two examples (7 answer
+    positions) at a 128k vocabulary, and a student: scored 2 or 4 positions at a time, or one
+    example per batch (scale.probe_terms), both terms equal scd.scd_checkpoint's on the
+    candidates expanded whole to 1e-6, and in one piece they are the same floats."""
+    from contextlib import nullcontext
+    from model import GPTConfig, build
     torch.manual_seed(1)
-    cache = [scd.compress_logprobs(torch.log_softmax(3 * torch.randn(6, V), -1), 64) for _ in range(3)]
-    s_lp = torch.log_softmax(3 * torch.randn(6, V), -1)
+    student = build(GPTConfig(vocab_size=V, n_layer=1, n_head=1, n_embd=8, block_size=16)).eval()
+    probe = [([5, 6], [7, 8]), ([9], [10, 11, 12])]  # answers and their end tokens: 3 + 4 positions
+    x, _, mask = data.make_batch(probe, range(2), 0)
+    with torch.no_grad():
+        s_lp = torch.log_softmax(student(x, positions=mask), -1)
+    cache = [scd.compress_logprobs(torch.log_softmax(3 * torch.randn(7, V), -1), 64) for _ in range(3)]
     whole = scd.scd_checkpoint(scd.dense_logprobs(*cache[2], V), [scd.dense_logprobs(*c, V) for c in cache], s_lp)
-    for chunk in (2, 4, 6):
-        b, s = distill.probe_terms(cache, 2, s_lp, V, chunk, "flipped")
+    terms = lambda chunk, batch: scale.probe_terms(student, probe, cache, 2, 0, "cpu", nullcontext(), "flipped", chunk, batch)
+    for chunk, batch in ((2, 2), (4, 2), (7, 1), (3, 1)):
+        b, s = terms(chunk, batch)
         assert b == pytest.approx(whole[1], abs=1e-6, rel=1e-6) and s == pytest.approx(whole[2], abs=1e-6, rel=1e-6)
         assert scd.scd_argmin(b, s) == whole[0]
-    assert distill.probe_terms(cache, 2, s_lp, V, 6, "flipped") == (whole[1], whole[2])  # one piece: the same floats
+    assert terms(7, 2) == (whole[1], whole[2])  # one piece: the same floats

@@ -108,10 +108,11 @@ def test_example_longer_than_the_context_is_an_error_naming_its_line(tmp_path):
 
 class Counter(torch.nn.Module):
     """A stand-in model that always predicts the next integer (after 4 comes 0, the end token)."""
-    config = type("config", (), dict(block_size=16))
+    config = type("config", (), dict(block_size=16, vocab_size=5))
 
-    def forward(self, x, positions):
-        return torch.nn.functional.one_hot((x[positions] + 1) % 5, 5).float()
+    def forward(self, x, positions, head=None):  # its "hidden state" is the one-hot logits, its head the identity
+        h = torch.nn.functional.one_hot((x[positions] + 1) % 5, 5).float()
+        return h if head is None else head(h, lambda t: t)
 
 
 class Digits:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import plumbing
+import scale
 import data
 import distill
 import train_teacher as tt
@@ -164,13 +165,13 @@ def test_cached_teacher_logits_equal_the_teacher_in_the_loop(tiny_domain, runs):
     _, tok, _, enc = plumbing.prepare(str(tiny_domain), "teacher", seed=0)
     m = json.loads((runs / "teacher" / "manifest.json").read_text())
     teacher, _ = plumbing.load_checkpoint(runs / "teacher" / m["checkpoints"][m["best"]]["file"])
-    rows = distill.teacher_logits(teacher, enc["train"], tok.eot, "cpu", torch.no_grad(), max_gib=1.0, chunk=7)
+    rows = scale.teacher_logits(teacher, enc["train"], tok.eot, "cpu", torch.no_grad(), max_gib=1.0, chunk=7)
     idx = [5, 0, 17, 3, 40, 41, 90, 2]
     x, _, mask = data.make_batch(enc["train"], idx, tok.eot)
     with torch.no_grad():
         direct = teacher(x, positions=mask)
     torch.testing.assert_close(torch.cat([rows[j] for j in idx]), direct, rtol=1e-4, atol=1e-5)
-    assert distill.teacher_logits(teacher, enc["train"], tok.eot, "cpu", torch.no_grad(), max_gib=1e-9) is None
+    assert scale.teacher_logits(teacher, enc["train"], tok.eot, "cpu", torch.no_grad(), max_gib=1e-9) is None
 
 
 def test_start_anchor_starts_from_the_sft_students_trained_weights(tiny_domain, runs):
@@ -192,10 +193,10 @@ def test_the_offline_top_k_signal_lets_the_teacher_go_and_is_exact_when_k_covers
     # 1e-5 on a weight; another signal would move weights by up to the LR, 3e-3, per step
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
     _, tok, _, enc = plumbing.prepare(str(tiny_domain), "student", seed=0)
-    teacher = distill.StageTeacher(runs / "teacher", enc["train"], tok.eot, "cpu", "float32", nullcontext(), 2.0, topk=8)
+    teacher = scale.StageTeacher(runs / "teacher", enc["train"], tok.eot, "cpu", "float32", nullcontext(), 2.0, topk=8)
     teacher.use("ckpt_000012.pt")
     assert teacher.model is None and teacher.rows[0][0].shape[1] == 8  # no teacher in memory, 8 log-probs a token
-    full = torch.log_softmax(distill.teacher_logits(plumbing.load_checkpoint(runs / "teacher" / "ckpt_000012.pt")[0],
+    full = torch.log_softmax(scale.teacher_logits(plumbing.load_checkpoint(runs / "teacher" / "ckpt_000012.pt")[0],
                                                     enc["train"], tok.eot, "cpu", nullcontext(), 2.0)[5], -1)
     lp = teacher.logits([5], None, None)
     top = full.topk(8, -1)
@@ -212,3 +213,30 @@ def test_the_signal_error_of_top_k_is_zero_when_k_covers_the_vocabulary(runs):
     assert abs(tail) < 1e-5 and abs(kl) < 1e-5 and d_k == pytest.approx(d, abs=1e-5)
     tail, kl, d_k, d = err[8]
     assert 0 < tail < 1 and kl > 0 and d == err[V][3]  # the full-distribution KL does not depend on k
+
+
+def test_a_stage_switch_lets_the_previous_teacher_and_optimizer_go_before_the_next_teacher_is_built(tiny_domain, runs,
+                                                                                                   monkeypatch):
+    """CD over a pool of 4 walks three teachers in three stages: when each next teacher is
+    read, no earlier teacher and no earlier stage's AdamW state is still alive."""
+    import gc
+    import weakref
+    import model as model_module
+    teachers, optimizers, alive = [], [], []
+    real_load, real_opt = scale.load_checkpoint, model_module.LM.configure_optimizer
+
+    def load(path, *a, **kw):
+        gc.collect()
+        alive.append(sum(r() is not None for r in teachers + optimizers))
+        m = real_load(path, *a, **kw)
+        teachers.append(weakref.ref(m[0]))
+        return m
+
+    def configure(self, *a, **kw):
+        opt = real_opt(self, *a, **kw)
+        optimizers.append(weakref.ref(opt))
+        return opt
+    monkeypatch.setattr(scale, "load_checkpoint", load)
+    monkeypatch.setattr(model_module.LM, "configure_optimizer", configure)
+    distill.main(dcfg(tiny_domain, runs, "switch", method="cd", stages=3))
+    assert len(teachers) == 3 and len(optimizers) == 3 and alive == [0, 0, 0]

@@ -14,7 +14,6 @@ import torch
 
 import data
 import plumbing
-import scd
 import train_teacher as tt
 from lab import bench
 from model import GPTConfig, LoRALinear, add_lora, build, lora_state, merge_lora
@@ -108,8 +107,8 @@ def test_an_adapter_trail_stores_adapters_and_its_base_and_reloads_to_the_runs_o
         again, tok = plumbing.load_checkpoint(f, into=model)
         assert model is None or again is model  # the same base in memory, only the adapters swapped
         model = again
-        lp = data.probe_logprobs(model, store.probe, tok.eot, "cpu", nullcontext())
-        torch.testing.assert_close(scd.compress_logprobs(lp, 64)[0], values, atol=1e-5, rtol=0)
+        torch.testing.assert_close(data.probe_logprobs(model, store.probe, tok.eot, "cpu", nullcontext(), 64)[0], values,
+                                   atol=1e-5, rtol=0)
         fresh, _ = plumbing.load_checkpoint(f)  # a swap equals a fresh load
         assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import plumbing
+import scale
 import data
 import distill
 import scd
@@ -106,9 +107,7 @@ def test_monotone_compares_with_the_previous_stages_choice(tiny_domain, runs, mo
     the stage just before it (not the first stage's) as the earliest allowed checkpoint."""
     script, prevs = iter([1, 3, 2, 3]), []
 
-    def scripted(kl_best, kl_student, prev=None, monotone=False):
-        if not monotone:  # scd.scd_checkpoint's own call, inside distill.probe_terms: its choice is not used
-            return 0
+    def scripted(kl_best, kl_student, prev=None, monotone=False):  # distill.choose's one call per stage
         prevs.append((prev, monotone))
         return next(script)
     monkeypatch.setattr(distill.scd, "scd_argmin", scripted)
@@ -122,8 +121,10 @@ def test_pool_start_drops_the_early_checkpoints_from_every_schedule(tiny_domain,
     """4 teacher checkpoints at steps 3, 6, 9, 12: --pool_start 0.5 keeps steps 6 to 12. SCD
     scores 3 candidates, CD starts at the pool's first, and each stage loads the checkpoint
     it chose."""
-    loaded, real = [], plumbing.load_checkpoint
-    monkeypatch.setattr(distill, "load_checkpoint", lambda path, *a, **kw: loaded.append(path.name) or real(path, *a, **kw))
+    loaded = []
+    for module, name in ((plumbing, "load_checkpoint"), (scale, "load_checkpoint"), (plumbing, "load_weights")):
+        real = getattr(module, name)  # T*'s check, each stage's teacher, the students read back for the test pass
+        monkeypatch.setattr(module, name, lambda path, *a, real=real, **kw: loaded.append(path.name) or real(path, *a, **kw))
     distill.main(dcfg(tiny_domain, runs, "pool_scd", method="scd", stages=2, pool_start=0.5))
     sched = json.loads((runs / "pool_scd" / "schedule.json").read_text())
     assert sched["pool"] == ["ckpt_000006.pt", "ckpt_000009.pt", "ckpt_000012.pt"] and sched["best"] == 2

@@ -10,6 +10,7 @@ import torch
 
 from lab import bench
 import plumbing
+import scale
 import scd
 import train_teacher as tt
 from model import GPTConfig, add_lora, build
@@ -24,16 +25,16 @@ def test_the_memory_plan_counts_each_part_and_refuses_what_cannot_fit(capsys):
         big = build(GPTConfig(**bench.SHAPES["llama-3.2-3b"]))
     assert round(big.num_params() / 1e9, 2) == 3.21  # Llama 3.2 3B
     P = small.num_params()
-    parts = plumbing.memory_plan(small, small, batch_size=4, seq_len=10, answer_len=3, dtype="float32", grad_ckpt=False,
+    parts = scale.memory_plan(small, small, batch_size=4, seq_len=10, answer_len=3, dtype="float32", grad_ckpt=False,
                                device="cpu", n_ckpt=24)
     c = small.config  # 1 layer x 32, 4 x MLP: 7 * 32 + 2 * 32 + 4 * 128 = 800 values per token and layer
     assert parts == dict(weights=4 * P, gradients=4 * P, AdamW=8 * P, teacher=4 * P, activations=4 * 10 * 4 * 800,
                          logits=4 * 3 * 1000 * 4 * 4)
     assert c.n_layer == 1 and "disk: 24 dense checkpoints" in capsys.readouterr().out
-    ckpt = plumbing.memory_plan(small, None, 4, 10, 3, "bfloat16", True, "cpu")
+    ckpt = scale.memory_plan(small, None, 4, 10, 3, "bfloat16", True, "cpu")
     assert ckpt["activations"] == 4 * 10 * 2 * (32 + 800) and "teacher" not in {k for k, v in ckpt.items() if v}
     with pytest.raises(plumbing.RunError, match=r"the run does not fit: weights 11\.97 \| gradients 11\.97 \| AdamW 23\.94"):
-        plumbing.memory_plan(big, None, batch_size=512, seq_len=2048, answer_len=512, dtype="bfloat16", grad_ckpt=False, device="cpu")
+        scale.memory_plan(big, None, batch_size=512, seq_len=2048, answer_len=512, dtype="bfloat16", grad_ckpt=False, device="cpu")
 
 
 def test_the_plan_table_says_an_8b_teacher_fits_one_gpu_only_with_adapters():
@@ -54,7 +55,7 @@ def test_the_memory_plan_of_adapters_counts_the_frozen_base_in_the_autocast_dtyp
         add_lora(model, rank=2)
     A = model.num_params() - P  # c_attn (32 -> 96), c_proj (32 -> 32), c_fc (32 -> 128), c_proj (128 -> 32), rank 2
     assert A == 2 * (32 + 96) + 2 * (32 + 32) + 2 * (32 + 128) + 2 * (128 + 32)
-    parts = plumbing.plan_parts(model, None, 4, 10, 3, "bfloat16", False)
+    parts = scale.plan_parts(model, None, 4, 10, 3, "bfloat16", False)
     assert (parts["weights"], parts["gradients"], parts["AdamW"]) == (4 * A + 2 * P, 4 * A, 8 * A)
 
 

@@ -1,0 +1,280 @@
+"""
+The scale paths, behind a few calls, so that distill.py and train_teacher.py read as the method:
+where a stage teacher's signal comes from (in the loop, cached, offline top-k, half precision,
+adapter swaps), the probe's stored log-probs and its terms scored in pieces of the vocabulary,
+the system flags both scripts share, the memory plan, DDP and FSDP2, and gradient clipping over
+shards. A reader of the method never needs to open this file; every path here gives the same
+numbers as the plain one on the CPU demo (tests/test_scale.py, tests/test_chunks.py).
+"""
+import gc
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import scd
+from model import Block, LlamaBlock
+from plumbing import RunError, arg, atomic_save, check_teacher, load_checkpoint, out_folder, trained_state
+
+
+@dataclass
+class SystemConfig:
+    """The flags of system and scale that train_teacher.py and distill.py share, declared once.
+    None of them changes the method; the CPU demo leaves them all at their defaults."""
+    lora_rank: int = arg(0, "LoRA adapters of this rank on every projection of a frozen --init_from: only they train "
+                         "(0: every weight); a checkpoint then holds the adapters and the base's path and sha256", low=0)
+    lora_alpha: float = arg(0.0, "the adapters' scale is alpha / rank (0: alpha = 2 x rank)", low=0)
+    lora_dropout: float = arg(0.0, "dropout on the adapters' input", low=0)
+    device: str = arg("auto", "cpu, cuda, cuda:1, ... (auto: cuda if available)")
+    dtype: str = arg("auto", "autocast precision (auto: bf16 on CUDA cards with native bf16, else fp16; fp32 on CPU)",
+                     choices=("auto", "float32", "bfloat16", "float16"))
+    compile: bool = arg(False, "torch.compile the trained model (CUDA; slow to start, faster per step)")
+    grad_ckpt: bool = arg(False, "activation checkpointing: recompute each block in the backward pass (less memory, more time)")
+    fsdp: bool = arg(False, "under torchrun, shard weights, gradients and AdamW state over the processes (FSDP2), not DDP")
+    logit_chunk: int = arg(0, "answer positions per piece of the vocabulary-sized head and losses (0: pieces of at most "
+                           "64 MiB of float32 logits; the CPU demo's batches fit in one)", low=0)
+
+
+@dataclass
+class TeacherSignalConfig(SystemConfig):
+    """distill.py's flags of scale: where the stage teacher's signal is kept (StageTeacher)."""
+    teacher_cache_gib: float = arg(2.0, "keep each stage's teacher logits on the training set if they fit in this many GiB "
+                                   "(0: off)", low=0)
+    teacher_topk: int = arg(0, "keep the stage teacher's signal offline: its top-k log-probs per answer token and the tail "
+                            "mass, computed once per choice, then train with no teacher in memory (0: full logits)", low=0)
+
+
+# -----------------------------------------------------------------------------
+# the stage teacher: c_k frozen, and the signal it gives each training batch
+
+def half(model, dtype):
+    """A frozen model's parameters in the autocast dtype (half the memory), its buffers kept:
+    RoPE's inverse frequencies rounded to bf16 would turn position 512 by up to 0.9 rad."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
+
+class StageTeacher:
+    """The teacher checkpoint c_k of the current stage, frozen (under bf16 or fp16 autocast its
+    parameters in that dtype), and its logits at every training example's answer positions, computed once
+    per choice when they fit in cache_gib (each example is seen many times per stage). With topk,
+    the offline signal: each row kept as its top-k log-probs (scd.compress_logprobs), expanded
+    per batch, and the teacher itself let go until the next choice. A checkpoint is read on the
+    CPU, cast, then moved: a float32 copy never reaches the GPU; the previous stage's teacher is
+    let go before the next is built, except the frozen base of an adapter trail, which stays."""
+
+    def __init__(self, tdir, train_enc, eot, device, dtype, ctx, cache_gib, topk=0, chunk=0):
+        self.tdir, self.enc, self.eot, self.device, self.ctx = tdir, train_enc, eot, device, ctx
+        self.cache_gib, self.topk, self.chunk = cache_gib, topk, chunk
+        self.dtype = ctx.fast_dtype if dtype != "float32" else None  # under autocast: the teacher's parameters in its dtype
+        self.file = self.model = self.rows = None
+
+    def use(self, file):
+        if file == self.file:
+            return
+        base = self.model if self.model is not None and self.model.lora else None  # an adapter trail: swap adapters only
+        self.model = self.rows = self.file = None
+        gc.collect()
+        model, _ = load_checkpoint(self.tdir / file, into=base)  # on the CPU, or where `base` already is
+        if model is not base:
+            model = (half(model, self.dtype) if self.dtype else model).to(self.device)
+        self.model, self.vocab = model, model.config.vocab_size
+        self.rows = teacher_logits(model, self.enc, self.eot, self.device, self.ctx, self.cache_gib, topk=self.topk,
+                                   chunk=self.chunk)
+        self.file = file
+        if self.topk and self.rows:
+            self.model = None  # the signal is offline: no teacher in memory while the student trains
+
+    @torch.no_grad()
+    def logits(self, idx, x, mask):
+        """The teacher's logits at the batch's answer positions (N, V): from the cache, from the
+        offline top-k (log-probs with the tail spread evenly: logits of the same distribution),
+        or from the teacher in the loop."""
+        if self.rows and self.topk:
+            return torch.cat([scd.dense_logprobs(*self.rows[j], self.vocab) for j in idx])
+        return torch.cat([self.rows[j] for j in idx]) if self.rows else self.model(x, positions=mask)
+
+    def release(self):
+        self.model = self.rows = self.file = None
+        gc.collect()
+
+
+@torch.no_grad()
+def teacher_logits(teacher, enc, eot, device, ctx, max_gib, batch_size=64, topk=0, chunk=0):
+    """The teacher's logits at every training example's answer positions, one tensor per
+    example (with topk, its top-k log-probs and their indices, made a piece of positions at a
+    time), or None if they would take more than max_gib."""
+    n_tok = sum(len(a) + 1 for _, a in enc)
+    if n_tok * (8 * topk if topk else 4 * teacher.config.vocab_size) > max_gib * 2**30:
+        return None
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]) + len(enc[i][1]))  # batches pad little
+    keep = (lambda lg, y: scd.compress_logprobs(torch.log_softmax(lg.float(), -1), topk)) if topk else (lambda lg, y: lg)
+    rows, at = [None] * len(enc), iter(order)
+    for out, mask in data.answer_pieces(teacher, [enc[i] for i in order], eot, device, ctx, keep, batch_size, chunk):
+        split = mask.sum(1).tolist()
+        for r in (zip(*(t.split(split) for t in out)) if topk else out.split(split)):
+            rows[next(at)] = r
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# the probe (METHOD.md section 2.3): the candidates' stored log-probs, and both terms in pieces
+
+def stored_probe(tdir, pool, train_enc, train_fp, size, seed, topk, eot, device, ctx, chunk=0):
+    """-> (the probe drawn with `seed`, each candidate's compressed log-probs on it). The
+    teacher run stored them (data.ProbeStore); a file made on another probe is never used:
+    they are scored here then, and stored in the teacher's folder for the next run."""
+    store = data.ProbeStore(tdir, train_enc, train_fp, size, seed, topk)
+    steps = [c["step"] for c in pool]
+    cache = store.get(steps, device) if store.load() else None
+    if cache is None:
+        if store.path.exists():
+            print(f"note: {store.path} was made on another probe or other checkpoints; computing the probe's log-probs here")
+        store.data.update(steps=[], values=[], indices=[])
+        model = None  # on an adapter trail each candidate swaps in its adapters only
+        for c in pool:
+            model = load_checkpoint(tdir / c["file"], into=model)[0].to(device)
+            store.add(c["step"], data.probe_logprobs(model, store.probe, eot, device, ctx, topk, chunk=chunk))
+        del model
+        try:
+            atomic_save(store.data, store.path)
+        except OSError as e:
+            print(f"note: could not store the probe in {tdir} ({e.strerror}); the next run will compute it again")
+        cache = store.get(steps, device)
+    return store.probe, cache
+
+
+@torch.no_grad()
+def probe_terms(student, probe, cache, best, eot, device, ctx, student_term, chunk=0, batch_size=32):
+    """Both terms of every candidate c on the probe (scd.schedule_terms: KL(p_T* || p_c) and
+    the student term, each the mean over the probe's answer tokens), scored a piece of positions
+    at a time: the student's log-probs of a piece come from its hidden states, and each
+    candidate's piece is expanded from its top-k (scd.dense_logprobs) only then, so at a 128k
+    vocabulary no (tokens x V) array exists whole. -> (kl_best, kl_student), lists."""
+    V, at = student.config.vocab_size, 0
+    terms = [([], []) for _ in cache]
+
+    def score(s_logits, y):
+        nonlocal at
+        s_lp, n = torch.log_softmax(s_logits.float(), -1), s_logits.size(0)
+        piece = lambda values, indices: scd.dense_logprobs(values[at:at + n], indices[at:at + n], V)
+        best_lp = piece(*cache[best])
+        for (b, s), c in zip(terms, cache):
+            tb, ts = scd.schedule_terms(best_lp, piece(*c), s_lp, student_term)
+            b.append(tb), s.append(ts)
+        at += n
+        return s_logits.new_zeros(0)
+
+    for _ in data.answer_pieces(student, probe, eot, device, ctx, score, batch_size, chunk):
+        pass
+    return [torch.cat(b).mean().item() for b, _ in terms], [torch.cat(s).mean().item() for _, s in terms]
+
+
+# -----------------------------------------------------------------------------
+# the memory plan, the devices, and the step over shards
+
+def plan_parts(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt, chunk=0):
+    """Bytes a training step holds, by part (an estimate, made before the first step): the
+    trained weights in float32 with their gradients and AdamW's two moments (with adapters,
+    those of the adapters alone, and the frozen base in the autocast dtype); the frozen teacher
+    in the autocast dtype; the activations kept for the backward pass (about 7 C + 2 kv + 4 I
+    values per token and layer, or with activation checkpointing each block's input and one
+    block's whole); the logits at the answer positions: in one piece, float32 copies of the
+    student's, their log-softmax and gradient, and the teacher's; in pieces of `chunk`
+    positions, the student's and teacher's logits and the student's gradient in the autocast
+    dtype, and four float32 copies of one piece."""
+    c, b = model.config, 2 if dtype in ("bfloat16", "float16") else 4
+    P = sum(p.numel() for p in model.parameters() if p.requires_grad)  # trained: all, or the adapters alone
+    frozen = model.num_params() - P  # an adapted model's base, kept in the autocast dtype (start)
+    per_layer = 7 * c.n_embd + 2 * c.n_kv_head * c.head_dim + 4 * c.intermediate_size  # values per token
+    acts = batch_size * seq_len * b * (c.n_layer * c.n_embd + per_layer if grad_ckpt else c.n_layer * per_layer)
+    n = batch_size * answer_len
+    logits = (n * c.vocab_size * 4 * (4 if teacher else 3) if not chunk or chunk >= n else
+              n * c.vocab_size * b * (3 if teacher else 2) + chunk * c.vocab_size * 4 * 4)
+    return dict(weights=4 * P + b * frozen, gradients=4 * P, AdamW=8 * P, teacher=teacher.num_params() * b if teacher else 0,
+                activations=acts, logits=logits)
+
+
+def memory_plan(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt, device, n_ckpt=0, chunk=0, shards=1):
+    """Print plan_parts before the first step (weights, gradients and AdamW state split over
+    `shards` processes under --fsdp), with the disk n_ckpt dense checkpoints take, and refuse a
+    run over the device's memory with its figures."""
+    parts = plan_parts(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt, chunk)
+    parts.update({k: parts[k] // shards for k in ("weights", "gradients", "AdamW")})
+    total, gib = sum(parts.values()), lambda x: f"{x / 2**30:.2f}"
+    if device.startswith("cuda"):
+        have = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    line = ("memory plan (GiB, estimated): " + " | ".join(f"{k} {gib(v)}" for k, v in parts.items() if v)
+            + f" | total {gib(total)} of {gib(have)} on {device}")
+    if n_ckpt:
+        adapters = model.lora
+        size = sum(v.numel() for v in trained_state(model).values()) * (2 if dtype == "bfloat16" and not adapters else 4)
+        line += f"; disk: {n_ckpt} dense checkpoints x {gib(size)} GiB" + (" (adapters only)" if adapters else "")
+    print(line)
+    if total > have:
+        raise RunError(f"the run does not fit: {line.split(': ', 1)[1]}; use a smaller --batch_size, --grad_ckpt true, "
+                       "a smaller model, or several GPUs (torchrun)")
+    return parts
+
+
+def start(cfg, model, tok, teacher_file, train_enc, device, dtype, world, n_ckpt=0, teaches=True):
+    """Before a script's first step: the batch fits the data, the teacher (T*, read on the CPU
+    and let go) can teach this student and is counted in the memory plan, which is printed (and
+    a run that cannot fit refused), the model is on its device, the run folder is locked.
+    -> the run folder."""
+    teacher = check_teacher(teacher_file, tok, model) if teacher_file else None
+    teacher = teacher if teaches else None  # SFT's teacher folder is checked, but no teacher joins the run
+    if len(train_enc) < cfg.batch_size:
+        raise RunError(f"--batch_size {cfg.batch_size} is larger than the {len(train_enc)} training examples")
+    model.grad_checkpointing = cfg.grad_ckpt
+    if model.lora and dtype != "float32":  # a frozen base needs no float32 master copy
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(getattr(torch, dtype))
+    memory_plan(model, teacher, cfg.batch_size // world, max(len(p) + len(a) for p, a in train_enc),
+                max(len(a) for _, a in train_enc) + 1, dtype, cfg.grad_ckpt, device, n_ckpt,
+                data.logit_chunk(model.config.vocab_size, cfg.logit_chunk), world if cfg.fsdp else 1)
+    model.to(device)
+    return out_folder(cfg.out_dir)
+
+
+def wrap(model, compile, world, fsdp=False):
+    """The module the steps call, compiled with --compile. Under torchrun: DDP (a whole copy of
+    the model in every process, gradients averaged), or with --fsdp FSDP2 (fully_shard: each
+    block's weights, gradients and AdamW state split over the processes, gathered for its
+    forward and backward; the model changes in place, so build its optimizer after this)."""
+    if world > 1 and fsdp:
+        blocks = [m for m in model.modules() if isinstance(m, (Block, LlamaBlock))]
+        for block in blocks:
+            fully_shard(block)
+        net = fully_shard(model)
+        print(f"FSDP2: {len(blocks)} blocks and the rest of the model sharded over {world} processes")
+    else:
+        net = DDP(model) if world > 1 else model
+    return torch.compile(net) if compile else net
+
+
+def from_rank0(value, world):
+    """Under torchrun, rank 0's value on every process (a choice every process made alike)."""
+    if world > 1:
+        value = [value]
+        dist.broadcast_object_list(value, src=0)
+        value = value[0]
+    return value
+
+
+def clip_grads(model, max_norm):
+    """Clip the gradient norm to max_norm (0: off) -> the norm before clipping, over every shard
+    under --fsdp (a DTensor there: its full value)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
