@@ -221,11 +221,19 @@ def in_pieces(fn, chunk):
     return head
 
 
+def fit_batch(batch_size, enc, max_tokens=2**15):
+    """Examples per batch of a pass without gradients (evaluation, anchor losses, the probe):
+    batch_size, fewer where batch_size of the longest example would exceed max_tokens (the CPU
+    demo's 256 x 128 tokens fit; at 512 tokens, 64 examples). Without this a batch of 256 long
+    examples holds 15 GiB of a 3B model's transients."""
+    return max(1, min(batch_size, max_tokens // max(len(p) + len(a) for p, a in enc)))
+
+
 @torch.no_grad()
 def answer_pieces(model, enc, eot, device, ctx, fn, batch_size, chunk=0):
     """fn(logits, y at those positions) over the answer positions of consecutive batches of
     encoded examples, a piece at a time (in_pieces) -> yields (fn's output, mask) per batch."""
-    chunk = chunk or logit_chunk(model.config.vocab_size)
+    chunk, batch_size = chunk or logit_chunk(model.config.vocab_size), fit_batch(batch_size, enc)
     for s in range(0, len(enc), batch_size):
         x, y, mask = make_batch(enc, range(s, min(s + batch_size, len(enc))), eot, device)
         with ctx:
@@ -342,6 +350,7 @@ def evaluate(model, examples, tok, device="cpu", ctx=None, decode=False, batch_s
     enc = encode(examples, tok, model.config.block_size)
     records = []
     by_len = sorted(range(len(enc)), key=lambda i: len(enc[i][0]) + len(enc[i][1]))  # less padding
+    batch_size = fit_batch(batch_size, enc)
     for s in range(0, len(enc), batch_size):
         idx = by_len[s:s + batch_size]
         x, y, mask = make_batch(enc, idx, tok.eot, device)

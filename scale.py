@@ -9,13 +9,11 @@ numbers as the plain one on the CPU demo (tests/test_scale.py, tests/test_chunks
 import gc
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
-from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data

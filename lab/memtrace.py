@@ -12,6 +12,7 @@ beside the memory plan's figure for it (scale.plan), and the last line gives the
 
 The values are never computed: a loss is 0, a mask has `answer_len` positions per row.
 """
+import gc
 import json
 import time
 from contextlib import contextmanager
@@ -98,7 +99,7 @@ def trace(cfg, teacher_name, student_name, lora, grad_ckpt, small=False):
     B, L, A = cfg.batch_size, cfg.seq_len, cfg.answer_len
     dtype, ctx = torch.bfloat16, torch.autocast("cpu", dtype=torch.bfloat16)  # CUDA's autocast makes the same casts here
     enc = data.encode(examples(max(B, cfg.eval_batch, cfg.probe_size), L, A), Ids(), L)
-    peaks, mt = {}, Tracker()
+    peaks, mt = {}, None
     with shapes_only(A):
         def model(name, frozen=False):
             m = build(GPTConfig(**{**SHAPES[name], "block_size": L}))
@@ -110,6 +111,7 @@ def trace(cfg, teacher_name, student_name, lora, grad_ckpt, small=False):
             return m
 
         def phase(name, fn):
+            gc.collect()
             with mt:
                 fn()
             peaks[name] = max(v["Total"] for v in mt.get_tracker_snapshot("peak").values())
@@ -137,6 +139,7 @@ def trace(cfg, teacher_name, student_name, lora, grad_ckpt, small=False):
         for role, name in (("teacher", teacher_name), ("student", student_name)):
             m = model(name)
             opt = m.configure_optimizer(1e-4, 0.1, (0.9, 0.95), "cuda")
+            mt = Tracker()  # a tracker per model: its hooks hold what it tracked, and a model let go must go
             mt.track_external(m, opt)
             phase(f"{role} SFT step", lambda: steps(m, opt))
             phase(f"{role} evaluation", lambda: data.evaluate(m, examples(cfg.eval_batch, L, A), Ids(), ctx=ctx))
@@ -144,21 +147,28 @@ def trace(cfg, teacher_name, student_name, lora, grad_ckpt, small=False):
             if role == "student":
                 phase("anchor losses", lambda: data.example_losses(m, enc, 0, "cpu", ctx))
             del m, opt
+        mt = None
+        gc.collect()
 
         s = model(student_name)
         opt = s.configure_optimizer(1e-4, 0.1, (0.9, 0.95), "cuda")
         t = model(teacher_name, frozen=True)
+        mt = Tracker()
         mt.track_external(s, opt, t)
         phase("distillation step, teacher in the loop", lambda: steps(s, opt, teacher=t))
-        N = B * A
-        signal = (torch.zeros(N, 64), torch.zeros(N, 64, dtype=torch.int32))
-        phase("distillation step, offline top-k", lambda: steps(s, opt, signal=signal))
+        # a stage's start: the candidates' stored log-probs on the probe, the last stage's teacher still held
         n_probe = cfg.probe_size * A
         cache = [(torch.zeros(n_probe, 64), torch.zeros(n_probe, 64, dtype=torch.int32)) for _ in range(cfg.candidates)]
         mt.track_external(*[v for c in cache for v in c])
         phase("probe terms (stage start)", lambda: scale.probe_terms(s, enc[:cfg.probe_size], cache, 0, 0, "cpu", ctx, "flipped"))
-        phase("stage teacher's offline signal", lambda: scale.teacher_logits(t, enc[:64], 0, "cpu", ctx, 1e9, topk=64))
         phase("student evaluation, training state alive", lambda: data.evaluate(s, examples(cfg.eval_batch, L, A), Ids(), ctx=ctx))
+        phase("stage teacher's offline signal", lambda: scale.teacher_logits(t, enc[:64], 0, "cpu", ctx, 1e9, topk=64))
+        del t, cache  # with --teacher_topk the teacher is let go once its signal is kept
+        N = B * A
+        signal = (torch.zeros(N, 64), torch.zeros(N, 64, dtype=torch.int32))
+        mt = Tracker()
+        mt.track_external(s, opt, *signal)
+        phase("distillation step, offline top-k", lambda: steps(s, opt, signal=signal))
     return peaks
 
 
@@ -197,12 +207,32 @@ def main(cfg):
                 print(f"({time.time() - t0:.0f}s)", flush=True)
     if cfg.out:
         Path(cfg.out).write_text(json.dumps(rows, indent=1))
+    print(table(rows))
     ratios = [(r["plan_mib"] / r["trace_mib"], r) for r in rows if r["plan_mib"] and r["trace_mib"]]
     lo, hi = min(ratios, key=lambda x: x[0]), max(ratios, key=lambda x: x[0])
     print(f"phases the plan covers: {len(ratios)} of {len(rows)}; plan / trace from {lo[0]:.2f} ({lo[1]['phase']}, "
           f"{lo[1]['pair']}, {lo[1]['trained']}, ckpt {lo[1]['grad_ckpt']}) to {hi[0]:.2f} ({hi[1]['phase']}, {hi[1]['pair']}, "
           f"{hi[1]['trained']}, ckpt {hi[1]['grad_ckpt']})")
     return rows
+
+
+def table(rows, cards=(24, 48, 80)):
+    """Markdown: per setting, the traced peak of each phase group (the training steps; evaluation,
+    anchor and probe passes; the stage teacher's signal), the largest phase, and the cards whose
+    memory holds it within 95% (5% for CUDA's own use)."""
+    out = ["| pair | trained | ckpt | SFT step: teacher / student (plan) | distillation step (plan) | evaluation, probe, "
+           "anchor: largest | largest phase | fits (GB card) |", "|" + " --- |" * 8]
+    keys = sorted({(r["pair"], r["trained"], r["grad_ckpt"]) for r in rows}, key=lambda k: (k[0], k[1] != "all", k[2]))
+    gib = lambda r: f"{r['trace_mib'] / 1024:.1f}" + (f" ({r['plan_mib'] / 1024:.1f})" if r["plan_mib"] else "")
+    for k in keys:
+        rs = {r["phase"]: r for r in rows if (r["pair"], r["trained"], r["grad_ckpt"]) == k}
+        passes = max((r for p, r in rs.items() if "step" not in p), key=lambda r: r["trace_mib"])
+        top = max(rs.values(), key=lambda r: r["trace_mib"])
+        fits = [str(g) for g in cards if top["trace_mib"] * 2**20 <= 0.95 * g * 1e9] or ["none"]
+        out.append(f"| {k[0]} | {k[1]} | {'on' if k[2] else 'off'} | {gib(rs['teacher SFT step'])} / {gib(rs['student SFT step'])} | "
+                   f"{gib(rs['distillation step, teacher in the loop'])} | {passes['trace_mib'] / 1024:.1f} ({passes['phase']}) | "
+                   f"{top['phase']}: {top['trace_mib'] / 1024:.1f} | {', '.join(fits)} |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 on the CPU: a half-precision teacher that is still the trained teacher at long positions, the
 vocabulary-sized head never whole at 128k, a resume that reads its state wherever it was
 written, and a model folder loaded with about one copy of its weights in memory."""
-import json
 import subprocess
 import sys
 from contextlib import nullcontext
