@@ -105,8 +105,9 @@ def trace(cfg, teacher_name, student_name, lora, grad_ckpt, small=False):
             m = build(GPTConfig(**{**SHAPES[name], "block_size": L}))
             if lora and not frozen:
                 add_lora(m, lora)
-            if lora or frozen:  # a frozen base in the autocast dtype (scale.start, scale.StageTeacher)
-                scale.half(m, dtype) if frozen else [setattr(p, "data", p.data.to(dtype)) for p in m.parameters() if not p.requires_grad]
+            for p in m.parameters():  # a frozen model or base in the autocast dtype (scale.StageTeacher, scale.start)
+                if frozen or not p.requires_grad and lora:
+                    p.data = p.data.to(dtype)
             m.grad_checkpointing = grad_ckpt
             return m
 
