@@ -240,29 +240,16 @@ def answer_pieces(model, enc, eot, device, ctx, fn, batch_size, chunk=0):
             yield model(x, positions=mask, head=in_pieces(lambda lg, r: fn(lg, y[mask][r]), chunk)), mask
 
 
-def example_mean(values, mask):
-    """Per-token values (N,) at mask's answer positions -> each example's mean over them (B,)."""
-    rows = mask.nonzero()[:, 0]
-    return torch.zeros(mask.size(0), device=values.device).index_add_(0, rows, values.float()) / mask.sum(1).clamp(min=1)
-
-
 def token_ce(logits, y):
-    """Cross-entropy of each answer position's target, in float32: (N, V), (N,) -> (N,)."""
+    """Cross-entropy of each answer position's target, in float32: (N, V), (N,) -> (N,). Each
+    example's mean of it (scd.per_example) is scd.gold_ce, made a piece of the head at a time."""
     return F.cross_entropy(logits.float(), y, reduction="none")
-
-
-def answer_ce(logits, y, mask, chunk=0):
-    """Each example's mean cross-entropy over its answer tokens, in float32: the SFT loss and
-    what evaluation reports. The same quantity as scd.gold_ce (the tests hold them equal),
-    kept here so that SFT and evaluation run while the course copy has scd.py blanked.
-    chunk: answer positions per piece (scd.by_chunks; 0: one piece)."""
-    return example_mean(scd.by_chunks(token_ce, logits, y[mask], chunk=chunk), mask)
 
 
 def example_losses(model, enc, eot, device, ctx, batch_size=256, chunk=0):
     """Per-example answer CE of model on encoded examples (AW's anchor l_S): a list."""
     return [v for ce, mask in answer_pieces(model, enc, eot, device, ctx, token_ce, batch_size, chunk)
-            for v in example_mean(ce, mask).tolist()]
+            for v in scd.per_example(ce, mask).tolist()]
 
 
 # -----------------------------------------------------------------------------
@@ -357,7 +344,7 @@ def evaluate(model, examples, tok, device="cpu", ctx=None, decode=False, batch_s
         scored = lambda lg, r: (token_ce(lg, y[mask][r]), (lg.argmax(-1) != y[mask][r]).float())  # per answer token
         with ctx:
             ce, wrong = model(x, positions=mask, head=in_pieces(scored, chunk or logit_chunk(model.config.vocab_size)))
-            losses, right = example_mean(ce, mask), example_mean(wrong, mask) == 0
+            losses, right = scd.per_example(ce, mask), scd.per_example(wrong, mask) == 0
             if decode:
                 outs = model.generate(*prompt_batch([enc[i][0] for i in idx], tok.eot, device),
                                       max(len(enc[i][1]) for i in idx) + 1, tok.eot)

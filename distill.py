@@ -99,7 +99,7 @@ def main(cfg, splits=None):
     teacher = scale.StageTeacher(tdir, train_enc, tok.eot, device, dtype, ctx, cfg.teacher_cache_gib, cfg.teacher_topk,
                                  cfg.logit_chunk)
     lengths, chunk = [len(p) + len(a) for p, a in train_enc], data.logit_chunk(student.config.vocab_size, cfg.logit_chunk)
-    net, log = scale.wrap(student, cfg.compile, world, cfg.fsdp), Logger(out, rank, cfg.stages * cfg.steps_per_stage,
+    net, log = scale.wrap(student, cfg, world, dtype), Logger(out, rank, cfg.stages * cfg.steps_per_stage,
                                                                          stage * cfg.steps_per_stage, cfg.log_every)
 
     for stage in range(stage, cfg.stages):

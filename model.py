@@ -4,7 +4,7 @@ The models: the GPT-2 architecture and the Llama family, one interface (LM) for 
 Read top-down: the config and presets, what both share (LM), then GPT-2 (attention -> MLP
 -> block -> GPT), then the Llama family (RMSNorm, rotary embeddings -> grouped-query
 attention -> SwiGLU -> block -> Llama). Parameter names follow Hugging Face's
-GPT2LMHeadModel and LlamaForCausalLM, so loading their weights (hf.py) is a copy.
+GPT2LMHeadModel and LlamaForCausalLM, so loading their weights (plumbing.load_folder) is a copy.
 """
 import math
 from dataclasses import dataclass, field

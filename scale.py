@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -52,11 +52,13 @@ class TeacherSignalConfig(SystemConfig):
 # -----------------------------------------------------------------------------
 # the stage teacher: c_k frozen, and the signal it gives each training batch
 
-def half(model, dtype):
-    """A frozen model's parameters in the autocast dtype (half the memory), its buffers kept:
-    RoPE's inverse frequencies rounded to bf16 would turn position 512 by up to 0.9 rad."""
+def half(model, dtype, frozen_only=False):
+    """A frozen model's parameters (or only the frozen ones: an adapted model's base) in the
+    autocast dtype, half the memory; its buffers kept: RoPE's inverse frequencies rounded to
+    bf16 would turn position 512 by up to 0.9 rad."""
     for p in model.parameters():
-        p.data = p.data.to(dtype)
+        if not (frozen_only and p.requires_grad):
+            p.data = p.data.to(dtype)
     return model
 
 
@@ -201,19 +203,68 @@ def plan_parts(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt
                 activations=acts, logits=logits)
 
 
+def plan_pass(model, examples, seq_len, answer_len, dtype, chunk=0, frozen=False):
+    """Bytes a pass without gradients adds to what is alive (evaluation, anchor losses, the
+    probe, the teacher's signal) over a batch of `examples` (data.fit_batch): the autocast copy
+    of every float32 weight a matmul reads (kept until the pass ends), one block's transients
+    (per token: the MLP's three intermediate-sized values, two of the residual stream in its
+    embedding's dtype, and with adapters the down projection's input cast once more; as traced
+    at the paper's shapes and at small ones), and four float32 copies of a piece of the head.
+    frozen: a stage teacher, all in the autocast dtype (StageTeacher)."""
+    c, b = model.config, 2 if dtype in ("bfloat16", "float16") else 4
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)} - {id(model.lm_head.weight)}
+    read = [p for p in model.parameters() if p.dtype == torch.float32 and p.dim() == 2 and id(p) not in lookups]
+    copies = b * sum(p.numel() for p in read) if b == 2 and not frozen else 0
+    residual = b if frozen else next(m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    per_token = b * (4 if model.lora else 3) * c.intermediate_size + 2 * residual * c.n_embd
+    piece = min(chunk or examples * answer_len, examples * answer_len)
+    return copies + examples * seq_len * per_token + 4 * 4 * piece * c.vocab_size
+
+
+def plan_phases(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt, chunk=0, held=0, signal=0, passes=(256, 32)):
+    """{phase: bytes at its peak} for a run's every phase, from what is alive in it and what it
+    adds (plan_parts, plan_pass). teacher None: train_teacher.py's phases (the AdamW state alive
+    through evaluation, the save's bf16 copy, the probe; the optimizer let go before the test
+    pass). Else distill.py's: the stage's start (probe terms, the last stage's teacher alive), the
+    switch (the last teacher let go first), the step, the stage's validation, the test pass;
+    with signal (bytes of the offline top-k rows) the teacher's pass that makes them and a step
+    with no teacher. held: bytes alive throughout (the probe's stored log-probs). passes: the
+    examples per batch asked of evaluation and of the probe (data.evaluate's, probe_logprobs')."""
+    step = plan_parts(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt, chunk)
+    w, adamw, t = step["weights"], step["AdamW"], step["teacher"]
+    batches = (min(n, 2**15 // seq_len) for n in passes)  # evaluation's and the probe's (data.fit_batch)
+    ev, pr = (plan_pass(model, n, seq_len, answer_len, dtype, chunk) for n in batches)
+    if teacher is None:
+        bf16_copy = 2 * w // 4 if dtype == "bfloat16" and not model.lora else 0  # checkpoint_dict casts on the device
+        return {"SFT step": sum(step.values()), "checkpoint evaluation": w + adamw + ev, "checkpoint save": w + adamw + bf16_copy,
+                "probe log-probs": w + adamw + pr, "resume": w + adamw, "test and anchor losses": w + ev}
+    phases = {"resume": w, "stage start: probe terms": w + t + held + pr, "stage switch": w + t + held,
+              "distillation step": sum(step.values()) + held, "stage end: validation": w + t + held + ev,
+              "test": w + held + ev}
+    if signal:  # --teacher_topk: the teacher makes the rows, then trains no more; each batch's rows expanded in float32
+        offline = plan_parts(model, None, batch_size, seq_len, answer_len, dtype, grad_ckpt, chunk)
+        n = batch_size * answer_len
+        teach = plan_pass(teacher, min(64, 2**15 // seq_len), seq_len, answer_len, dtype, chunk, frozen=True)
+        phases.update({"teacher's offline signal": w + t + held + signal + teach,
+                       "distillation step, offline top-k": sum(offline.values()) + held + signal + 4 * n * model.config.vocab_size})
+    return phases
+
+
 def memory_plan(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt, device, n_ckpt=0, chunk=0, shards=1):
-    """Print plan_parts before the first step (weights, gradients and AdamW state split over
-    `shards` processes under --fsdp), with the disk n_ckpt dense checkpoints take, and refuse a
-    run over the device's memory with its figures."""
+    """Print the training step's plan_parts before the first step (weights, gradients and AdamW
+    state split over `shards` processes under --fsdp) and the largest of plan_phases, with the
+    disk n_ckpt dense checkpoints take, and refuse a run over the device's memory with its figures."""
     parts = plan_parts(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt, chunk)
     parts.update({k: parts[k] // shards for k in ("weights", "gradients", "AdamW")})
-    total, gib = sum(parts.values()), lambda x: f"{x / 2**30:.2f}"
+    phases = plan_phases(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt, chunk) if shards == 1 else {}
+    top = max(phases, key=phases.get, default=None)
+    total, gib = max([sum(parts.values())] + list(phases.values())), lambda x: f"{x / 2**30:.2f}"
     if device.startswith("cuda"):
         have = torch.cuda.get_device_properties(torch.device(device)).total_memory
     else:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    line = ("memory plan (GiB, estimated): " + " | ".join(f"{k} {gib(v)}" for k, v in parts.items() if v)
-            + f" | total {gib(total)} of {gib(have)} on {device}")
+    line = ("memory plan (GiB, estimated): step: " + " | ".join(f"{k} {gib(v)}" for k, v in parts.items() if v)
+            + (f" | largest phase: {top} {gib(phases[top])}" if top else "") + f" | total {gib(total)} of {gib(have)} on {device}")
     if n_ckpt:
         adapters = model.lora
         size = sum(v.numel() for v in trained_state(model).values()) * (2 if dtype == "bfloat16" and not adapters else 4)
@@ -236,9 +287,7 @@ def start(cfg, model, tok, teacher_file, train_enc, device, dtype, world, n_ckpt
         raise RunError(f"--batch_size {cfg.batch_size} is larger than the {len(train_enc)} training examples")
     model.grad_checkpointing = cfg.grad_ckpt
     if model.lora and dtype != "float32":  # a frozen base needs no float32 master copy
-        for p in model.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(getattr(torch, dtype))
+        half(model, getattr(torch, dtype), frozen_only=True)
     memory_plan(model, teacher, cfg.batch_size // world, max(len(p) + len(a) for p, a in train_enc),
                 max(len(a) for _, a in train_enc) + 1, dtype, cfg.grad_ckpt, device, n_ckpt,
                 data.logit_chunk(model.config.vocab_size, cfg.logit_chunk), world if cfg.fsdp else 1)
@@ -246,20 +295,26 @@ def start(cfg, model, tok, teacher_file, train_enc, device, dtype, world, n_ckpt
     return out_folder(cfg.out_dir)
 
 
-def wrap(model, compile, world, fsdp=False):
+def wrap(model, cfg, world, dtype="float32"):
     """The module the steps call, compiled with --compile. Under torchrun: DDP (a whole copy of
     the model in every process, gradients averaged), or with --fsdp FSDP2 (fully_shard: each
     block's weights, gradients and AdamW state split over the processes, gathered for its
-    forward and backward; the model changes in place, so build its optimizer after this)."""
-    if world > 1 and fsdp:
+    forward and backward: under autocast in bf16/fp16, each block's input cast to it too, and
+    the gradients reduced in float32, as torchtitan does; the model changes in place, so build
+    its optimizer after this)."""
+    if world > 1 and cfg.fsdp:
+        half_gather = dtype in ("bfloat16", "float16")
+        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32) if half_gather \
+            else MixedPrecisionPolicy()
         blocks = [m for m in model.modules() if isinstance(m, (Block, LlamaBlock))]
         for block in blocks:
-            fully_shard(block)
+            fully_shard(block, mp_policy=mp)
         net = fully_shard(model)
-        print(f"FSDP2: {len(blocks)} blocks and the rest of the model sharded over {world} processes")
+        print(f"FSDP2: {len(blocks)} blocks and the rest of the model sharded over {world} processes"
+              + (f", the blocks gathered in {dtype}" if half_gather else ""))
     else:
         net = DDP(model) if world > 1 else model
-    return torch.compile(net) if compile else net
+    return torch.compile(net) if cfg.compile else net
 
 
 def from_rank0(value, world):

@@ -13,7 +13,8 @@ from torch.utils.checkpoint import checkpoint
 
 def token_kl(p_logits, q_logits, temperature=1.0):
     """KL(p || q) at each position: sum_v p(v) (log p(v) - log q(v)), in float32.
-    p_logits, q_logits: (N, V) logits (or log-probabilities) at N answer positions -> (N,)."""
+    p_logits, q_logits: (N, V) logits (or log-probabilities) at N answer positions -> (N,):
+    one value per position, summed over the vocabulary only (callers average over tokens)."""
     log_p = F.log_softmax(p_logits.float() / temperature, -1)
     log_q = F.log_softmax(q_logits.float() / temperature, -1)
     return (log_p.exp() * (log_p - log_q)).sum(-1)
@@ -28,7 +29,9 @@ def distill_kl(teacher_logits, student_logits, direction="forward", temperature=
 
 
 def per_example(values, mask):
-    """Mean of per-token values (N,) over each example's answer tokens; mask (B, T) -> (B,)."""
+    """Each example's mean of per-token values over its answer tokens (a mean, not a sum).
+    values (N,): one per True position of mask, in row-major order (example 0's first);
+    mask (B, T) bool -> (B,) float32; an example with no answer token gets 0."""
     rows = mask.nonzero()[:, 0]
     return torch.zeros(mask.size(0), device=values.device).index_add_(0, rows, values.float()) / mask.sum(1).clamp(min=1)
 
@@ -120,14 +123,19 @@ def scd_checkpoint(best_lp, ckpt_lps, student_lp, student_term="flipped", prev=N
 
 
 def schedule_terms(best_lp, ckpt_lp, student_lp, student_term="flipped"):
-    """One candidate c's two terms at each probe token, (N,) each: KL(p_T* || p_c), and the
-    student term, KL(p_c || p_student) ("flipped") or KL(p_student || p_c) ("as_written")."""
+    """One candidate c's two terms at each probe token: KL(p_T* || p_c), and the student term,
+    KL(p_c || p_student) ("flipped") or KL(p_student || p_c) ("as_written"). best_lp, ckpt_lp,
+    student_lp: (N, V) log-probs at the N probe tokens -> two (N,) tensors, one value per token
+    (the caller averages them: scd_checkpoint, and distill.py's run through scale.probe_terms)."""
     p, q = (student_lp, ckpt_lp) if student_term == "as_written" else (ckpt_lp, student_lp)
     return token_kl(best_lp, ckpt_lp), token_kl(p, q)
 
 
 def scd_argmin(kl_best, kl_student, prev=None, monotone=False):
-    """c_k = argmin_c of the two terms' sum, given per candidate; monotone: none before prev."""
+    """c_k = argmin_c of the two terms' sum. kl_best, kl_student: lists of floats, one per
+    candidate (each a mean over the probe) -> the index of the smallest sum, the earliest on a
+    tie. monotone with prev (the previous stage's index): no candidate before prev. distill.py
+    chooses every stage's c_k with this function."""
     score = torch.tensor(kl_best) + torch.tensor(kl_student)
     if monotone and prev is not None:
         score[:prev] = float("inf")
@@ -177,6 +185,13 @@ def decompose(r_teacher, r_sft, r_student=None):
     r_student: optionally a distilled student D on the same examples: how much of S's TFS
     deficit D recovers (1 = as good as T on TFS) and how much of S's SFS advantage D keeps
     (1 = as good as S on SFS).
+
+    -> dict: n; p_tfs, p_sfs (the shares of TFS and SFS examples); R_teacher, R_sft (the mean
+    risks); deficit, advantage (the two sides above, each already multiplied by its share, so
+    R_sft - R_teacher = deficit - advantage). With r_student also R_student; student_deficit,
+    student_advantage (D's, on S's TFS and SFS examples); recovered = 1 - student_deficit /
+    deficit and kept = student_advantage / advantage, each NaN (float("nan")) where its
+    denominator is 0 (no TFS, or no SFS, example).
     """
     n = len(r_teacher)
     assert n == len(r_sft) > 0, "risk lists must be non-empty and of equal length"

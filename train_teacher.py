@@ -82,7 +82,7 @@ def train(cfg, splits=None):
           f"vocab {tok.vocab_size} | {len(train_enc)} train examples, {cfg.epochs} epochs (--epochs), {total} steps, "
           f"{len(ckpt_steps)} checkpoints | {device}, {dtype}")
     out = scale.start(cfg, model, tok, None, train_enc, device, dtype, world, len(ckpt_steps))  # memory plan, locked folder
-    net = scale.wrap(model, cfg.compile, world, cfg.fsdp)  # DDP or FSDP2 under torchrun; before the optimizer sees the weights
+    net = scale.wrap(model, cfg, world, dtype)  # DDP or FSDP2 under torchrun; before the optimizer sees the weights
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, 0.95), device.split(":")[0])
     probe = data.ProbeStore(out, train_enc, data.fingerprint(splits["train"]), cfg.probe_size, cfg.seed, cfg.probe_topk)
     manifest, step = resume_sft(out, cfg, TrainConfig, splits, model, optimizer, scaler, probe, device)  # or a fresh run
@@ -99,8 +99,8 @@ def train(cfg, splits=None):
         x, y, mask = data.make_batch(train_enc, idx, tok.eot, device)
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, total, cfg.lr, cfg.warmup_frac)  # warm-up, then cosine decay to 0
-        with ctx:  # autocast: matmuls in bf16/fp16 on CUDA, the loss in float32 (answer_ce casts)
-            loss = data.answer_ce(net(x, positions=mask), y, mask, chunk).mean()
+        with ctx:  # autocast: matmuls in bf16/fp16 on CUDA, the loss in float32 (gold_ce casts)
+            loss = scd.gold_ce(net(x, positions=mask), y, mask, chunk).mean()
         check_finite(f"step {step + 1}", loss=loss)  # a NaN stops the run here, before anything is saved
         # backward and the AdamW step. With fp16 the GradScaler multiplies the loss so that small
         # gradients survive in fp16, unscales them before clipping, and skips a step whose gradients

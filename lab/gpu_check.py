@@ -1,30 +1,46 @@
 """
-A check for a machine with one CUDA GPU, in under 8 minutes: nothing is downloaded.
+A check for a machine with one CUDA GPU, in about 8 minutes: nothing is downloaded. Every row is
+written to rows.jsonl as soon as it is measured, and a row that runs out of memory says so and
+lets the next rows run.
 
-1. Distillation steps from random initialisation, batch 8 x 512 tokens with 128 scored: GPT-2
-   shapes (a gpt2-medium teacher, a gpt2 student, 50,257 tokens) under bf16 autocast and
-   under fp16 with the gradient scaler, and the paper's family under bf16 (128,256 tokens):
-   Llama 3.2 3B -> 1B with the student's weights trained and with rank-16 adapters, and the
-   3B's own SFT step with adapters. Step times (SFT, teacher forward, distillation with the
-   teacher in the loop, from cached logits and from the offline top-k signal), tokens/s,
-   model FLOPs utilisation against the card's peak, peak memory (bench.measure).
-2. The main pipeline end to end on CUDA at a small budget (reproduce.py with bf16): every
-   phase, the probe, the teacher-logit cache and the report.
+1. Steps (bench.measure), batch 8 x 512 tokens with 128 scored, random weights: GPT-2 shapes
+   (gpt2-medium -> gpt2) under bf16 and fp16 with the gradient scaler, and Llama 3.2 3B -> 1B
+   under bf16, the student's weights trained or rank-16 adapters, and the 3B's own SFT with
+   adapters: step times (SFT, teacher forward, distillation with the teacher in the loop, from
+   cached logits, from the offline top-k), tokens/s, MFU against the card's peak, peak memory.
+2. Every phase of the three runs at Llama 3.2 3B -> 1B (lab.memtrace.trace on the device: the
+   scripts' own functions, the losses and the probe in pieces, evaluation, a save, a resume, a
+   stage switch, the offline signal), with and without adapters and checkpointing: CUDA's peak
+   allocated and reserved memory of each phase beside the plan (scale.plan_phases).
+3. The stage teacher in bf16 (scale.StageTeacher) against the float32 teacher at positions 512
+   to 1023, beside the same weights under autocast and the whole model cast (RoPE rounded).
+4. A teacher run stopped and resumed on the device against the same run uninterrupted, and an
+   fp16 run's steps skipped by the gradient scaler.
+5. The main pipeline end to end on the device at a small budget (reproduce.py with bf16).
 
     python -m lab.gpu_check --out_dir runs/gpu_check     # on the GPU machine
     python -m lab.gpu_check --small true                 # CPU-sized shapes: what the tests run
     python -m lab.gpu_check --plan true                  # the memory plans of the paper's pairs (no GPU needed)
 
-Writes gpu_check.json (every figure) and gpu_check.md (a table) to --out_dir.
+Writes rows.jsonl, gpu_check.json (every figure) and gpu_check.md (tables) to --out_dir.
 """
+import contextlib
+import io
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+import data
+import plumbing
+import scale
+import scd
+import train_teacher
 from lab import bench
+from lab import memtrace
 from lab import reproduce
 from data import logit_chunk
 from plumbing import arg, parse_config, run_main
@@ -74,6 +90,57 @@ def plans(batch_size=8, seq_len=512, answer_len=128, cards=(24, 48, 80), rank=16
     return "\n".join(rows)
 
 
+def sharp_llama(seed=0):
+    """A small Llama whose attention depends sharply on position (q and k scaled up), with
+    Llama 3's rope_theta: where rounding RoPE's frequencies would show."""
+    torch.manual_seed(seed)
+    model = build(GPTConfig(arch="llama", vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=128, intermediate_size=256,
+                            block_size=1024, rope_theta=500000.0, bias=False, tie_embeddings=False)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8), layer.self_attn.k_proj.weight.mul_(8)
+    return model
+
+
+def half_teacher(dev, folder):
+    """KL(float32 teacher || each other) at positions 512 to 1023, mean over positions (nats)."""
+    model = sharp_llama().to(dev)
+    torch.save(plumbing.checkpoint_dict(model, data.Tokenizer(None)), folder / "sharp.pt")
+    x = torch.randint(0, 64, (1, 1024), generator=torch.Generator().manual_seed(1)).to(dev)
+    mask = torch.zeros(1, 1024, dtype=torch.bool, device=dev)
+    mask[0, 512:] = True
+    ctx = torch.autocast(dev.split(":")[0], dtype=torch.bfloat16)
+    teacher = scale.StageTeacher(folder, [([1], [2])], 0, dev, "bfloat16", ctx, cache_gib=0)
+    teacher.use("sharp.pt")
+    dtypes = [str(teacher.model.lm_head.weight.dtype), str(teacher.model.inv_freq.dtype)]
+    with torch.no_grad():
+        exact = model(x, positions=mask)
+        with ctx:
+            half, autocast = teacher.logits([0], x, mask), model(x, positions=mask)
+            whole = model.to(torch.bfloat16)(x, positions=mask)  # buffers too: RoPE's frequencies rounded
+    kl = lambda lg: round(scd.token_kl(exact.float(), lg.float()).mean().item(), 8)
+    return dict(teacher_dtypes=dtypes, kl_stage_teacher=kl(half), kl_float32_weights_under_autocast=kl(autocast), kl_whole_model_cast=kl(whole))
+
+
+def runs(cfg, dev, out):
+    """A teacher run stopped and resumed on the device against the same run uninterrupted; an fp16 run's skipped steps."""
+    common = dict(data=cfg.data, device=dev, dtype="bfloat16", epochs=2, ckpt_per_epoch=2, log_every=10**6,
+                  **(dict(preset="student", batch_size=16) if cfg.small else {}))
+    whole = train_teacher.train(train_teacher.TrainConfig(**common, out_dir=str(out / "whole")))
+    total = json.loads((out / "whole" / "manifest.json").read_text())["checkpoints"][-1]["step"]
+    train_teacher.train(train_teacher.TrainConfig(**common, out_dir=str(out / "resumed"), stop_at_step=total // 2 + 1))
+    resumed = train_teacher.train(train_teacher.TrainConfig(**common, out_dir=str(out / "resumed")))
+    last = json.loads((out / "whole" / "manifest.json").read_text())["checkpoints"][-1]["file"]
+    a, b = (torch.load(out / d / last, weights_only=True)["model"] for d in ("whole", "resumed"))
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        fp16 = train_teacher.train(train_teacher.TrainConfig(**{**common, "dtype": "float16"}, out_dir=str(out / "fp16")))
+    skipped = re.search(r"skipped (\d+) steps", text.getvalue())
+    return dict(steps=total, resumed_at=total // 2 + 1, max_weight_diff=max((a[k].float() - b[k].float()).abs().max().item() for k in a),
+                test_acc_whole=whole["acc"], test_acc_resumed=resumed["acc"], fp16_skipped=int(skipped[1]) if skipped else None,
+                fp16_test_acc=fp16["acc"])
+
+
 def main(cfg):
     if cfg.plan:
         print(plans())
@@ -81,25 +148,47 @@ def main(cfg):
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    gpt2 = dict(teacher="gpt2-medium", student="gpt2", batch_size=8, seq_len=512, answer_len=128, steps=10, rounds=3)
-    llama = dict(gpt2, teacher="llama-3.2-3b", student="llama-3.2-1b", dtype="bfloat16", steps=5)
-    runs = ([dict(teacher="teacher", student="student", batch_size=4, seq_len=0, steps=2, rounds=1, dtype=d, lora_rank=r)
-             for d, r in (("bfloat16", 0), ("float16", 0), ("bfloat16", 4))] if cfg.small else
-            [dict(gpt2, dtype="bfloat16"), dict(gpt2, dtype="float16"),  # and the paper's family, Llama 3.2 3B -> 1B,
-             llama, dict(llama, lora_rank=16), dict(llama, student="llama-3.2-3b", lora_rank=16)])  # the 3B's own SFT
-    rows, log = [], open(out / "rows.jsonl", "a")  # each row written as soon as it is measured
-    for shapes in runs:
+    name = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else dev
+    rows, log = [], open(out / "rows.jsonl", "a")
+
+    def row(kind, fn, **about):
+        """Measure one row, write it at once; a row out of memory says so and the next rows run."""
         t = time.time()
         try:
-            r = bench.measure(bench.BenchConfig(**shapes, device=dev))
-        except torch.cuda.OutOfMemoryError as e:  # a row that does not fit says so; the next rows still run
-            r = dict(shapes, device=torch.cuda.get_device_name() if dev.startswith("cuda") else dev, error=f"out of memory: {e}"[:300])
+            r = {"kind": kind, **about, **fn()}  # the measurement's own fields win
+        except torch.cuda.OutOfMemoryError as e:
+            r = {"kind": kind, **about, "device": name, "error": f"out of memory: {e}"[:300]}
             torch.cuda.empty_cache()
         r["wall_s"] = round(time.time() - t, 1)
         rows.append(r)
         log.write(json.dumps(r) + "\n")
         log.flush()
         print(json.dumps(r), flush=True)
+
+    # 1. steps
+    gpt2 = dict(teacher="gpt2-medium", student="gpt2", batch_size=8, seq_len=512, answer_len=128, steps=10, rounds=3)
+    llama = dict(gpt2, teacher="llama-3.2-3b", student="llama-3.2-1b", dtype="bfloat16", steps=5)
+    steps = ([dict(teacher="teacher", student="student", batch_size=4, seq_len=0, steps=2, rounds=1, dtype=d, lora_rank=r)
+              for d, r in (("bfloat16", 0), ("float16", 0), ("bfloat16", 4))] if cfg.small else
+             [dict(gpt2, dtype="bfloat16"), dict(gpt2, dtype="float16"),  # and the paper's family, Llama 3.2 3B -> 1B,
+              llama, dict(llama, lora_rank=16), dict(llama, student="llama-3.2-3b", lora_rank=16)])  # the 3B's own SFT
+    for shapes in steps:
+        row("steps", lambda: bench.measure(bench.BenchConfig(**shapes, device=dev)), **shapes)
+    # 2. every phase against the plan
+    mcfg = memtrace.MemTraceConfig(**(dict(batch_size=4, seq_len=32, answer_len=8, eval_batch=16, probe_size=16, logit_chunk=16)
+                                      if cfg.small else {}))
+    pair = ("tiny-teacher", "tiny-student") if cfg.small else ("llama-3.2-3b", "llama-3.2-1b")
+    for lora, ckpt in ((0, False), (16, True)) if cfg.small else ((0, False), (0, True), (16, False), (16, True)):
+        def phases():
+            peaks, plan = memtrace.trace(mcfg, *pair, lora, ckpt, device=dev), memtrace.planned(mcfg, *pair, lora, ckpt)
+            gib = lambda b: None if b is None else round(b / 2**30, 2)
+            return dict(phases=[dict(phase=p, allocated_gib=gib(a), reserved_gib=gib(r), plan_gib=gib(plan[p]))
+                                for p, (a, r) in peaks.items()])
+        row("phases", phases, pair=" -> ".join(pair), lora_rank=lora, grad_ckpt=ckpt)
+    # 3, 4. the half teacher; resume and fp16 on the device
+    row("half teacher", lambda: half_teacher(dev, out))
+    row("runs", lambda: runs(cfg, dev, out))
+    # 5. the pipeline end to end
     t = time.time()
     e2e = out / "e2e"
     budget = dict(teacher_epochs=1, ckpt_per_epoch=1, stage_epochs=1, stages=2, probe_size=16) if cfg.small else \
@@ -107,16 +196,23 @@ def main(cfg):
     reproduce.main(reproduce.ReproduceConfig(data=cfg.data, out_dir=str(e2e), report_dir=str(e2e / "report"),
                                              device=dev, dtype="bfloat16", **budget), "gpu_check.py end to end")
     results = json.loads(next((e2e / "seed0").glob("scd_aw*/results.json")).read_text())  # scd_aw_k4 by default
-    summary = dict(device=rows[0]["device"], steps=rows, e2e=dict(wall_s=round(time.time() - t, 1), scd_aw_test_acc=results["best"]["acc"],
-                                                                   report=str(e2e / "report" / "results.md")))
+    summary = dict(device=name, rows=rows, e2e=dict(wall_s=round(time.time() - t, 1), scd_aw_test_acc=results["best"]["acc"],
+                                                    report=str(e2e / "report" / "results.md")))
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=1))
-    lines = [f"# gpu_check.py on {summary['device']}", "",
-             f"Random init, batch {rows[0]['batch_size']} x {rows[0]['seq_len'] or 'default-domain'} tokens, medians of "
-             f"{rows[0]['rounds']} rounds of {rows[0]['steps']} steps; the losses in pieces (data.logit_chunk).", "",
+    (out / "gpu_check.md").write_text(report(summary))
+    print(report(summary))
+    return summary
+
+
+def report(summary):
+    """gpu_check.md: the tables of every row."""
+    rows = summary["rows"]
+    lines = [f"# gpu_check.py on {summary['device']}", "", "Steps: random weights, medians of rounds of steps; the losses in "
+             "pieces (data.logit_chunk).", "",
              "| teacher -> student | autocast | student trains | SFT ms | SFT MFU | teacher fwd ms | distill ms | "
              "distill, cached teacher ms | distill, offline top-k ms | distill tok/s | ratio | distill MFU | peak GiB |",
              "|" + " --- |" * 13]
-    for r in rows:
+    for r in (r for r in rows if r["kind"] == "steps"):
         trains = f"LoRA r{r['lora_rank']}" if r.get("lora_rank") else "all"
         if "error" in r:
             lines.append(f"| {r['teacher']} -> {r['student']} | {r.get('dtype')} | {trains} | " + r["error"][:60] + " |" * 11)
@@ -124,12 +220,22 @@ def main(cfg):
         lines.append(f"| {r['teacher']} -> {r['student']} | {r['dtype']} | {trains} | {r['sft_ms']} | {r.get('sft_mfu')} | "
                      f"{r['teacher_forward_ms']} | {r['distill_ms']} | {r['distill_cached_ms']} | {r['distill_offline_ms']} | "
                      f"{r['distill_tok_s']:,} | {r['ratio']} | {r.get('mfu')} | {r['peak_mem_GiB']} |")
+    lines += ["", "Every phase: CUDA's peak allocated and reserved GiB beside the plan (scale.plan_phases).", "",
+              "| pair | trained | ckpt | phase | allocated | reserved | plan | plan / reserved |", "|" + " --- |" * 8]
+    for r in (r for r in rows if r["kind"] == "phases"):
+        for p in r.get("phases", [dict(phase=r.get("error", "")[:60], allocated_gib=None, reserved_gib=None, plan_gib=None)]):
+            ratio = f"{p['plan_gib'] / p['reserved_gib']:.2f}" if p["reserved_gib"] else "-"
+            trains = f"LoRA r{r['lora_rank']}" if r["lora_rank"] else "all"
+            lines.append(f"| {r['pair']} | {trains} | "
+                         f"{'on' if r['grad_ckpt'] else 'off'} | {p['phase']} | {p['allocated_gib']} | {p['reserved_gib']} | "
+                         f"{p['plan_gib']} | {ratio} |")
+    for r in (r for r in rows if r["kind"] in ("half teacher", "runs")):
+        lines += ["", f"{r['kind']}: " + ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("kind",))]
     lines += ["", f"End to end (reproduce.py, bf16, small budget): {summary['e2e']['wall_s']} s, "
               f"SCD+AW test exact match {summary['e2e']['scd_aw_test_acc']:.3f}."]
-    (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return summary
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
-    run_main(main, parse_config(GpuCheckConfig, "A five-minute check of the CUDA paths: GPT-2-shaped steps and the pipeline end to end."))
+    run_main(main, parse_config(GpuCheckConfig, "An eight-minute check of the CUDA paths: steps, every phase's memory, the "
+                                "half teacher, resume, fp16, and the pipeline end to end."))

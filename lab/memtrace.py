@@ -4,11 +4,12 @@ without allocating: torch's FakeTensorMode gives tensors shapes and no data, and
 (torch.distributed._tools.mem_tracker) records the peak of the live bytes while the functions
 that train_teacher.py and distill.py call run on them: the models' forward and backward, the
 losses in pieces, clipping and the AdamW step, evaluation, the anchor losses, the probe's
-scoring, the stage teacher in half precision and its signal. Each phase's peak is printed
-beside the memory plan's figure for it (scale.plan), and the last line gives the worst ratio.
+scoring, saves, a resume, a stage switch, the stage teacher in half precision and its signal,
+each phase with what the scripts keep alive in it. Each phase's peak is printed beside the
+memory plan's figure for it (scale.plan_phases), and the last line gives the worst ratio.
 
     python -m lab.memtrace                   # Llama 3.2 3B -> 1B and 3.1 8B -> 3B, batch 8 x 512, answers of 128
-    python -m lab.memtrace --small true      # tiny Llama shapes: what the tests run
+    python -m lab.memtrace --small true --seq_len 64 --answer_len 16 --logit_chunk 16   # small Llama shapes (the test)
 
 The values are never computed: a loss is 0, a mask has `answer_len` positions per row.
 """
@@ -29,6 +30,7 @@ import scale
 import scd
 from lab.bench import SHAPES
 from model import GPTConfig, add_lora, build
+from plumbing import checkpoint_dict, load_optimizer, load_trained, optimizer_state, trained_state
 from plumbing import arg, parse_config, run_main
 
 @dataclass
@@ -42,6 +44,7 @@ class MemTraceConfig:
     candidates: int = arg(4, "candidates on the probe", low=1)
     lora_rank: int = arg(16, "the adapters' rank in the adapter settings", low=1)
     small: bool = arg(False, "tiny shapes (the test)")
+    logit_chunk: int = arg(0, "answer positions per piece of the head (0: data.logit_chunk, 130 at 128k tokens)", low=0)
     out: str = arg("", "also write every row as JSON here")
 
 
@@ -84,7 +87,7 @@ class Tracker(MemTracker):
 
 class Ids:
     """Text is space-separated token ids (the examples are made of ids)."""
-    eot = 0
+    eot, ids = 0, None
     encode = staticmethod(lambda text: [int(t) for t in text.split()])
 
 
@@ -94,39 +97,59 @@ def examples(n, seq_len, answer_len):
     return [dict(prompt=prompt, answer=answer, subdomain="s") for _ in range(n)]
 
 
-def trace(cfg, teacher_name, student_name, lora, grad_ckpt, small=False):
-    """Every phase's peak (bytes) on one setting -> {phase: bytes}."""
+def trace(cfg, teacher_name, student_name, lora, grad_ckpt, device=None):
+    """Every phase's peak (bytes) on one setting, the phases in the scripts' order and with what
+    the scripts keep alive in each -> {phase: bytes}. A pass without gradients runs one batch
+    (data.fit_batch's): the others would repeat its peak. device: run for real there instead
+    (lab.gpu_check), each phase's peak read from CUDA's allocator -> {phase: (allocated,
+    reserved)}, (None, None) on the CPU."""
     B, L, A = cfg.batch_size, cfg.seq_len, cfg.answer_len
-    dtype, ctx = torch.bfloat16, torch.autocast("cpu", dtype=torch.bfloat16)  # CUDA's autocast makes the same casts here
-    enc = data.encode(examples(max(B, cfg.eval_batch, cfg.probe_size), L, A), Ids(), L)
+    dev = device or "cpu"
+    dtype, ctx = torch.bfloat16, torch.autocast(dev.split(":")[0], dtype=torch.bfloat16)  # CUDA's casts, on the CPU too
+    fused = "cuda" if device is None else dev.split(":")[0]  # the optimizer a GPU run builds
+    enc = data.encode(examples(max(B, cfg.eval_batch, cfg.probe_size, 64), L, A), Ids(), L)
+    n_eval, n_probe = data.fit_batch(cfg.eval_batch, enc), min(cfg.probe_size, data.fit_batch(32, enc))  # a batch of each pass
     peaks, mt = {}, None
-    with shapes_only(A):
+
+    def track(*objs):
+        if device is None:
+            mt.track_external(*objs)
+    with shapes_only(A) if device is None else torch.device(dev):
         def model(name, frozen=False):
+            if frozen:  # a stage teacher: read on the host, cast, moved (scale.StageTeacher): it arrives in bf16
+                torch.set_default_dtype(dtype)
             m = build(GPTConfig(**{**SHAPES[name], "block_size": L}))
+            torch.set_default_dtype(torch.float32)
             if lora and not frozen:
                 add_lora(m, lora)
-            for p in m.parameters():  # a frozen model or base in the autocast dtype (scale.StageTeacher, scale.start)
-                if frozen or not p.requires_grad and lora:
-                    p.data = p.data.to(dtype)
+                scale.half(m, dtype, frozen_only=True)
             m.grad_checkpointing = grad_ckpt
             return m
 
         def phase(name, fn):
             gc.collect()
+            if device is not None:
+                cuda = dev.startswith("cuda")
+                if cuda:
+                    torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats(dev)
+                out = fn()
+                peaks[name] = (torch.cuda.max_memory_allocated(dev), torch.cuda.max_memory_reserved(dev)) if cuda else (None, None)
+                return out
             with mt:
-                fn()
+                out = fn()
             peaks[name] = max(v["Total"] for v in mt.get_tracker_snapshot("peak").values())
+            return out
 
         def steps(m, opt, teacher=None, signal=None, n=2):
             """The scripts' step, n times: forward, the loss in pieces, backward, clip, AdamW, grads freed."""
-            chunk = data.logit_chunk(m.config.vocab_size)
-            anchor = torch.ones(B)
+            chunk = data.logit_chunk(m.config.vocab_size, cfg.logit_chunk)
+            anchor = torch.ones(B, device=dev)
             for i in range(n):
-                x, y, mask = data.make_batch(enc, range(B), 0)
+                x, y, mask = data.make_batch(enc, range(B), 0, dev)
                 with ctx:
                     s_logits = m(x, positions=mask)
                     if teacher is None and signal is None:
-                        loss = data.answer_ce(s_logits, y, mask, chunk).mean()
+                        loss = scd.gold_ce(s_logits, y, mask, chunk).mean()
                     else:
                         with torch.no_grad():
                             t_logits = teacher(x, positions=mask) if teacher is not None else \
@@ -137,59 +160,85 @@ def trace(cfg, teacher_name, student_name, lora, grad_ckpt, small=False):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
-        for role, name in (("teacher", teacher_name), ("student", student_name)):
+        chunk = lambda m: data.logit_chunk(m.config.vocab_size, cfg.logit_chunk)
+        evaluate = lambda m: data.evaluate(m, examples(n_eval, L, A), Ids(), dev, ctx=ctx, chunk=chunk(m))
+        for role, name in (("teacher SFT", teacher_name), ("student SFT", student_name)):  # train_teacher.py, twice
             m = model(name)
-            opt = m.configure_optimizer(1e-4, 0.1, (0.9, 0.95), "cuda")
+            opt = m.configure_optimizer(1e-4, 0.1, (0.9, 0.95), fused)
             mt = Tracker()  # a tracker per model: its hooks hold what it tracked, and a model let go must go
-            mt.track_external(m, opt)
-            phase(f"{role} SFT step", lambda: steps(m, opt))
-            phase(f"{role} evaluation", lambda: data.evaluate(m, examples(cfg.eval_batch, L, A), Ids(), ctx=ctx))
-            phase(f"{role} probe log-probs", lambda: data.probe_logprobs(m, enc[:cfg.probe_size], 0, "cpu", ctx, 64))
-            if role == "student":
-                phase("anchor losses", lambda: data.example_losses(m, enc, 0, "cpu", ctx))
-            del m, opt
+            track(m, opt)
+            phase(f"{role}: SFT step", lambda: steps(m, opt))
+            phase(f"{role}: checkpoint evaluation", lambda: evaluate(m))
+            phase(f"{role}: checkpoint save", lambda: (checkpoint_dict(m, Ids, "bfloat16"), optimizer_state(m, opt)))
+            phase(f"{role}: probe log-probs", lambda: data.probe_logprobs(m, enc[:n_probe], 0, dev, ctx, 64, chunk=chunk(m)))
+            saved = dict(model={k: v.detach().clone() for k, v in trained_state(m).items()}, optimizer=opt.state_dict())
+            phase(f"{role}: resume", lambda: (load_trained(m, saved["model"]), load_optimizer(m, opt, saved["optimizer"])))
+            del saved
+            opt = None  # the optimizer goes before the test pass and the anchor losses
+            phase(f"{role}: test and anchor losses", lambda: (evaluate(m), data.example_losses(m, enc[:n_eval], 0, dev, ctx, chunk=chunk(m))))
+            del m
         mt = None
         gc.collect()
 
-        s = model(student_name)
-        opt = s.configure_optimizer(1e-4, 0.1, (0.9, 0.95), "cuda")
-        t = model(teacher_name, frozen=True)
+        s = model(student_name)  # distill.py
         mt = Tracker()
-        mt.track_external(s, opt, t)
-        phase("distillation step, teacher in the loop", lambda: steps(s, opt, teacher=t))
-        # a stage's start: the candidates' stored log-probs on the probe, the last stage's teacher still held
-        n_probe = cfg.probe_size * A
-        cache = [(torch.zeros(n_probe, 64), torch.zeros(n_probe, 64, dtype=torch.int32)) for _ in range(cfg.candidates)]
-        mt.track_external(*[v for c in cache for v in c])
-        phase("probe terms (stage start)", lambda: scale.probe_terms(s, enc[:cfg.probe_size], cache, 0, 0, "cpu", ctx, "flipped"))
-        phase("student evaluation, training state alive", lambda: data.evaluate(s, examples(cfg.eval_batch, L, A), Ids(), ctx=ctx))
-        phase("stage teacher's offline signal", lambda: scale.teacher_logits(t, enc[:64], 0, "cpu", ctx, 1e9, topk=64))
-        del t, cache  # with --teacher_topk the teacher is let go once its signal is kept
+        track(s)
+        saved = {k: v.detach().clone() for k, v in trained_state(s).items()}
+        phase("distillation: resume", lambda: load_trained(s, saved))
+        del saved
+        # the probe's stored log-probs of every candidate, alive all run; the last stage's teacher
+        cache = [(torch.zeros(cfg.probe_size * A, 64), torch.zeros(cfg.probe_size * A, 64, dtype=torch.int32))
+                 for _ in range(cfg.candidates)]
+        held = [model(teacher_name, frozen=True)]
+        track(*[v for c in cache for v in c], held[0])
+        phase("distillation: stage start: probe terms", lambda: scale.probe_terms(s, enc[:n_probe], cache, 0, 0, dev, ctx, "flipped", chunk(s)))
+
+        def switch():  # scale.StageTeacher.use: the last teacher let go, then the next one built
+            held[0] = None
+            gc.collect()
+            held[0] = model(teacher_name, frozen=True)
+        phase("distillation: stage switch", switch)
+        t = held[0]
+        opt = s.configure_optimizer(1e-4, 0.1, (0.9, 0.95), fused)
+        track(opt)
+        phase("distillation: distillation step", lambda: steps(s, opt, teacher=t))
+        opt = None  # AdamW's state goes at the stage's end
+        phase("distillation: stage end: validation", lambda: evaluate(s))
+        rows = phase("distillation: teacher's offline signal", lambda: scale.teacher_logits(t, enc[:64], 0, dev, ctx, 1e9, topk=64, chunk=chunk(t)))
+        t = held[0] = None  # with --teacher_topk the teacher goes once its signal is kept
         N = B * A
         signal = (torch.zeros(N, 64), torch.zeros(N, 64, dtype=torch.int32))
-        mt = Tracker()
-        mt.track_external(s, opt, *signal)
-        phase("distillation step, offline top-k", lambda: steps(s, opt, signal=signal))
+        opt = s.configure_optimizer(1e-4, 0.1, (0.9, 0.95), fused)
+        track(opt, *signal)
+        phase("distillation: distillation step, offline top-k", lambda: steps(s, opt, signal=signal))
+        opt = rows = None
+        phase("distillation: test", lambda: evaluate(s))
     return peaks
 
 
 def planned(cfg, teacher_name, student_name, lora, grad_ckpt):
-    """The memory plan's figures (scale.plan_parts, what the scripts print before a run) for the
-    phases it covers: the training steps. -> {phase: bytes}."""
+    """The memory plan's figure for every phase (scale.plan_phases, whose largest the scripts
+    print before a run), for the three runs of a setting. -> {phase: bytes}."""
     with torch.device("meta"):
         def model(name, trained=True):
             m = build(GPTConfig(**{**SHAPES[name], "block_size": cfg.seq_len}))
-            return add_lora(m, lora) if lora and trained else m
+            if lora and trained:
+                scale.half(add_lora(m, lora), torch.bfloat16, frozen_only=True)
+            return m
         T, S, frozen = model(teacher_name), model(student_name), model(teacher_name, trained=False)
-    plan = lambda m, t: sum(scale.plan_parts(m, t, cfg.batch_size, cfg.seq_len, cfg.answer_len, "bfloat16", grad_ckpt,
-                                             data.logit_chunk(m.config.vocab_size)).values())
-    return {"teacher SFT step": plan(T, None), "student SFT step": plan(S, None),
-            "distillation step, teacher in the loop": plan(S, frozen)}
+    plan = lambda m, t, **kw: scale.plan_phases(m, t, cfg.batch_size, cfg.seq_len, cfg.answer_len, "bfloat16", grad_ckpt,
+                                                data.logit_chunk(m.config.vocab_size, cfg.logit_chunk), passes=(cfg.eval_batch, 32), **kw)
+    held = cfg.candidates * cfg.probe_size * cfg.answer_len * 64 * 8  # the probe's stored log-probs: float32 and int32
+    signal = 64 * cfg.answer_len * 64 * 8  # the offline rows of the examples traced
+    out = {f"teacher SFT: {k}": v for k, v in plan(T, None).items()}
+    out.update({f"student SFT: {k}": v for k, v in plan(S, None).items()})
+    out.update({f"distillation: {k}": v for k, v in plan(S, frozen, held=held, signal=signal).items()})
+    return out
 
 
-TINY = dict(arch="llama", bias=False, block_size=64, vocab_size=2048, rope_theta=500000.0, tie_embeddings=False)
-SHAPES.update({"tiny-teacher": dict(TINY, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=128),
-               "tiny-student": dict(TINY, n_layer=1, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=64)})
+TINY = dict(arch="llama", bias=False, block_size=64, vocab_size=4096, rope_theta=500000.0, tie_embeddings=False)
+SHAPES.update({"tiny-teacher": dict(TINY, n_layer=2, n_head=8, n_kv_head=2, n_embd=256, intermediate_size=1024),
+               "tiny-student": dict(TINY, n_layer=2, n_head=4, n_kv_head=2, n_embd=128, intermediate_size=512)})
 
 
 def main(cfg):
@@ -202,37 +251,36 @@ def main(cfg):
                 peaks, plan = trace(cfg, t, s, lora, ckpt), planned(cfg, t, s, lora, ckpt)
                 for phase, b in peaks.items():
                     row = dict(pair=f"{t} -> {s}", trained=f"LoRA r{lora}" if lora else "all", grad_ckpt=ckpt, phase=phase,
-                               trace_mib=round(b / 2**20, 1), plan_mib=round(plan[phase] / 2**20, 1) if phase in plan else None)
+                               trace_mib=round(b / 2**20, 1), plan_mib=round(plan[phase] / 2**20, 1))
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                 print(f"({time.time() - t0:.0f}s)", flush=True)
     if cfg.out:
         Path(cfg.out).write_text(json.dumps(rows, indent=1))
     print(table(rows))
-    ratios = [(r["plan_mib"] / r["trace_mib"], r) for r in rows if r["plan_mib"] and r["trace_mib"]]
-    lo, hi = min(ratios, key=lambda x: x[0]), max(ratios, key=lambda x: x[0])
-    print(f"phases the plan covers: {len(ratios)} of {len(rows)}; plan / trace from {lo[0]:.2f} ({lo[1]['phase']}, "
-          f"{lo[1]['pair']}, {lo[1]['trained']}, ckpt {lo[1]['grad_ckpt']}) to {hi[0]:.2f} ({hi[1]['phase']}, {hi[1]['pair']}, "
-          f"{hi[1]['trained']}, ckpt {hi[1]['grad_ckpt']})")
+    r = max(rows, key=lambda r: abs(r["plan_mib"] / r["trace_mib"] - 1))
+    print(f"worst plan / trace over {len(rows)} phases: {r['plan_mib'] / r['trace_mib']:.3f} ({r['phase']}; {r['pair']}, "
+          f"{r['trained']}, checkpointing {'on' if r['grad_ckpt'] else 'off'})")
     return rows
 
 
 def table(rows, cards=(24, 48, 80)):
-    """Markdown: per setting, the traced peak of each phase group (the training steps; evaluation,
-    anchor and probe passes; the stage teacher's signal), the largest phase, and the cards whose
-    memory holds it within 95% (5% for CUDA's own use)."""
-    out = ["| pair | trained | ckpt | SFT step: teacher / student (plan) | distillation step (plan) | evaluation, probe, "
-           "anchor: largest | largest phase | fits (GB card) |", "|" + " --- |" * 8]
+    """Markdown: per setting, the traced peak (and the plan) of the training steps, the largest
+    pass without gradients, the largest phase, and the cards whose memory holds the larger of
+    the largest phase's trace and plan within 95% (5% for CUDA's own use)."""
+    out = ["| pair | trained | ckpt | SFT step: teacher / student | distillation step | largest pass without gradients | "
+           "largest phase | plan / trace, all phases | fits (GB card) |", "|" + " --- |" * 9]
     keys = sorted({(r["pair"], r["trained"], r["grad_ckpt"]) for r in rows}, key=lambda k: (k[0], k[1] != "all", k[2]))
-    gib = lambda r: f"{r['trace_mib'] / 1024:.1f}" + (f" ({r['plan_mib'] / 1024:.1f})" if r["plan_mib"] else "")
+    gib = lambda r: f"{r['trace_mib'] / 1024:.1f} ({r['plan_mib'] / 1024:.1f})"
     for k in keys:
         rs = {r["phase"]: r for r in rows if (r["pair"], r["trained"], r["grad_ckpt"]) == k}
         passes = max((r for p, r in rs.items() if "step" not in p), key=lambda r: r["trace_mib"])
-        top = max(rs.values(), key=lambda r: r["trace_mib"])
-        fits = [str(g) for g in cards if top["trace_mib"] * 2**20 <= 0.95 * g * 1e9] or ["none"]
-        out.append(f"| {k[0]} | {k[1]} | {'on' if k[2] else 'off'} | {gib(rs['teacher SFT step'])} / {gib(rs['student SFT step'])} | "
-                   f"{gib(rs['distillation step, teacher in the loop'])} | {passes['trace_mib'] / 1024:.1f} ({passes['phase']}) | "
-                   f"{top['phase']}: {top['trace_mib'] / 1024:.1f} | {', '.join(fits)} |")
+        top = max(rs.values(), key=lambda r: max(r["trace_mib"], r["plan_mib"]))
+        ratios = [r["plan_mib"] / r["trace_mib"] for r in rs.values()]
+        fits = [str(g) for g in cards if max(top["trace_mib"], top["plan_mib"]) * 2**20 <= 0.95 * g * 1e9] or ["none"]
+        out.append(f"| {k[0]} | {k[1]} | {'on' if k[2] else 'off'} | {gib(rs['teacher SFT: SFT step'])} / "
+                   f"{gib(rs['student SFT: SFT step'])} | {gib(rs['distillation: distillation step'])} | {gib(passes)} "
+                   f"{passes['phase']} | {gib(top)} {top['phase']} | {min(ratios):.2f} to {max(ratios):.2f} | {', '.join(fits)} |")
     return "\n".join(out)
 
 

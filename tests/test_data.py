@@ -1,4 +1,5 @@
 import json
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -155,12 +156,17 @@ def test_summary_accuracy_per_subdomain_and_entity_f1_by_hand():
     assert s["loss"] == pytest.approx(2.0)
 
 
-def test_the_answer_ce_of_evaluation_and_sft_is_the_method_s_gold_ce():
-    """data.answer_ce (SFT, evaluation, the anchor) and scd.gold_ce (the loss of section 2.4)
-    are one quantity, kept in two places so that the course copy can blank scd.py."""
+def test_evaluation_s_loss_is_the_method_s_gold_ce_made_in_pieces():
+    """data.evaluate's per-example loss (the head in pieces, data.token_ce averaged by
+    scd.per_example) is scd.gold_ce of the whole logits, the loss SFT trains on."""
+    from model import GPTConfig, build
     torch.manual_seed(0)
-    mask = torch.tensor([[False, True, True, False], [True, True, True, True]])
-    logits, y = torch.randn(int(mask.sum()), 7), torch.randint(0, 7, (2, 4))
-    assert torch.equal(data.answer_ce(logits, y, mask), scd.gold_ce(logits, y, mask))
-    by_hand = torch.nn.functional.cross_entropy(logits[:2], y[0, 1:3])  # example 0: its two answer tokens
-    assert data.answer_ce(logits, y, mask)[0].item() == pytest.approx(by_hand.item(), abs=1e-6)
+    model = build(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=50)).eval()
+    enc = [([1, 2, 3], [4, 5]), ([6, 7], [8, 9, 10])]
+    x, y, mask = data.make_batch(enc, [0, 1], 0)
+    with torch.no_grad():
+        whole = scd.gold_ce(model(x, positions=mask), y, mask)
+        pieces = torch.cat([ce for ce, m in data.answer_pieces(model, enc, 0, "cpu", nullcontext(), data.token_ce, 2, chunk=2)])
+    torch.testing.assert_close(scd.per_example(pieces, mask), whole)
+    by_hand = torch.nn.functional.cross_entropy(model(x, positions=mask)[:3].detach(), y[mask][:3])  # example 0: 3 answer tokens
+    assert whole[0].item() == pytest.approx(by_hand.item(), abs=1e-6)

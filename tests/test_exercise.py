@@ -1,5 +1,9 @@
 """The assignment copy (exercise.py) fails exactly where a student has work to do, and the
 grader's messages point at the mistake."""
+import ast
+import contextlib
+import io
+import json
 import os
 import subprocess
 import sys
@@ -34,17 +38,99 @@ def test_assignment_fails_with_not_implemented_exactly_where_work_is_left(tmp_pa
     assert not (tmp_path / "a" / "lab").exists() and not (tmp_path / "a" / "reproduce.py").exists()  # no lab file
     tests = {p.name for p in (tmp_path / "a" / "tests").iterdir()}
     assert "test_scd.py" in tests and not tests & {"test_reproduce.py", "test_stats.py", "test_exercise.py", "test_domains.py"}
+    # the handout's grade(): a part's failures are shown with their messages, not only the count
+    cell = "".join(json.loads((tmp_path / "a" / "notebooks" / "assignments.ipynb").read_text())["cells"][1]["source"])
+    grade_fn = next(f for f in ast.parse(cell).body if isinstance(f, ast.FunctionDef) and f.name == "grade")
+    ns = dict(ROOT=tmp_path / "a", subprocess=subprocess, sys=sys)
+    exec(ast.unparse(grade_fn), ns)
+    with contextlib.redirect_stdout(io.StringIO()) as shown:
+        ns["grade"]("part1")
+    assert "token_kl: write it (part 1" in shown.getvalue() and "failed" in shown.getvalue(), shown.getvalue()
+    # no solution in the copy: no statement of a blanked function's body appears in any function or lambda there
+    answers = {s for name in exercise.EXERCISES for s in statements((ROOT / "scd.py").read_text(), name) if len(s) > 24}
+    for path in (tmp_path / "a").rglob("*.py"):
+        twins = answers & statements(path.read_text())
+        assert not twins, (path.name, twins)
 
 
-def test_sft_and_evaluation_run_before_any_part_is_written(tmp_path, tiny_domain):
-    """The copy's blanked scd.py must not stop what does not depend on it: the teacher's SFT,
-    its checkpoints and probe, the anchor file and evaluation run in the untouched copy."""
-    exercise.main(tmp_path / "c")
-    r = subprocess.run([sys.executable, "train_teacher.py", f"--data={tiny_domain}", "--preset=student", "--epochs=1",
-                        "--ckpt_per_epoch=1", "--probe_size=8", f"--out_dir={tmp_path / 'run'}"],
-                       cwd=tmp_path / "c", capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert (tmp_path / "run" / "train_losses.json").exists() and "best checkpoint" in r.stdout
+def statements(source, only=None):
+    """Every statement (and lambda body) inside the functions of source, unparsed, docstrings
+    left out; only: of that function alone."""
+    out = set()
+    for f in ast.walk(ast.parse(source)):
+        if isinstance(f, (ast.FunctionDef, ast.Lambda)) and (only is None or getattr(f, "name", None) == only):
+            for node in ast.walk(f):
+                if isinstance(node, ast.stmt) and not isinstance(node, ast.FunctionDef) and not (
+                        isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)):
+                    out.add(ast.unparse(node))
+                elif isinstance(node, ast.Lambda):
+                    out.add(ast.unparse(node.body))
+    return out
+
+
+def run(folder, script, *flags):
+    return subprocess.run([sys.executable, script, *flags], cwd=folder, capture_output=True, text=True, timeout=300)
+
+
+def test_nothing_trains_before_part_1_and_the_script_says_what_to_write(tmp_path, tiny_domain):
+    """The blanked functions are the ones the scripts run: SFT's loss is the student's gold_ce,
+    so the blank copy's SFT stops at once with one line naming the function and its part."""
+    exercise.main(tmp_path / "c", instructor=tmp_path / "notes.md")
+    r = run(tmp_path / "c", "train_teacher.py", f"--data={tiny_domain}", "--preset=student", "--epochs=1",
+            "--ckpt_per_epoch=1", "--probe_size=8", f"--out_dir={tmp_path / 'run'}")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: not written yet: scd.gold_ce: write it (part 1")
+    assert "Answer key" in (tmp_path / "notes.md").read_text() and "Answer key" not in "".join(
+        p.read_text(errors="ignore") for p in (tmp_path / "c").rglob("*.md"))
+    assert "notebook" in (tmp_path / "c" / "requirements.txt").read_text()
+
+
+# plausible student bugs, planted one at a time in a correct scd.py: (part, the correct line, the bug, what the
+# grader's message must name)
+BUGS = {
+    "argmax for the argmin": (3, "int(score.argmin())", "int(score.argmax())", "the smallest"),
+    "the student term's direction swapped": (3, 'if student_term == "as_written"', 'if student_term != "as_written"',
+                                             "KL(p_c || p_student)"),
+    "T instead of T squared": (1, "* temperature ** 2", "* temperature", "T^2 KL"),
+    "a per-example sum, not a mean": (1, "/ mask.sum(1).clamp(min=1)", "", "mean of 1 and 3"),
+    "the AW weight inverted": (2, "torch.log(l_s) - torch.log(l_c)", "torch.log(l_c) - torch.log(l_s)", "l_S / (l_S + l_c)"),
+}
+
+
+def test_planted_bugs_fail_their_part_s_grader_by_name_and_change_the_student_s_own_runs(tmp_path, tiny_domain):
+    """Each bug fails its part's grader (pytest -m partN) with a message naming the quantity;
+    the schedule's and the loss's bugs also change what distill.py does in the copy: another
+    checkpoint chosen, another loss trained on."""
+    copy = tmp_path / "k"
+    exercise.main(copy)
+    ref = (ROOT / "scd.py").read_text()
+    for name, (part, good, bad, words) in BUGS.items():
+        assert ref.count(good) == 1, name
+        (copy / "scd.py").write_text(ref.replace(good, bad))
+        failed = {n: m for n, m in grade(copy, "tests/test_scd.py", "-m", f"part{part}").items() if m}
+        assert failed and any(words in m for m in failed.values()), (name, failed)
+    # the runs: a teacher trail and the SFT student with the correct code, then SCD with and without each bug
+    (copy / "scd.py").write_text(ref)
+    common = [f"--data={tiny_domain}", "--preset=student", "--epochs=2", "--ckpt_per_epoch=2", "--probe_size=8", "--log_every=1000"]
+    for out in ("teacher", "sft"):
+        assert run(copy, "train_teacher.py", *common, f"--out_dir={tmp_path / out}").returncode == 0
+    distill = [f"--data={tiny_domain}", "--preset=student", f"--teacher_dir={tmp_path / 'teacher'}", f"--anchor_dir={tmp_path / 'sft'}",
+               "--method=scd", "--aw=true", "--stages=2", "--steps_per_stage=3", "--probe_size=8", "--probe_resamples=0",
+               "--pool_start=0", "--temperature=2", "--log_every=1000"]
+
+    def scd_run(label, scd_source):
+        (copy / "scd.py").write_text(scd_source)
+        r = run(copy, "distill.py", *distill, f"--out_dir={tmp_path / label}")
+        assert r.returncode == 0, r.stderr[-2000:]
+        s = json.loads((tmp_path / label / "schedule.json").read_text())["stages"]
+        return dict(ckpt=[row["ckpt"] for row in s], kl_student=[row["kl_student"] for row in s],
+                    val_loss=[row["val_loss"] for row in s])
+    correct = scd_run("correct", ref)
+    bugged = {name: scd_run(f"bug{i}", ref.replace(BUGS[name][1], BUGS[name][2])) for i, name in enumerate(BUGS)}
+    assert bugged["argmax for the argmin"]["ckpt"] != correct["ckpt"]  # another checkpoint chosen
+    assert bugged["the student term's direction swapped"]["kl_student"] != correct["kl_student"]  # another criterion
+    for name in ("T instead of T squared", "a per-example sum, not a mean", "the AW weight inverted"):
+        assert bugged[name]["val_loss"] != correct["val_loss"], name  # another loss trained on: other weights
 
 
 def test_a_plausible_wrong_answer_gets_expected_and_got(tmp_path):

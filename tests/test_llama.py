@@ -10,7 +10,6 @@ import torch
 import plumbing
 import data
 import distill
-import hf
 import train_teacher as tt
 from model import merge_lora
 
@@ -44,7 +43,7 @@ def save(name, folder, **kw):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_a_saved_folder_gives_transformers_logits(name, tmp_path):
     ref = save(name, tmp_path)
-    ours = hf.load_folder(tmp_path).eval()
+    ours = plumbing.load_folder(tmp_path).eval()
     idx = torch.randint(0, 101, (2, 40), generator=torch.Generator().manual_seed(1))  # past the original context of 16
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), ref(idx).logits, rtol=0, atol=1e-5)
@@ -55,7 +54,7 @@ def test_a_sharded_folder_loads_the_same_weights(tmp_path):
     save("llama3", tmp_path / "one")
     save("llama3", tmp_path / "shards", max_shard_size="50KB")
     assert (tmp_path / "shards" / "model.safetensors.index.json").exists()
-    a, b = hf.load_folder(tmp_path / "one").state_dict(), hf.load_folder(tmp_path / "shards").state_dict()
+    a, b = plumbing.load_folder(tmp_path / "one").state_dict(), plumbing.load_folder(tmp_path / "shards").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -72,8 +71,8 @@ def test_an_unsupported_config_is_refused_naming_its_field(change, field, tmp_pa
     save("llama3", tmp_path)
     c = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**c, **change}))
-    with pytest.raises(hf.UnsupportedModel, match=f"config.json: field '{field}'"):
-        hf.load_folder(tmp_path)
+    with pytest.raises(plumbing.UnsupportedModel, match=f"config.json: field '{field}'"):
+        plumbing.load_folder(tmp_path)
 
 
 def write_tokenizer(folder, texts, vocab_size=400):
@@ -91,24 +90,24 @@ def test_the_folders_tokenizer_is_the_tokenizers_library(tmp_path):
     texts = ["Question: Where does Wendy Clark live?\nAnswer: London", "文: 田中太郎は東京の桜電機に入った。"]
     ref = write_tokenizer(tmp_path, texts * 20)
     (tmp_path / "config.json").write_text(json.dumps(dict(vocab_size=400, eos_token_id=0)))
-    tok = hf.FolderTokenizer(tmp_path)
+    tok = plumbing.FolderTokenizer(tmp_path)
     for t in texts + ["Review: The room was not wonderful.\nSentiment: negative"]:
         assert tok.encode(t) == ref.encode(t, add_special_tokens=False).ids and tok.decode(tok.encode(t)) == t
     assert tok.eot == 0 and tok.vocab_size == 400 and len(tok.ids["sha"]) == 16
     assert plumbing.tokenizer(tok.ids).identity == tok.identity  # what a checkpoint stores brings the same tokenizer back
     # several end tokens, as Llama 3's instruction-tuned configs list them: answers end with the first
     (tmp_path / "config.json").write_text(json.dumps(dict(vocab_size=400, eos_token_id=[7, 9, 11])))
-    several = hf.FolderTokenizer(tmp_path)
+    several = plumbing.FolderTokenizer(tmp_path)
     assert several.eot == 7 and several.identity != tok.identity  # a student ending answers otherwise is refused
     x, y, mask = data.make_batch([(several.encode("Question:"), several.encode(" London"))], [0], several.eot)
     assert y[mask][-1].item() == 7
     for bad in ([], None):
         (tmp_path / "config.json").write_text(json.dumps(dict(vocab_size=400, eos_token_id=bad)))
-        with pytest.raises(hf.UnsupportedModel, match="'eos_token_id' is missing or empty"):
-            hf.FolderTokenizer(tmp_path)
+        with pytest.raises(plumbing.UnsupportedModel, match="'eos_token_id' is missing or empty"):
+            plumbing.FolderTokenizer(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(dict(vocab_size=400, eos_token_id=0)))
     (tmp_path / "tokenizer.json").write_text((tmp_path / "tokenizer.json").read_text().replace('"<eos>"', '"<end>"'))
-    with pytest.raises(hf.UnsupportedModel, match="tokenizer.json has changed since the run was made"):
+    with pytest.raises(plumbing.UnsupportedModel, match="tokenizer.json has changed since the run was made"):
         plumbing.tokenizer(tok.ids)
 
 
@@ -140,7 +139,7 @@ def test_a_tiny_llama_pipeline_runs_end_to_end(tiny_domain, llama_folders, tmp_p
     assert len(sched["stages"]) == 2 and all(len(s["kl_best"]) == 4 for s in sched["stages"])
     assert 0 <= res["best"]["acc"] <= 1
     model, tok = plumbing.load_checkpoint(tmp_path / "scd_aw" / "best.pt")
-    assert model.config.arch == "llama" and tok.identity == hf.FolderTokenizer(llama_folders / "student").identity
+    assert model.config.arch == "llama" and tok.identity == plumbing.FolderTokenizer(llama_folders / "student").identity
     # a student folder with another tokenizer.json is refused in one line, before anything is written
     with pytest.raises(plumbing.RunError, match=r"another tokenizer than the student \(vocabulary 400 vs 400, tokenizer.json sha"):
         distill.main(distill.DistillConfig(**{**d, "init_from": str(llama_folders / "other")}, method="kd",

@@ -4,8 +4,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
+from lab import bench
 from lab import gpu_check
 from lab import reproduce, stats
 
@@ -84,12 +86,31 @@ def test_one_command_writes_the_report_and_reuses_finished_phases(tiny_domain, t
     assert len(lines) == 2 and lines[0] == lines[1]
 
 
-def test_gpu_check_runs_on_cpu_at_small_shapes(tiny_domain, tmp_path):
+def test_gpu_check_runs_on_cpu_at_small_shapes(tiny_domain, tmp_path, monkeypatch):
+    """Every row of the GPU check at small shapes on the CPU, written as soon as measured; a row
+    that runs out of memory (here the adapters' steps, made to) says so and the next rows run;
+    the resume on the run's device is bit for bit on the CPU; every phase of the three runs."""
+    measure = bench.measure
+
+    def oom_for_adapters(c):
+        if c.lora_rank:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (made by the test)")
+        return measure(c)
+    monkeypatch.setattr(bench, "measure", oom_for_adapters)
     summary = gpu_check.main(gpu_check.GpuCheckConfig(out_dir=str(tmp_path), small=True, data=str(tiny_domain), device="cpu"))
-    assert [(r["dtype"], r["lora_rank"]) for r in summary["steps"]] == [("bfloat16", 0), ("float16", 0), ("bfloat16", 4)]
-    assert all(r["distill_ms"] > 0 and r["distill_offline_ms"] > 0 and r["peak_mem_GiB"] > 0 for r in summary["steps"])
-    assert summary["steps"][2]["student_params_M"] > summary["steps"][0]["student_params_M"]  # the adapters' weights
-    assert "| teacher -> student | bfloat16 | LoRA r4 |" in (tmp_path / "gpu_check.md").read_text()
+    rows = summary["rows"]
+    kinds = [r["kind"] for r in rows]
+    assert kinds == ["steps"] * 3 + ["phases"] * 2 + ["half teacher", "runs"]
+    assert [json.loads(line)["kind"] for line in open(tmp_path / "rows.jsonl")] == kinds
+    steps = rows[:3]
+    assert [(r["dtype"], r["lora_rank"]) for r in steps] == [("bfloat16", 0), ("float16", 0), ("bfloat16", 4)]
+    assert "out of memory" in steps[2]["error"] and all(r["distill_ms"] > 0 and r["peak_mem_GiB"] > 0 for r in steps[:2])
+    assert all(len(r["phases"]) == 20 for r in rows[3:5])
+    runs = rows[6]
+    assert runs["max_weight_diff"] == 0 and runs["test_acc_whole"] == runs["test_acc_resumed"]
+    assert isinstance(runs["fp16_skipped"], int) and 0 <= runs["fp16_skipped"] < runs["steps"]
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "| teacher -> student | bfloat16 | LoRA r4 | out of memory" in md and "distillation: stage switch" in md
 
 
 def test_bench_prints_medians_and_spread():

@@ -30,10 +30,14 @@ def test_the_memory_plan_counts_each_part_and_refuses_what_cannot_fit(capsys):
     c = small.config  # 1 layer x 32, 4 x MLP: 7 * 32 + 2 * 32 + 4 * 128 = 800 values per token and layer
     assert parts == dict(weights=4 * P, gradients=4 * P, AdamW=8 * P, teacher=4 * P, activations=4 * 10 * 4 * 800,
                          logits=4 * 3 * 1000 * 4 * 4)
-    assert c.n_layer == 1 and "disk: 24 dense checkpoints" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert c.n_layer == 1 and "disk: 24 dense checkpoints" in out
+    phases = scale.plan_phases(small, small, 4, 10, 3, "float32", False)  # distill.py's: the largest is printed
+    top = max(phases, key=phases.get)
+    assert f"largest phase: {top} {phases[top] / 2**30:.2f}" in out and phases["distillation step"] == sum(parts.values())
     ckpt = scale.memory_plan(small, None, 4, 10, 3, "bfloat16", True, "cpu")
     assert ckpt["activations"] == 4 * 10 * 2 * (32 + 800) and "teacher" not in {k for k, v in ckpt.items() if v}
-    with pytest.raises(plumbing.RunError, match=r"the run does not fit: weights 11\.97 \| gradients 11\.97 \| AdamW 23\.94"):
+    with pytest.raises(plumbing.RunError, match=r"the run does not fit: step: weights 11\.97 \| gradients 11\.97 \| AdamW 23\.94"):
         scale.memory_plan(big, None, batch_size=512, seq_len=2048, answer_len=512, dtype="bfloat16", grad_ckpt=False, device="cpu")
 
 

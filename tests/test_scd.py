@@ -26,6 +26,7 @@ TEACHER, STUDENT = [0.9, 0.1], [0.5, 0.5]
 
 # --- section 2.4: the distillation KL -------------------------------------------------
 
+@pytest.mark.part1
 def test_token_kl_matches_torch_kl_div_and_is_zero_on_itself():
     torch.manual_seed(0)
     p, q = torch.randn(7, 11), torch.randn(7, 11)
@@ -34,6 +35,7 @@ def test_token_kl_matches_torch_kl_div_and_is_zero_on_itself():
     torch.testing.assert_close(scd.token_kl(p, p), torch.zeros(7), atol=1e-6, rtol=0)
 
 
+@pytest.mark.part1
 def test_forward_kl_is_teacher_to_student_and_reverse_the_other_way():
     t, s = logits(TEACHER), logits(STUDENT)
     # forward KL(p_c || p_student) = 0.9 ln 1.8 + 0.1 ln 0.2 = 0.3681; reverse = 0.5108
@@ -41,6 +43,7 @@ def test_forward_kl_is_teacher_to_student_and_reverse_the_other_way():
     assert scd.distill_kl(t, s, "reverse").item() == pytest.approx(kl(STUDENT, TEACHER), abs=1e-5)
 
 
+@pytest.mark.part1
 def test_temperature_softens_both_and_scales_by_its_square():
     teacher, student, T = [0.9, 0.1], [0.3, 0.7], 2.0  # neither uniform, so both sides feel the temperature
     soft = lambda p: [x ** (1 / T) / sum(y ** (1 / T) for y in p) for x in p]  # softmax(log p / T)
@@ -50,6 +53,7 @@ def test_temperature_softens_both_and_scales_by_its_square():
     assert scd.distill_kl(logits(teacher), logits(student), temperature=1.0).item() == pytest.approx(kl(teacher, student), abs=1e-5)
 
 
+@pytest.mark.part1
 def test_kl_runs_in_float32_for_low_precision_logits():
     torch.manual_seed(0)
     p, q = torch.randn(5, 10), torch.randn(5, 10)
@@ -59,6 +63,7 @@ def test_kl_runs_in_float32_for_low_precision_logits():
 
 # --- section 2.4: per-example means, gold CE, AW, the mixed loss ------------------------
 
+@pytest.mark.part1
 def test_per_example_mean_ignores_positions_outside_the_mask():
     mask = torch.tensor([[False, True, True, False], [True, False, False, False]])
     # values exist only at the 3 masked positions (row-major): example 0 gets 1 and 3, example 1 gets 5
@@ -66,6 +71,7 @@ def test_per_example_mean_ignores_positions_outside_the_mask():
     assert got.tolist() == [2.0, 5.0], f"expected [2.0, 5.0] (example 0: mean of 1 and 3; example 1: 5), got {got.tolist()}"
 
 
+@pytest.mark.part1
 def test_gold_ce_is_the_mean_over_each_examples_answer_tokens():
     mask = torch.tensor([[True, True], [True, False]])
     y = torch.tensor([[0, 1], [1, 0]])
@@ -74,6 +80,7 @@ def test_gold_ce_is_the_mean_over_each_examples_answer_tokens():
     torch.testing.assert_close(scd.gold_ce(lg, y, mask), torch.tensor(want), atol=1e-5, rtol=0)
 
 
+@pytest.mark.part2
 def test_aw_weight_by_hand_and_constant():
     l_s = torch.tensor([1.0, 3.0, 1.0], requires_grad=True)
     l_c = torch.tensor([1.0, 1.0, 3.0], requires_grad=True)
@@ -83,6 +90,7 @@ def test_aw_weight_by_hand_and_constant():
     assert not w.requires_grad  # weights are constants
 
 
+@pytest.mark.part2
 def test_aw_weight_is_defined_at_zero_and_tiny_losses():
     # converged models give losses of exactly 0: equal losses (zeros too) mean 0.5; a zero
     # against a real loss is the limit of l_S / (l_S + l_c)
@@ -93,6 +101,7 @@ def test_aw_weight_is_defined_at_zero_and_tiny_losses():
     assert w.tolist() == pytest.approx([0.5, 0.0, 1.0, 0.5, 0.5, 0.5], abs=1e-6)
 
 
+@pytest.mark.part2
 def test_mixed_loss_weights_the_kl_by_w_and_the_ce_by_one_minus_w():
     kl_, ce = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 4.0])
     # example 0: 0.75 * 2 = 1.5; example 1: (1 - 0.25) * 4 = 3; mean 2.25
@@ -101,6 +110,7 @@ def test_mixed_loss_weights_the_kl_by_w_and_the_ce_by_one_minus_w():
     assert scd.scd_loss(kl_, ce, 0.5).item() == pytest.approx(1.5)
 
 
+@pytest.mark.part2
 def test_distill_loss_by_hand_for_sft_fixed_alpha_and_aw():
     mask = torch.tensor([[True], [True]])
     y = torch.tensor([[0], [0]])
@@ -118,6 +128,21 @@ def test_distill_loss_by_hand_for_sft_fixed_alpha_and_aw():
     assert loss.item() == pytest.approx((w[0] * kl0 + (1 - w[0]) * ce + (1 - w[1]) * ce) / 2, abs=1e-5)
 
 
+
+@pytest.mark.part2
+def test_distill_loss_averages_the_kl_over_each_example_s_answer_tokens():
+    """Example 0 has two answer tokens, example 1 one: each example's KL is the mean over its
+    tokens (a sum would double example 0's), and the loss the batch mean of the examples'."""
+    mask = torch.tensor([[True, True], [True, False]])
+    y = torch.tensor([[0, 1], [1, 0]])
+    t_rows, s_rows = [TEACHER, [0.2, 0.8], [0.6, 0.4]], [STUDENT, [0.5, 0.5], [0.3, 0.7]]
+    loss, terms = scd.distill_loss(logits(*s_rows), logits(*t_rows), y, mask, alpha=1.0)
+    want = [(kl(t_rows[0], s_rows[0]) + kl(t_rows[1], s_rows[1])) / 2, kl(t_rows[2], s_rows[2])]
+    assert terms["kl"].tolist() == pytest.approx(want, abs=1e-5), \
+        f"per-example KL, the mean over each example's answer tokens: expected {want}, got {terms['kl'].tolist()}"
+    assert loss.item() == pytest.approx(sum(want) / 2, abs=1e-5)
+
+@pytest.mark.part2
 def test_a_distillation_step_stays_finite_with_zero_and_tiny_losses():
     """The failure seen on converged runs: anchor losses of exactly 0 and a teacher whose gold
     CE is 0 in float32 made w = 0/0 = NaN, and the run trained on NaN."""
@@ -136,6 +161,7 @@ def test_a_distillation_step_stays_finite_with_zero_and_tiny_losses():
         student.zero_grad()
 
 
+@pytest.mark.part2
 def test_only_the_student_gets_gradients():
     torch.manual_seed(0)
     teacher, student = torch.randn(6, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True)
@@ -156,6 +182,7 @@ U, B, M, X = [0.34, 0.33, 0.33], [0.9, 0.05, 0.05], [0.5, 0.4, 0.1], [0.7, 0.28,
 POOL, S = [U, B, M, X], [0.4, 0.3, 0.3]
 
 
+@pytest.mark.part3
 def test_schedule_terms_and_argmin_by_hand():
     k, kl_best, kl_student = scd.scd_checkpoint(logits(B), [logits(c) for c in POOL], logits(S))
     want_best = [kl(B, c) for c in POOL]      # KL(p_T* || p_c)
@@ -167,6 +194,32 @@ def test_schedule_terms_and_argmin_by_hand():
     assert k == 3, f"expected candidate 3 (the smallest sum), got {k}"
 
 
+
+@pytest.mark.part3
+def test_schedule_terms_are_per_probe_token_and_the_choice_uses_their_means():
+    """A probe of two tokens: schedule_terms gives one value per token, and the terms logged for
+    each candidate are their means over the probe (a sum would double them)."""
+    best, cand, student = logits(B, U), logits(M, X), logits(S, S)
+    kl_best, kl_student = scd.schedule_terms(best, cand, student)
+    want_b, want_s = [kl(B, M), kl(U, X)], [kl(M, S), kl(X, S)]
+    assert list(kl_best.shape) == [2] and list(kl_student.shape) == [2], \
+        f"one value per probe token: expected shapes [2] and [2], got {list(kl_best.shape)} and {list(kl_student.shape)}"
+    assert kl_best.tolist() == pytest.approx(want_b, abs=1e-5), f"KL(p_T* || p_c) per token: expected {want_b}, got {kl_best.tolist()}"
+    assert kl_student.tolist() == pytest.approx(want_s, abs=1e-5), \
+        f"KL(p_c || p_student) per token: expected {want_s}, got {kl_student.tolist()}"
+    _, mean_b, mean_s = scd.scd_checkpoint(best, [cand], student)
+    assert mean_b[0] == pytest.approx(sum(want_b) / 2, abs=1e-5) and mean_s[0] == pytest.approx(sum(want_s) / 2, abs=1e-5)
+
+
+@pytest.mark.part3
+def test_argmin_takes_the_smallest_sum_earliest_on_ties_and_respects_monotone():
+    got = scd.scd_argmin([0.3, 0.1, 0.2], [0.1, 0.4, 0.1])  # sums 0.4, 0.5, 0.3
+    assert got == 2, f"expected candidate 2 (sums 0.4, 0.5, 0.3: the smallest), got {got}"
+    assert scd.scd_argmin([0.2, 0.1, 0.2], [0.1, 0.2, 0.1]) == 0, "a tie (sums 0.3, 0.3, 0.3): expected the earliest, 0"
+    got = scd.scd_argmin([0.1, 0.3, 0.2], [0.1, 0.4, 0.3], prev=1, monotone=True)  # sums 0.2, 0.7, 0.5
+    assert got == 2, f"monotone from candidate 1: candidate 0 (sum 0.2) is not allowed; expected 2 (0.7, 0.5), got {got}"
+
+@pytest.mark.part3
 def test_schedule_student_term_as_written():
     k, _, kl_student = scd.scd_checkpoint(logits(B), [logits(c) for c in POOL], logits(S), "as_written")
     want = [kl(S, c) for c in POOL]  # KL(p_student || p_c)
@@ -174,6 +227,7 @@ def test_schedule_student_term_as_written():
     assert k == 2, f"expected candidate 2 as written (sums 0.695, 0.751, 0.470, 0.491), got {k}"
 
 
+@pytest.mark.part3
 def test_schedule_monotone_never_goes_back():
     assert scd.scd_checkpoint(logits(B), [logits(c) for c in POOL], logits(S), monotone=True, prev=3)[0] == 3
     assert scd.scd_checkpoint(logits(B), [logits(c) for c in POOL], logits(S), monotone=False, prev=3)[0] == 3
@@ -181,6 +235,7 @@ def test_schedule_monotone_never_goes_back():
     assert k == 3  # only candidate 3 is allowed, however bad
 
 
+@pytest.mark.part3
 def test_student_term_directions_on_a_sharp_checkpoint():
     """A uniform student and a sharp checkpoint: as written, KL(p_student || p_c) charges the
     sharp checkpoint log(0.25/0.01) on each of the student's three wrong tokens, far more than
@@ -192,6 +247,7 @@ def test_student_term_directions_on_a_sharp_checkpoint():
     assert as_written[0] > 1.5 * flipped[0]  # 2.08 vs 1.22
 
 
+@pytest.mark.part3
 def test_kd_and_cd_schedules():
     assert [scd.fixed_checkpoint("kd", k, 4, best=6) for k in range(4)] == [6, 6, 6, 6]
     assert [scd.fixed_checkpoint("cd", k, 4, best=6) for k in range(4)] == [0, 2, 4, 6]
@@ -216,6 +272,7 @@ def test_compressed_probe_is_exact_when_it_keeps_everything_and_close_when_it_ke
 
 # --- section 1: the SFS/TFS decomposition ----------------------------------------------
 
+@pytest.mark.part3
 def test_decomposition_by_hand():
     # 6 examples, 0/1 errors.      TFS = {0, 1} (teacher right, SFT wrong); SFS = {2}; ties {3, 4, 5}
     r_t = [0, 0, 1, 0, 1, 0]
@@ -229,6 +286,7 @@ def test_decomposition_by_hand():
     assert d["kept"] == pytest.approx(1.0)       # the SFS example is still right
 
 
+@pytest.mark.part3
 def test_decomposition_per_subdomain_and_nothing_to_recover():
     rec = lambda sub, c: dict(subdomain=sub, correct=c)
     t = [rec("a", True), rec("a", False), rec("b", True)]

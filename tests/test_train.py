@@ -145,13 +145,13 @@ def test_exact_match_from_one_forward_pass_equals_greedy_decoding(tmp_path):
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_state(tiny_domain, tmp_path, monkeypatch):
-    calls, real = [0], data.answer_ce
+    calls, real = [0], scd.gold_ce
 
-    def nan_at_call_7(*a):  # steps 1-6 (validation scores in pieces, without answer_ce), then step 7
+    def nan_at_call_7(*a):  # steps 1-6 (validation scores in pieces, without gold_ce), then step 7
         calls[0] += 1
         out = real(*a)
         return out * float("nan") if calls[0] == 7 else out
-    monkeypatch.setattr(tt.data, "answer_ce", nan_at_call_7)
+    monkeypatch.setattr(tt.scd, "gold_ce", nan_at_call_7)
     with pytest.raises(plumbing.RunError, match=r"non-finite loss at step 7"):
         tt.train(cfg(tiny_domain, tmp_path, ckpt_per_epoch=2))
     state = torch.load(tmp_path / "state.pt", weights_only=True)
@@ -171,12 +171,12 @@ def test_fp16_autocast_with_gradient_scaler_skips_and_counts_an_overflowing_step
     skipped = lambda out: int(re.search(r"scaler skipped (\d+) steps", out).group(1))
     tt.train(cfg(tiny_domain, tmp_path / "plain", dtype="float16", epochs=1))
     plain = skipped(capsys.readouterr().out)
-    calls, real = [0], data.answer_ce
+    calls, real = [0], scd.gold_ce
 
     def huge_at_call_4(*a):
         calls[0] += 1
         return real(*a) * (1e6 if calls[0] == 4 else 1)  # finite in float32, inf in the fp16 backward
-    monkeypatch.setattr(tt.data, "answer_ce", huge_at_call_4)
+    monkeypatch.setattr(tt.scd, "gold_ce", huge_at_call_4)
     summary = tt.train(cfg(tiny_domain, tmp_path / "huge", dtype="float16", epochs=1))
     assert skipped(capsys.readouterr().out) == plain + 1 and torch.isfinite(torch.tensor(summary["loss"]))
 
