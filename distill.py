@@ -24,7 +24,7 @@ import data
 import scale
 import scd
 from model import PRESETS, merge_lora
-from plumbing import (Logger, RunError, arg, atomic_save, check_finite, check_same_start, checkpoint_dict,
+from plumbing import (Logger, RunError, arg, atomic_save, check_finite, check_pool, check_same_start, checkpoint_dict,
                       evaluate_students, load_checkpoint, lr_at, parse_config, prepare, read_json, resume_stages, run_main,
                       setup_device, shard, teacher_manifest, trained_state)
 
@@ -221,7 +221,7 @@ def teacher_pool(cfg):
     ckpts = manifest["checkpoints"]
     t_star = ckpts[manifest["best"]]
     pool = [c for c in ckpts if cfg.pool_start * t_star["step"] <= c["step"] <= t_star["step"]]
-    return tdir, pool, len(pool) - 1
+    return tdir, check_pool(tdir, pool, cfg.method), len(pool) - 1  # one candidate: CD and SCD are KD, and it says so
 
 
 # -----------------------------------------------------------------------------

@@ -250,6 +250,16 @@ def teacher_manifest(tdir, pool_start):
     return manifest
 
 
+def check_pool(tdir, pool, method):
+    """The candidates, with a note where they cannot tell the schedules apart: with one (T* the
+    only checkpoint from --pool_start to T*), CD and SCD distil from T* at every stage, as KD."""
+    if len(pool) < 2 and method in ("cd", "scd"):
+        print(f"note: {tdir}: the path to T* holds one candidate (T* at step {pool[0]['step']}), so {method.upper()} is KD "
+              "here; for a comparison, checkpoint more densely before T* (--ckpt_per_epoch) or train the teacher more "
+              "gently (a lower --lr, fewer --epochs) so that its best checkpoint comes later")
+    return pool
+
+
 def check_teacher(path, tok, student):
     """The teacher checkpoint at path, read on the CPU, after checks that it can teach this
     student: the same tokenizer (distributions compared token by token), a context as long."""

@@ -61,32 +61,40 @@ PAIRS = [("llama-3.1-8b", "llama-3.2-3b"), ("llama-3.2-3b", "llama-3.2-1b"), ("q
 
 
 def plans(batch_size=8, seq_len=512, answer_len=128, cards=(24, 48, 80), rank=16):
-    """Markdown: what each phase of each pair needs on one GPU (scale.plan_parts, bf16
-    autocast, the losses in pieces of data.logit_chunk), full fine-tuning and with rank-16
-    adapters on every projection (the frozen base in bf16; weights, gradients and AdamW state
-    in float32 for the adapters alone), without and with activation checkpointing, on which
-    cards it fits (within 95% of the card; the teacher-logit cache, up to --teacher_cache_gib,
-    comes on top), and the disk of a trail of 24 checkpoints (bf16 weights, or float32 adapters)."""
+    """Markdown: the training step's plan (scale.plan_parts, bf16 autocast, the losses in pieces
+    of data.logit_chunk) of each run of each pair, full fine-tuning and with rank-16 adapters on
+    every projection (the frozen base in bf16; weights, gradients and AdamW state in float32 for
+    the adapters alone), without and with activation checkpointing; the largest phase of the run
+    with checkpointing (scale.plan_phases: evaluation, the probe, a save, a stage switch, ...);
+    the cards that hold the larger of the two within 95% (the teacher-logit cache, up to
+    --teacher_cache_gib, comes on top); and the disk of a trail of 24 checkpoints (bf16 weights,
+    or float32 adapters)."""
     gib = lambda x: f"{x / 2**30:.1f}"
     rows = ["| pair | phase | trained | weights + grads + AdamW | frozen teacher | activations (ckpt off / on) | logits | "
-            "total (off / on) | fits (GB card, ckpt on) | a trail of 24 checkpoints |", "|" + " --- |" * 10]
+            "step total (off / on) | largest phase, ckpt on | fits (GB card, ckpt on) | a trail of 24 checkpoints |",
+            "|" + " --- |" * 11]
     for t, s in PAIRS:
         for lora in (0, rank):
             with torch.device("meta"):  # shapes only
                 T, S = (build(GPTConfig(**bench.SHAPES[n])) for n in (t, s))
                 teacher = build(GPTConfig(**bench.SHAPES[t]))  # frozen in distillation: base (+ adapters) in bf16
                 if lora:
-                    add_lora(T, lora), add_lora(S, lora), add_lora(teacher, lora)
+                    for m in (T, S, teacher):
+                        scale.half(add_lora(m, lora), torch.bfloat16, frozen_only=m is not teacher)
             for phase, model, frozen in (("teacher SFT", T, None), ("SFT student", S, None), ("distillation", S, teacher)):
                 chunk = logit_chunk(model.config.vocab_size)
                 off, on = (plan_parts(model, frozen, batch_size, seq_len, answer_len, "bfloat16", c, chunk) for c in (False, True))
-                fits = [f"{g}" for g in cards if sum(on.values()) <= 0.95 * g * 1e9] or ["none"]  # 5% for CUDA's own use
+                phases = scale.plan_phases(model, frozen, batch_size, seq_len, answer_len, "bfloat16", True, chunk)
+                top = max(phases, key=phases.get)
+                need = max(sum(on.values()), phases[top])
+                fits = [f"{g}" for g in cards if need <= 0.95 * g * 1e9] or ["none"]  # 5% for CUDA's own use
                 trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
                 disk = gib(24 * (4 * trained if lora else 2 * model.num_params())) + " GiB" if phase == "teacher SFT" else ""
                 rows.append(f"| {t} -> {s} | {phase} | {f'LoRA r{lora}' if lora else 'all weights'} | "
                             f"{gib(off['weights'] + off['gradients'] + off['AdamW'])} | "
                             f"{gib(off['teacher']) if frozen else '-'} | {gib(off['activations'])} / {gib(on['activations'])} | "
-                            f"{gib(off['logits'])} | {gib(sum(off.values()))} / {gib(sum(on.values()))} | {', '.join(fits)} | {disk} |")
+                            f"{gib(off['logits'])} | {gib(sum(off.values()))} / {gib(sum(on.values()))} | "
+                            f"{gib(phases[top])} ({top}) | {', '.join(fits)} | {disk} |")
     return "\n".join(rows)
 
 

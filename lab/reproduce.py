@@ -525,6 +525,76 @@ def criterion_table(runs):
             if total else "") + "\n".join(out)
 
 
+def reach(runs):
+    """Does the adaptive schedule arrive at T*? Per adaptive method and seed: the candidate chosen
+    at each stage (0 = the pool's first, T* the last), how many candidates the last stage stopped
+    short of T*, and the run's test accuracy (macro average, best-on-validation student).
+    -> {method: [dict(seed, picks, short, acc)]}."""
+    out = {}
+    for n in [n for n in runs[0] if n.startswith("SCD")]:
+        out[n] = []
+        for seed, r in runs.items():
+            sched = read(r[n] / "schedule.json")
+            picks = [st["ckpt"] for st in sched["stages"]]
+            out[n].append(dict(seed=seed, picks=picks, short=sched["best"] - picks[-1], acc=accuracy([r[n]])["mean"]))
+    return out
+
+
+def term_scales(runs):
+    """Per adaptive method and stage, over seeds: each term's mean spread across the candidates
+    (max - min: what the choice weighs), and how often the student term is smallest at the
+    candidate the previous stage chose (the student has just been trained on it)."""
+    rows = ["| run | stage | KL(T* ‖ c): spread across candidates | student term: spread | student term smallest at the "
+            "previous stage's choice |", "| --- | --- | --- | --- | --- |"]
+    for n in [n for n in runs[0] if n.startswith("SCD")]:
+        stages = [read(r[n] / "schedule.json")["stages"] for r in runs.values()]
+        for k in range(len(stages[0])):
+            sb = np.mean([max(s[k]["kl_best"]) - min(s[k]["kl_best"]) for s in stages])
+            ss = np.mean([max(s[k]["kl_student"]) - min(s[k]["kl_student"]) for s in stages])
+            prev = ("-" if k == 0 else
+                    f"{sum(int(np.argmin(s[k]['kl_student'])) == s[k - 1]['ckpt'] for s in stages)} of {len(stages)}")
+            rows.append(f"| {n} | {k} | {sb:.3f} | {ss:.3f} | {prev} |")
+    return "\n".join(rows)
+
+
+def reach_section(runs):
+    """Markdown: whether the schedule arrives at T*, per seed, with what it costs on test."""
+    got, lines = reach(runs), []
+    for n, rows in got.items():
+        short = [x["short"] for x in rows]
+        acc = lambda c: np.mean([x["acc"] for x in rows if x["short"] == c])
+        lines.append(f"- {n}'s last stage chose T* on {short.count(0)} of {len(rows)} seeds"
+                     + "".join(f", {c} candidate{'s' if c > 1 else ''} short of it on {short.count(c)}"
+                               for c in sorted(set(short) - {0})) + ". Mean test exact match by where the last stage ended: "
+                     + ", ".join(f"{'at T*' if c == 0 else f'{c} short'} {acc(c):.3f} ({short.count(c)} runs)"
+                                 for c in sorted(set(short))) + ".")
+    seeds = [x["seed"] for x in next(iter(got.values()))]
+    head = "| seed | " + " | ".join(f"{n}: candidate per stage | {n}: short of T* | {n}: test" for n in got) + " |"
+    table = [head, "|" + " --- |" * (1 + 3 * len(got))]
+    for i, s in enumerate(seeds):
+        table.append(f"| {s} | " + " | ".join(f"{' -> '.join(map(str, rows[i]['picks']))} | {rows[i]['short']} | {rows[i]['acc']:.3f}"
+                                              for rows in got.values()) + " |")
+    return "\n".join(lines + ["", "Candidates are numbered in the pool (0: its first, T* its last).", ""] + table
+                     + ["", term_scales(runs)])
+
+
+def plot_reach(runs, path):
+    """Left: where each seed's last stage ended, in candidates short of T*. Right: each run's test
+    exact match against it."""
+    got = reach(runs)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4))
+    for i, (n, rows) in enumerate(got.items()):
+        x = [r["seed"] + 0.15 * i for r in rows]
+        a.plot(x, [r["short"] for r in rows], "o^"[i % 2], label=n, color=COLORS.get(n))
+        b.plot([r["short"] + 0.08 * i for r in rows], [r["acc"] for r in rows], "o^"[i % 2], label=n, color=COLORS.get(n), alpha=0.7)
+    a.set(xlabel="seed", ylabel="candidates short of T* (last stage)", title="Does the schedule reach T*? (0: yes)")
+    b.set(xlabel="candidates short of T* (last stage)", ylabel="test exact match (macro)", title="What stopping short costs")
+    a.legend(fontsize=8), b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def preconditions(runs, decs):
     """Markdown: what a comparison of the paper's claims needs, each met or not, with its figure."""
     sc = {n: scores([r[n] for r in runs.values()])[0] for n in ("teacher", "SFT student", "SFT, stages", "KD")}
@@ -552,6 +622,10 @@ def preconditions(runs, decs):
         r = diff(a, b)  # with one seed the interval cannot see run noise: no call
         rows.append(f"| {a} − {b} ≥ {100 * need:.0f} points, interval above 0 | {fmt(r)} | "
                     + ("– (one seed)" if r["S"] < 2 else "yes" if r["mean"] >= need and r["lo"] > 0 else "no") + " |")
+    pools = [len(read(r["KD"] / "schedule.json")["pool"]) for r in runs.values()]
+    rows.append(f"| the path to T* holds at least 2 candidates (with one, CD and SCD are KD; the remedy: denser checkpoints "
+                f"before T* or a gentler teacher recipe) | {min(pools)} to {max(pools)} candidates per seed | "
+                f"{'yes' if min(pools) >= 2 else 'no'} |")
     sfs = {s: d["p_sfs"] for s, d in decs[next(iter(decs))].items() if s != "all"}
     top = max(sfs, key=sfs.get)
     rows.append(f"| an SFS share ≥ 5% on some subdomain | {100 * sfs[top]:.1f}% on {top} | {'yes' if sfs[top] >= 0.05 else 'no'} |")
@@ -717,6 +791,9 @@ def report(o, report_dir):
     decs = decompositions(runs)
     plot_decomposition(decs, rep / "decomposition.png")
     plot_subdomains(runs, rep / "subdomains.png")
+    if "SCD" in r0:
+        plot_reach(runs, rep / "reach.png")
+        plots.append("reach")
     budgets = [1] + sorted({m for sw in sweeps.values() for n, m in sw if n == "KD"})
     if len(budgets) > 1:
         plot_budget(runs, sweeps, budgets, rep / "budget.png")
@@ -769,6 +846,7 @@ def report(o, report_dir):
             cells = [interval(budget_accuracy(runs, sweeps, name, m)) for m in budgets]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += ["## Does the adaptive schedule reach T*?", "", reach_section(runs), ""]
     lines += ["## What the adaptive schedule saw (nats on the probe, per stage)", "",
               "At stage 0 the student is its start" + (" (the student base)" if cfg.base == "pretrained" or cfg.student_from else " (a random init)")
               + "; its term to the teacher's first / last candidate: " + ", ".join(f"{x:.2f} / {y:.2f}" for x, y in stage0_terms(runs))

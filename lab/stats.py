@@ -4,7 +4,8 @@ trained with several seeds and scored on the same test examples.
 
 A result has two sources of noise. The test examples are one draw from the domain
 (another draw would score every model a little differently), and each seed's training
-run is one draw of data order, dropout and initialisation (another seed parts the runs).
+run is one draw of data order, dropout and the probe, and of the initialisation where the
+models start from random weights (the committed bases fix it): another seed parts the runs.
 Every seed scores the *same* test examples, so the two do not simply add up per seed:
 
     T_s = tau + B + A_s      T = mean over seeds of T_s      Var(T) = Var(B) + Var(A) / S

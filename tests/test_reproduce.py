@@ -138,9 +138,10 @@ def test_one_seed_gives_intervals_but_no_verdicts():
     assert table.count("no verdict (one seed)") == 2 and "holds" not in table
 
 
-def test_a_teacher_best_at_its_first_checkpoint_goes_through_to_the_report(tiny_domain, tmp_path, monkeypatch):
+def test_a_teacher_best_at_its_first_checkpoint_goes_through_to_the_report(tiny_domain, tmp_path, monkeypatch, capsys):
     """Real teachers often peak early and then overfit. T* at the first checkpoint makes the k4
-    protocol's pool that one checkpoint (the path ends at T*): every phase runs and the report is written."""
+    protocol's pool that one checkpoint (the path ends at T*): every phase runs, the CD and SCD
+    runs say that they are KD here and what to do, and the report's preconditions say it too."""
     monkeypatch.setattr(reproduce.tt.scd, "best_checkpoint", lambda val_losses: 0)
     cfg = reproduce.ReproduceConfig(data=str(tiny_domain), out_dir=str(tmp_path / "runs"), seeds=1, teacher_epochs=2,
                                     ckpt_per_epoch=1, stages=2, probe_size=16, base="none")
@@ -149,6 +150,9 @@ def test_a_teacher_best_at_its_first_checkpoint_goes_through_to_the_report(tiny_
     sched = json.loads((tmp_path / "runs" / "seed0" / "scd_k4" / "schedule.json").read_text())
     assert sched["pool"] == ["ckpt_000006.pt"] and {s["ckpt"] for s in sched["stages"]} == {0}
     assert "| SCD+AW |" in text and "no verdict (one seed)" in text
+    out = capsys.readouterr().out
+    assert "the path to T* holds one candidate (T* at step 6), so CD is KD here" in out and "so SCD is KD here" in out
+    assert "--ckpt_per_epoch" in out and "| the path to T* holds at least 2 candidates" in text and "| 1 to 1 candidates per seed | no |" in text
 
 
 def test_the_committed_grid_report_is_recomputed_from_its_outcomes_file():
@@ -161,3 +165,32 @@ def test_the_committed_grid_report_is_recomputed_from_its_outcomes_file():
     start = committed.index(table[0])
     assert committed[start:start + len(table)] == table and len(table) == 2 + 14 and cfg.seeds == len(runs) >= 10
     assert "| (b) SCD+AW > KD | **primary** |" in "\n".join(table)
+
+
+def test_the_grid_report_says_where_the_schedule_stopped_recomputed_independently():
+    """From the outcomes file alone, with plain JSON and numpy (not the report's code): how often
+    the last stage of SCD and SCD+AW chose T*, how far short the rest stopped, the runs' mean test
+    exact match by where they stopped, and how often the student term was smallest at the
+    previous stage's choice. The committed report says the same, to the digit."""
+    import gzip
+    o = json.load(gzip.open(ROOT / "report" / "grid" / "outcomes.json.gz", "rt", encoding="utf-8"))
+    subs = np.array(o["subdomains"])
+    text = (ROOT / "report" / "grid" / "results.md").read_text(encoding="utf-8")
+    for name in ("SCD", "SCD+AW"):
+        short, acc, smallest_at_prev = [], [], 0
+        for r in o["runs"].values():
+            sched = o["files"][r[name] + "/schedule.json"]
+            stages = sched["stages"]
+            short.append(sched["best"] - stages[-1]["ckpt"])
+            bits = np.array([b == "1" for b in o["files"][r[name] + "/test_records_best.jsonl"]], dtype=float)
+            acc.append(np.mean([bits[subs == s].mean() for s in sorted(set(subs))]))
+            smallest_at_prev += sum(int(np.argmin(st["kl_student"])) == prev["ckpt"] for prev, st in zip(stages, stages[1:]))
+        short, acc = np.array(short), np.array(acc)
+        line = next(li for li in text.splitlines() if li.startswith(f"- {name}'s last stage chose T* on"))
+        assert f"chose T* on {int((short == 0).sum())} of {len(short)} seeds" in line
+        for c in sorted(set(short.tolist())):
+            label = "at T*" if c == 0 else f"{c} short"
+            assert f"{label} {acc[short == c].mean():.3f} ({int((short == c).sum())} runs)" in line, (name, c, line)
+        rows = [li for li in text.splitlines() if li.startswith(f"| {name} | ") and li.count("|") == 6]
+        assert sum(int(li.split("|")[5].split(" of ")[0]) for li in rows if "of" in li.split("|")[5]) == smallest_at_prev
+    assert "SCD's last stage chose T* on 0 of 16 seeds" in text  # the committed grid: the schedule never arrives

@@ -45,11 +45,11 @@ def test_the_plan_table_says_an_8b_teacher_fits_one_gpu_only_with_adapters():
     from lab import gpu_check
     rows = {tuple(c.strip() for c in r.split("|")[1:4]): r.split("|") for r in gpu_check.plans().splitlines()[2:]}
     pair = "llama-3.1-8b -> llama-3.2-3b"
-    assert rows[pair, "teacher SFT", "all weights"][9].strip() == "none"
-    assert rows[pair, "teacher SFT", "LoRA r16"][9].strip() == "24, 48, 80"
-    assert rows[pair, "teacher SFT", "all weights"][10].strip() == "359.0 GiB"  # 24 x 8.03B x 2 bytes
-    assert rows[pair, "teacher SFT", "LoRA r16"][10].strip() == "3.8 GiB"  # 24 x 41.9M adapter weights x 4 bytes
-    assert rows["qwen2.5-1.5b -> qwen2.5-0.5b", "distillation", "all weights"][9].strip() == "24, 48, 80"
+    assert rows[pair, "teacher SFT", "all weights"][10].strip() == "none"
+    assert rows[pair, "teacher SFT", "LoRA r16"][10].strip() == "24, 48, 80"
+    assert rows[pair, "teacher SFT", "all weights"][11].strip() == "359.0 GiB"  # 24 x 8.03B x 2 bytes
+    assert rows[pair, "teacher SFT", "LoRA r16"][11].strip() == "3.8 GiB"  # 24 x 41.9M adapter weights x 4 bytes
+    assert rows["qwen2.5-1.5b -> qwen2.5-0.5b", "distillation", "all weights"][10].strip() == "24, 48, 80"
 
 
 def test_the_memory_plan_of_adapters_counts_the_frozen_base_in_the_autocast_dtype():
