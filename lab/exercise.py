@@ -128,6 +128,27 @@ Part 6. Open; grade the method (hypothesis first, validation for the decision, t
 """
 
 
+# METHOD.md's pointers to files the copy does not have, made to point inside it (the copy's METHOD.md only)
+METHOD_IN_COPY = {
+    "command-line option, and the README says which default we picked and on what evidence\n(validation figures only).":
+        "command-line option whose default was chosen on validation figures only.",
+    "chosen on validation too (README).": "chosen on validation too.",
+    "**[ours]**); the README gives the error this causes.":
+        "**[ours]**); `tests/test_scd.py` measures the error this causes.",
+    "`python reproduce.py` draws all three (README).":
+        "Parts 3 and 5 of the handout (`notebooks/assignments.ipynb`) read all three from your runs.",
+    "The README says which\nof these the default domain has, and shows the control without it.":
+        "The default domain has\nthe first: one training answer in five is wrong (`\"noisy\": true` in `data/default/train.jsonl`).",
+    "the default was decided on validation (README).": "the default was decided on validation.",
+    "is this project's addition (`python reproduce.py --grid true`).": "is this project's addition (`distill.py --aw true` with each\n`--method`).",
+    "`--base none` in `reproduce.py` is the same recipe from a\n  random initialisation, for comparison.":
+        "`--init_from ''` is the same recipe from a\n  random initialisation, for comparison.",
+    "validation. `reproduce.py --protocol paper`. The alternative, `--protocol k4`, spends the same\n  budget":
+        "validation. The alternative, the default of `distill.py` (`--stages 4`), spends the same\n  budget",
+}
+OUTSIDE = ("README", "reproduce.py", "report/", "docs/", "lab/", "LOG.md")  # what the copy's documents may not name
+
+
 def blank(source, names=EXERCISES):
     """scd.py's source with the bodies of `names` replaced by raise NotImplementedError."""
     lines = source.splitlines(keepends=True)
@@ -153,6 +174,11 @@ def main(out, instructor=""):
         (shutil.copytree if src.is_dir() else shutil.copyfile)(src, dst)
     (out / "scd.py").write_text(blank((ROOT / "scd.py").read_text(encoding="utf-8")), encoding="utf-8")
     (out / "README.md").write_text(README, encoding="utf-8")
+    method = (ROOT / "METHOD.md").read_text(encoding="utf-8")
+    for old, new in METHOD_IN_COPY.items():
+        assert old in method, f"METHOD.md no longer has {old[:40]!r}: update METHOD_IN_COPY"
+        method = method.replace(old, new)
+    (out / "METHOD.md").write_text(method, encoding="utf-8")
     with open(out / "requirements.txt", "a", encoding="utf-8") as f:
         f.write("notebook  # to open the handout\n")
     if instructor:

@@ -227,7 +227,7 @@ def planned(cfg, teacher_name, student_name, lora, grad_ckpt):
             return m
         T, S, frozen = model(teacher_name), model(student_name), model(teacher_name, trained=False)
     plan = lambda m, t, **kw: scale.plan_phases(m, t, cfg.batch_size, cfg.seq_len, cfg.answer_len, "bfloat16", grad_ckpt,
-                                                data.logit_chunk(m.config.vocab_size, cfg.logit_chunk), passes=(cfg.eval_batch, 32), **kw)
+                                                data.logit_chunk(m.config.vocab_size, cfg.logit_chunk), passes=(cfg.eval_batch, min(32, cfg.probe_size)), **kw)
     held = cfg.candidates * cfg.probe_size * cfg.answer_len * 64 * 8  # the probe's stored log-probs: float32 and int32
     signal = 64 * cfg.answer_len * 64 * 8  # the offline rows of the examples traced
     out = {f"teacher SFT: {k}": v for k, v in plan(T, None).items()}

@@ -2,11 +2,13 @@
 grader's messages point at the mistake."""
 import ast
 import contextlib
+import importlib.util
 import io
 import json
 import os
 import subprocess
 import sys
+import types
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -38,6 +40,12 @@ def test_assignment_fails_with_not_implemented_exactly_where_work_is_left(tmp_pa
     assert not (tmp_path / "a" / "lab").exists() and not (tmp_path / "a" / "reproduce.py").exists()  # no lab file
     tests = {p.name for p in (tmp_path / "a" / "tests").iterdir()}
     assert "test_scd.py" in tests and not tests & {"test_reproduce.py", "test_stats.py", "test_exercise.py", "test_domains.py"}
+    # the copy is self-contained: its README, METHOD.md and handout name nothing it does not have
+    cells = json.loads((tmp_path / "a" / "notebooks" / "assignments.ipynb").read_text())["cells"]
+    docs = {"README.md": (tmp_path / "a" / "README.md").read_text(), "METHOD.md": (tmp_path / "a" / "METHOD.md").read_text(),
+            "handout": "".join("".join(c["source"]) for c in cells)}
+    outside = {(name, word) for name, text in docs.items() for word in exercise.OUTSIDE if word in text.replace("README.md", "")}
+    assert not outside, outside
     # the handout's grade(): a part's failures are shown with their messages, not only the count
     cell = "".join(json.loads((tmp_path / "a" / "notebooks" / "assignments.ipynb").read_text())["cells"][1]["source"])
     grade_fn = next(f for f in ast.parse(cell).body if isinstance(f, ast.FunctionDef) and f.name == "grade")
@@ -97,40 +105,58 @@ BUGS = {
 }
 
 
+def grade_here(scd_source, test_file, part):
+    """The copy's grader for one part, in this process (as tests/test_mutants.py checks scd.py):
+    scd_source becomes the module `scd` its tests import, and each test marked `part` runs.
+    -> {test: the failure's message}."""
+    module = types.ModuleType("scd")
+    exec(compile(scd_source, "scd.py", "exec"), module.__dict__)
+    real, sys.modules["scd"] = sys.modules.get("scd"), module
+    try:
+        spec = importlib.util.spec_from_file_location("graded_copy_of_test_scd", test_file)
+        tests = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tests)
+        failed = {}
+        for name, fn in vars(tests).items():
+            if name.startswith("test_") and part in {m.name for m in getattr(fn, "pytestmark", [])}:
+                try:
+                    fn()
+                except Exception as e:  # an assertion, or whatever the bug raises
+                    failed[name] = f"{type(e).__name__}: {e}"
+        return failed
+    finally:
+        sys.modules["scd"] = real
+
+
 def test_planted_bugs_fail_their_part_s_grader_by_name_and_change_the_student_s_own_runs(tmp_path, tiny_domain):
-    """Each bug fails its part's grader (pytest -m partN) with a message naming the quantity;
-    the schedule's and the loss's bugs also change what distill.py does in the copy: another
-    checkpoint chosen, another loss trained on."""
+    """Each bug fails its part's grader (pytest -m partN) with a message naming the quantity; a
+    schedule bug and a loss bug also change what distill.py does in the copy: another checkpoint
+    chosen, another loss trained on (the scripts call the very functions the student writes)."""
     copy = tmp_path / "k"
     exercise.main(copy)
     ref = (ROOT / "scd.py").read_text()
     for name, (part, good, bad, words) in BUGS.items():
         assert ref.count(good) == 1, name
-        (copy / "scd.py").write_text(ref.replace(good, bad))
-        failed = {n: m for n, m in grade(copy, "tests/test_scd.py", "-m", f"part{part}").items() if m}
+        failed = grade_here(ref.replace(good, bad), copy / "tests" / "test_scd.py", f"part{part}")
         assert failed and any(words in m for m in failed.values()), (name, failed)
-    # the runs: a teacher trail and the SFT student with the correct code, then SCD with and without each bug
+    # the runs: a teacher trail with the correct code, then SCD with it and with a schedule bug and a loss bug
     (copy / "scd.py").write_text(ref)
-    common = [f"--data={tiny_domain}", "--preset=student", "--epochs=2", "--ckpt_per_epoch=2", "--probe_size=8", "--log_every=1000"]
-    for out in ("teacher", "sft"):
-        assert run(copy, "train_teacher.py", *common, f"--out_dir={tmp_path / out}").returncode == 0
-    distill = [f"--data={tiny_domain}", "--preset=student", f"--teacher_dir={tmp_path / 'teacher'}", f"--anchor_dir={tmp_path / 'sft'}",
-               "--method=scd", "--aw=true", "--stages=2", "--steps_per_stage=3", "--probe_size=8", "--probe_resamples=0",
-               "--pool_start=0", "--temperature=2", "--log_every=1000"]
+    assert run(copy, "train_teacher.py", f"--data={tiny_domain}", "--preset=student", "--epochs=1", "--ckpt_per_epoch=4",
+               "--probe_size=8", "--log_every=1000", f"--out_dir={tmp_path / 'teacher'}").returncode == 0
+    distill = [f"--data={tiny_domain}", "--preset=student", f"--teacher_dir={tmp_path / 'teacher'}", "--method=scd",
+               "--stages=2", "--steps_per_stage=3", "--probe_size=8", "--probe_resamples=0", "--pool_start=0",
+               "--temperature=2", "--log_every=1000"]
 
     def scd_run(label, scd_source):
         (copy / "scd.py").write_text(scd_source)
         r = run(copy, "distill.py", *distill, f"--out_dir={tmp_path / label}")
         assert r.returncode == 0, r.stderr[-2000:]
         s = json.loads((tmp_path / label / "schedule.json").read_text())["stages"]
-        return dict(ckpt=[row["ckpt"] for row in s], kl_student=[row["kl_student"] for row in s],
-                    val_loss=[row["val_loss"] for row in s])
+        return dict(ckpt=[row["ckpt"] for row in s], val_loss=[row["val_loss"] for row in s])
     correct = scd_run("correct", ref)
-    bugged = {name: scd_run(f"bug{i}", ref.replace(BUGS[name][1], BUGS[name][2])) for i, name in enumerate(BUGS)}
-    assert bugged["argmax for the argmin"]["ckpt"] != correct["ckpt"]  # another checkpoint chosen
-    assert bugged["the student term's direction swapped"]["kl_student"] != correct["kl_student"]  # another criterion
-    for name in ("T instead of T squared", "a per-example sum, not a mean", "the AW weight inverted"):
-        assert bugged[name]["val_loss"] != correct["val_loss"], name  # another loss trained on: other weights
+    bug = lambda name: ref.replace(BUGS[name][1], BUGS[name][2])
+    assert scd_run("argmax", bug("argmax for the argmin"))["ckpt"] != correct["ckpt"]  # another checkpoint chosen
+    assert scd_run("t", bug("T instead of T squared"))["val_loss"] != correct["val_loss"]  # another loss: other weights
 
 
 def test_a_plausible_wrong_answer_gets_expected_and_got(tmp_path):

@@ -178,7 +178,7 @@ def test_the_memory_plan_agrees_with_the_trace_of_every_phase_at_a_small_shape()
     of the trace in each; the SFT step holds at least the float32 weights, their gradients and
     AdamW's two moments (16 bytes a weight), which the tracer must see though no tensor has data."""
     from lab import memtrace
-    cfg = memtrace.MemTraceConfig(small=True, batch_size=4, seq_len=64, answer_len=16, eval_batch=32, probe_size=32,
+    cfg = memtrace.MemTraceConfig(small=True, batch_size=4, seq_len=64, answer_len=16, eval_batch=16, probe_size=16,
                                   logit_chunk=16)
     for lora in (0, 4):
         peaks, plan = (f(cfg, "tiny-teacher", "tiny-student", lora, False) for f in (memtrace.trace, memtrace.planned))
