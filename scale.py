@@ -221,14 +221,17 @@ def plan_pass(model, examples, seq_len, answer_len, dtype, chunk=0, frozen=False
     return copies + examples * seq_len * per_token + 4 * 4 * piece * c.vocab_size
 
 
-def plan_phases(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt, chunk=0, held=0, signal=0, passes=(256, 32)):
+def plan_phases(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt, chunk=0, held=0, signal=0, cache=0,
+                passes=(256, 32)):
     """{phase: bytes at its peak} for a run's every phase, from what is alive in it and what it
     adds (plan_parts, plan_pass). teacher None: train_teacher.py's phases (the AdamW state alive
     through evaluation, the save's bf16 copy, the probe; the optimizer let go before the test
     pass). Else distill.py's: the stage's start (probe terms, the last stage's teacher alive), the
     switch (the last teacher let go first), the step, the stage's validation, the test pass;
     with signal (bytes of the offline top-k rows) the teacher's pass that makes them and a step
-    with no teacher. held: bytes alive throughout (the probe's stored log-probs). passes: the
+    with no teacher; with cache (bytes of the teacher's logits kept, at most --teacher_cache_gib)
+    the pass that makes them and a step that reads them, the teacher still alive.
+    held: bytes alive throughout (the probe's stored log-probs). passes: the
     examples per batch asked of evaluation and of the probe (data.evaluate's, probe_logprobs')."""
     step = plan_parts(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt, chunk)
     w, adamw, t = step["weights"], step["AdamW"], step["teacher"]
@@ -241,10 +244,14 @@ def plan_phases(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckp
     phases = {"resume": w, "stage start: probe terms": w + t + held + pr, "stage switch": w + t + held,
               "distillation step": sum(step.values()) + held, "stage end: validation": w + t + held + ev,
               "test": w + held + ev}
+    teach = plan_pass(teacher, min(64, 2**15 // seq_len), seq_len, answer_len, dtype, chunk, frozen=True)
+    if cache:  # --teacher_cache_gib: the teacher's logits on the training set kept; each batch's read back, as in the loop
+        last = min(cache, min(64, 2**15 // seq_len) * answer_len * model.config.vocab_size * 2)  # made after the pass's peak
+        phases.update({"teacher's cached logits": w + t + held + cache - last + teach, "distillation step, cached logits":
+                       phases["distillation step"] + cache})
     if signal:  # --teacher_topk: the teacher makes the rows, then trains no more; each batch's rows expanded in float32
         offline = plan_parts(model, None, batch_size, seq_len, answer_len, dtype, grad_ckpt, chunk)
         n = batch_size * answer_len
-        teach = plan_pass(teacher, min(64, 2**15 // seq_len), seq_len, answer_len, dtype, chunk, frozen=True)
         phases.update({"teacher's offline signal": w + t + held + signal + teach,
                        "distillation step, offline top-k": sum(offline.values()) + held + signal + 4 * n * model.config.vocab_size})
     return phases

@@ -140,7 +140,7 @@ def trace(cfg, teacher_name, student_name, lora, grad_ckpt, device=None):
             peaks[name] = max(v["Total"] for v in mt.get_tracker_snapshot("peak").values())
             return out
 
-        def steps(m, opt, teacher=None, signal=None, n=2):
+        def steps(m, opt, teacher=None, signal=None, cached=None, n=2):
             """The scripts' step, n times: forward, the loss in pieces, backward, clip, AdamW, grads freed."""
             chunk = data.logit_chunk(m.config.vocab_size, cfg.logit_chunk)
             anchor = torch.ones(B, device=dev)
@@ -148,11 +148,12 @@ def trace(cfg, teacher_name, student_name, lora, grad_ckpt, device=None):
                 x, y, mask = data.make_batch(enc, range(B), 0, dev)
                 with ctx:
                     s_logits = m(x, positions=mask)
-                    if teacher is None and signal is None:
+                    if teacher is None and signal is None and cached is None:
                         loss = scd.gold_ce(s_logits, y, mask, chunk).mean()
                     else:
                         with torch.no_grad():
                             t_logits = teacher(x, positions=mask) if teacher is not None else \
+                                torch.cat([cached[j] for j in range(B)]) if cached is not None else \
                                 scd.dense_logprobs(*signal, m.config.vocab_size)
                         loss, _ = scd.distill_loss(s_logits, t_logits, y, mask, 1.0, anchor, "forward", 1.0, chunk)
                 loss.backward()
@@ -204,6 +205,15 @@ def trace(cfg, teacher_name, student_name, lora, grad_ckpt, device=None):
         phase("distillation: distillation step", lambda: steps(s, opt, teacher=t))
         opt = None  # AdamW's state goes at the stage's end
         phase("distillation: stage end: validation", lambda: evaluate(s))
+        # --teacher_cache_gib: at a stage's start the teacher's logits on (here 64) training examples are kept, then
+        # each batch's are read back
+        cache_rows = phase("distillation: teacher's cached logits", lambda: scale.teacher_logits(t, enc[:64], 0, dev, ctx, 1e9,
+                                                                                                  chunk=chunk(t)))
+        opt = s.configure_optimizer(1e-4, 0.1, (0.9, 0.95), fused)
+        mt = Tracker()  # a fresh tracker for the next stage's steps (its module records start again)
+        track(s, opt, t, *[v for c in cache for v in c], *cache_rows)
+        phase("distillation: distillation step, cached logits", lambda: steps(s, opt, cached=cache_rows))
+        cache_rows = opt = None
         rows = phase("distillation: teacher's offline signal", lambda: scale.teacher_logits(t, enc[:64], 0, dev, ctx, 1e9, topk=64, chunk=chunk(t)))
         t = held[0] = None  # with --teacher_topk the teacher goes once its signal is kept
         N = B * A
@@ -230,9 +240,10 @@ def planned(cfg, teacher_name, student_name, lora, grad_ckpt):
                                                 data.logit_chunk(m.config.vocab_size, cfg.logit_chunk), passes=(cfg.eval_batch, min(32, cfg.probe_size)), **kw)
     held = cfg.candidates * cfg.probe_size * cfg.answer_len * 64 * 8  # the probe's stored log-probs: float32 and int32
     signal = 64 * cfg.answer_len * 64 * 8  # the offline rows of the examples traced
+    cache = 64 * cfg.answer_len * (S.config.vocab_size * 2)  # their whole logits, in the autocast dtype
     out = {f"teacher SFT: {k}": v for k, v in plan(T, None).items()}
     out.update({f"student SFT: {k}": v for k, v in plan(S, None).items()})
-    out.update({f"distillation: {k}": v for k, v in plan(S, frozen, held=held, signal=signal).items()})
+    out.update({f"distillation: {k}": v for k, v in plan(S, frozen, held=held, signal=signal, cache=cache).items()})
     return out
 
 

@@ -105,7 +105,7 @@ def test_gpu_check_runs_on_cpu_at_small_shapes(tiny_domain, tmp_path, monkeypatc
     steps = rows[:3]
     assert [(r["dtype"], r["lora_rank"]) for r in steps] == [("bfloat16", 0), ("float16", 0), ("bfloat16", 4)]
     assert "out of memory" in steps[2]["error"] and all(r["distill_ms"] > 0 and r["peak_mem_GiB"] > 0 for r in steps[:2])
-    assert all(len(r["phases"]) == 20 for r in rows[3:5])
+    assert all(len(r["phases"]) == 22 for r in rows[3:5])
     runs = rows[6]
     assert runs["max_weight_diff"] == 0 and runs["test_acc_whole"] == runs["test_acc_resumed"]
     assert isinstance(runs["fp16_skipped"], int) and 0 <= runs["fp16_skipped"] < runs["steps"]

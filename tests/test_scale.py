@@ -173,18 +173,17 @@ def test_a_model_folder_loads_with_about_one_copy_of_its_weights_in_memory(tmp_p
 
 def test_the_memory_plan_agrees_with_the_trace_of_every_phase_at_a_small_shape():
     """lab.memtrace at small Llama shapes (the paper's proportions, a 4096-token vocabulary, the
-    head in pieces of 16 as the paper's is in pieces of 130): all twenty phases of the three runs
-    traced, every weight trained and with adapters, and the plan (scale.plan_phases) within 15%
-    of the trace in each; the SFT step holds at least the float32 weights, their gradients and
+    head in pieces of 16 as the paper's is in pieces of 130): all 22 phases of the three runs
+    traced with every weight trained, and the plan (scale.plan_phases) within 15% of the trace
+    in each; the SFT step holds at least the float32 weights, their gradients and
     AdamW's two moments (16 bytes a weight), which the tracer must see though no tensor has data."""
     from lab import memtrace
     cfg = memtrace.MemTraceConfig(small=True, batch_size=4, seq_len=64, answer_len=16, eval_batch=16, probe_size=16,
                                   logit_chunk=16)
-    for lora in (0, 4):
-        peaks, plan = (f(cfg, "tiny-teacher", "tiny-student", lora, False) for f in (memtrace.trace, memtrace.planned))
-        assert len(peaks) == 20 and set(plan) == set(peaks)
-        off = {p: round(plan[p] / peaks[p], 2) for p in peaks if not 0.85 <= plan[p] / peaks[p] <= 1.15}
-        assert not off, (lora, off)
-        if not lora:
-            P = build(GPTConfig(**memtrace.SHAPES["tiny-student"])).num_params()
-            assert 16 * P <= peaks["student SFT: SFT step"] < 16 * P + 64 * 2**20
+    # (with adapters the paper shapes' command checks it: 0.91 to 1.06, docs/gpu.md)
+    peaks, plan = (f(cfg, "tiny-teacher", "tiny-student", 0, False) for f in (memtrace.trace, memtrace.planned))
+    assert len(peaks) == 22 and set(plan) == set(peaks)
+    off = {p: round(plan[p] / peaks[p], 2) for p in peaks if not 0.85 <= plan[p] / peaks[p] <= 1.15}
+    assert not off, off
+    P = build(GPTConfig(**memtrace.SHAPES["tiny-student"])).num_params()
+    assert 16 * P <= peaks["student SFT: SFT step"] < 16 * P + 64 * 2**20
