@@ -246,8 +246,9 @@ def plan_phases(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckp
               "test": w + held + ev}
     teach = plan_pass(teacher, min(64, 2**15 // seq_len), seq_len, answer_len, dtype, chunk, frozen=True)
     if cache:  # --teacher_cache_gib: the teacher's logits on the training set kept; each batch's read back, as in the loop
-        last = min(cache, min(64, 2**15 // seq_len) * answer_len * model.config.vocab_size * 2)  # made after the pass's peak
-        phases.update({"teacher's cached logits": w + t + held + cache - last + teach, "distillation step, cached logits":
+        # the last batch's rows come after its blocks' transients, as pieces and then their concatenation
+        last = min(cache, min(64, 2**15 // seq_len) * answer_len * model.config.vocab_size * 2)
+        phases.update({"teacher's cached logits": w + t + held + cache - last + max(teach, 2 * last), "distillation step, cached logits":
                        phases["distillation step"] + cache})
     if signal:  # --teacher_topk: the teacher makes the rows, then trains no more; each batch's rows expanded in float32
         offline = plan_parts(model, None, batch_size, seq_len, answer_len, dtype, grad_ckpt, chunk)
