@@ -194,3 +194,36 @@ def test_the_grid_report_says_where_the_schedule_stopped_recomputed_independentl
         rows = [li for li in text.splitlines() if li.startswith(f"| {name} | ") and li.count("|") == 6]
         assert sum(int(li.split("|")[5].split(" of ")[0]) for li in rows if "of" in li.split("|")[5]) == smallest_at_prev
     assert "SCD's last stage chose T* on 0 of 16 seeds" in text  # the committed grid: the schedule never arrives
+
+
+def test_lab_stats_recomputes_every_claim_of_the_committed_grid_report():
+    """python -m lab.stats REPORT rebuilds each claim from its printed figures: for every
+    whole-domain row of the committed grid's claims table its p-value agrees with the report's to
+    the rounding of the printed standard errors (0.01), and its Holm verdict is the report's in
+    its first word (holds / does not hold / inconclusive)."""
+    path = ROOT / "report" / "grid" / "results.md"
+    rows = stats.claims_from_report(path)
+    printed = {line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")]
+               for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("| (")}
+    assert len(rows) == len(printed) == 14
+    family = [i for i, (c, _) in enumerate(rows) if c.startswith(("(a)", "(b)")) and c != reproduce.PRIMARY]
+    resolved = dict(zip(family, stats.holm([stats.p_value(rows[i][1]) for i in family])))
+    for i, (claim, r) in enumerate(rows):
+        cells = printed[claim]
+        if claim.startswith(("(a)", "(b)")):  # (c) rows print a p corrected for their pairs; (d) see LOG.md (2026-12-03)
+            assert abs(stats.p_value(r) - float(cells[6])) <= 0.01, (claim, stats.p_value(r), cells[6])
+        if i in family:
+            assert stats.verdict(r, resolved[i]).split(" (")[0].split(";")[0] == cells[7].split(" (")[0].split(";")[0], claim
+
+
+def test_the_primary_stays_out_of_the_secondary_claims_holm_family():
+    """A case where it matters: an inconclusive primary (p 0.30) counted in the family would
+    raise the first threshold from 0.05 / 2 to 0.05 / 3 and take both secondary verdicts (p 0.020
+    and 0.024) with it; kept out, as the report keeps it, both hold."""
+    def claim(z):  # a result whose t (large df) gives the wanted p
+        return dict(mean=z * 0.01, se=0.01, df=10**6, lo=(z - 1.96) * 0.01, hi=(z + 1.96) * 0.01, half=0.0196, S=16)
+    rows = [(reproduce.PRIMARY, claim(1.0364)), ("(a) KD > SFT student", claim(2.3263)), ("(a) CD > SFT student", claim(2.2571))]
+    p, verdicts = reproduce.claim_verdicts(rows)
+    assert [round(x, 3) for x in p] == [0.300, 0.020, 0.024]
+    assert verdicts[1].startswith("holds") and verdicts[2].startswith("holds")
+    assert stats.holm(p) == [False, False, False]  # what the family with the primary in it would have said
