@@ -241,3 +241,21 @@ def test_a_stage_switch_lets_the_previous_teacher_and_optimizer_go_before_the_ne
     monkeypatch.setattr(model_module.LM, "configure_optimizer", configure)
     distill.main(dcfg(tiny_domain, runs, "switch", method="cd", stages=2, steps_per_stage=2))
     assert len(teachers) == 2 and len(optimizers) == 2 and alive == [0, 0]
+
+
+def test_the_report_s_aw_weights_are_the_weights_the_training_used(tiny_domain, runs):
+    """The report's AW section and plot recompute w_i for every training example and stage
+    (lab.reproduce.aw_weights_by_stage, from the stage's checkpoint and the anchor); the mean of
+    those over each step's batch is the w the run logged at that step, to the log's 3 decimals."""
+    from lab import reproduce
+    distill.main(dcfg(tiny_domain, runs, "aw_logged", method="scd", aw=True, log_every=1))
+    out = runs / "aw_logged"
+    ws, _, _ = reproduce.aw_weights_by_stage(out, runs / "teacher", runs / "sft")
+    logged = [float(line.split("| w ")[1].split(" |")[0]) for line in (out / "log.txt").read_text().splitlines() if "| w " in line]
+    splits, tok, _, enc = plumbing.prepare(str(tiny_domain), "student", seed=0)
+    lengths = [len(p) + len(a) for p, a in enc["train"]]
+    cfg = dcfg(tiny_domain, runs, "aw_logged")
+    assert len(logged) == cfg.stages * cfg.steps_per_stage
+    for step, w in enumerate(logged):
+        idx = data.batch_indices(lengths, 16, 0, step)
+        assert ws[step // cfg.steps_per_stage][idx].mean().item() == pytest.approx(w, abs=6e-4), step
