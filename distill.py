@@ -9,10 +9,9 @@ checkpoint c_k, chosen by the method's policy, with a fresh optimizer and a rest
         --data my_domain/ --lr 1e-5 --aw true --grad_ckpt true     # SCD+AW on one GPU, bf16
 
 Reads a teacher run (train_teacher.py) and the SFT student's run (its train_losses.json is AW's
-anchor l_S). Writes schedule.json (c_k per stage and, for SCD, both terms of every candidate),
-best.pt and final.pt with their test records, results.json, log.txt, and state.pt after each
-stage (rerun the same command to resume). scale.py keeps what only scale needs (the teacher's
-signal cached, offline or in half precision, the probe in pieces, the memory plan).
+anchor l_S). Writes schedule.json (c_k and, for SCD, both terms of every candidate), best.pt and
+final.pt with test records, results.json, log.txt, and state.pt per stage (rerun to resume).
+scale.py keeps what only scale needs (the teacher's signal cached, offline or in half precision).
 """
 import time
 from dataclasses import dataclass, replace
@@ -47,6 +46,8 @@ class DistillConfig(scale.TeacherSignalConfig):  # and the system flags, in scal
     pool_start: float = arg(0.5, "candidates: checkpoints from this fraction of the way to T* up to T* (chosen on validation)", low=0)
     student_term: str = arg("flipped", "the student term: flipped KL(p_c || p_s), as_written KL(p_s || p_c)", choices=("flipped", "as_written"))
     monotone: bool = arg(False, "never choose a checkpoint earlier than the previous stage's")
+    schedule_weight: float = arg(1.0, "weight of KL(T* || c) against the student term in the choice (1: the paper's sum)", low=0)
+    last_at_best: bool = arg(False, "SCD's last stage distils from T* itself, not from the argmin's choice")
     probe_size: int = arg(256, "probe examples (a seeded subset of train) for choosing checkpoints", low=1)
     probe_topk: int = arg(64, "log-probs kept per probe token (the rest as one tail mass)", low=1)
     probe_resamples: int = arg(3, "SCD: also choose on this many probes drawn with other seeds, and log those choices", low=0)
@@ -190,22 +191,22 @@ def main(cfg, splits=None):
 # the schedule (section 2.3)
 
 def choose(cfg, stage, schedule, student, probes, best, tok, device, ctx, world):
-    """Stage k's teacher checkpoint c_k, an index into the pool (None: SFT), and the
-    schedule row that logs it. SCD: c_k = argmin_c KL(p_T* || p_c) + D(p_student, p_c) on the
-    run's probe, with both terms for every candidate, and the choices the resampled probes
-    would have made (logged, never used). KD: T*; CD: a fixed walk from the first
-    candidate to T*."""
+    """Stage k's teacher checkpoint c_k, an index into the pool (None: SFT), and the schedule row
+    that logs it. SCD: c_k = argmin_c KL(p_T* || p_c) + D(p_student, p_c) on the run's probe, with
+    both terms for every candidate and the choices the resampled probes would have made (logged,
+    never used). KD: T*; CD: a fixed walk from the first candidate to T*."""
     row, k = dict(stage=stage), None
     if cfg.method == "scd":
-        prev = schedule[-1]["ckpt"] if schedule else None  # --monotone: never before the previous stage's choice
-        picks = []
+        prev, picks = (schedule[-1]["ckpt"] if schedule else None), []  # prev: --monotone's floor
         for probe, cache in probes:
             # both terms for every candidate c, each the mean over the probe's answer tokens, with
             # the student as it is now (scale.probe_terms scores them a piece of the vocabulary at a time)
             kl_best, kl_student = scale.probe_terms(student.eval(), probe, cache, best, tok.eot, device, ctx,
                                                     cfg.student_term, cfg.logit_chunk)
-            picks.append((scd.scd_argmin(kl_best, kl_student, prev, cfg.monotone), kl_best, kl_student))
+            weighted = [cfg.schedule_weight * v for v in kl_best]  # --schedule_weight: lambda on the T* term
+            picks.append((scd.scd_argmin(weighted, kl_student, prev, cfg.monotone), kl_best, kl_student))
         k, kl_best, kl_student = picks[0]
+        k = best if cfg.last_at_best and stage == cfg.stages - 1 else k  # --last_at_best: end at T*
         row.update(kl_best=kl_best, kl_student=kl_student, resampled=[p[0] for p in picks[1:]])
     elif cfg.method != "sft":
         k = scd.fixed_checkpoint(cfg.method, stage, cfg.stages, best)
@@ -218,8 +219,7 @@ def teacher_pool(cfg):
     candidate; checkpoints after T*, where the teacher got worse, are not on the path the
     student follows. -> (teacher folder, pool, T*'s place in it)."""
     tdir, manifest = Path(cfg.teacher_dir), teacher_manifest(cfg.teacher_dir, cfg.pool_start)
-    ckpts = manifest["checkpoints"]
-    t_star = ckpts[manifest["best"]]
+    ckpts, t_star = manifest["checkpoints"], manifest["checkpoints"][manifest["best"]]
     pool = [c for c in ckpts if cfg.pool_start * t_star["step"] <= c["step"] <= t_star["step"]]
     return tdir, check_pool(tdir, pool, cfg.method), len(pool) - 1  # one candidate: CD and SCD are KD, and it says so
 

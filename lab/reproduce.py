@@ -98,26 +98,20 @@ def run_all(cfg):
     wall time per phase, number of finished phases reused)."""
     runs, sweeps, wall, reused = {}, {}, {}, 0
     methods = METHODS + (GRID if cfg.grid else [])
-    common = dict(data=cfg.data, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size, grad_ckpt=cfg.grad_ckpt,
-                  lora_rank=cfg.student_lora)
     t_init, init = starts(cfg)
     for rank, start, who in ((cfg.teacher_lora, t_init, "teacher"), (cfg.student_lora, init, "student")):
         if rank and not start:  # said now, not after the teacher has trained
             raise RunError(f"--{who}_lora {rank}: adapters need a base to adapt: give --{who}_from a model folder or .pt file")
     splits = domains.load(cfg.data)
-    stages, steps_per_stage, pool_start, epochs = protocol(cfg, len(splits["train"]) // cfg.batch_size)
+    steps_per_epoch = len(splits["train"]) // cfg.batch_size
     budgets = sorted({int(b) for b in cfg.budgets.split(",")} - {1})
     for seed in range(cfg.seeds):
         root = Path(cfg.out_dir) / f"seed{seed}"
         r = runs[seed] = {"teacher": root / "teacher", "SFT student": root / "student_sft"}
         teacher = lambda folder, m=1: teacher_config(cfg, seed, folder, m)
-        sft = lambda name, folder, m=1: (name, tt.train, tt.TrainConfig(
-            **common, seed=seed, preset=cfg.student, out_dir=str(folder), epochs=m * epochs, lr=cfg.student_lr, init_from=init,
-            ckpt_per_epoch=cfg.ckpt_per_epoch, compare_to=str(r["teacher"])))
-        dist = lambda name, folder, method, aw, m=1: (name, distill.main, distill.DistillConfig(
-            **common, seed=seed, preset=cfg.student, method=method, aw=aw, out_dir=str(folder), teacher_dir=str(r["teacher"]),
-            anchor_dir=str(r["SFT student"]), stages=stages, steps_per_stage=m * steps_per_stage, probe_size=cfg.probe_size,
-            lr=cfg.student_lr, init_from=init, pool_start=pool_start, teacher_topk=cfg.teacher_topk))
+        sft = lambda name, folder, m=1: (name, tt.train, sft_config(cfg, seed, root, folder, steps_per_epoch, m))
+        dist = lambda name, folder, method, aw, m=1: (name, distill.main, distill_config(cfg, seed, root, folder, steps_per_epoch,
+                                                                                           method, aw, m))
         phases = [("teacher", tt.train, teacher(r["teacher"])), sft("SFT student", r["SFT student"])]
         sw = sweeps[seed] = {}
         if cfg.converge:  # twice the teacher's steps: how much lower does its best validation loss go?
@@ -154,6 +148,26 @@ def teacher_config(cfg, seed, folder, m=1):
                           init_from=starts(cfg)[0], epochs=m * cfg.teacher_epochs,
                           ckpt_per_epoch=cfg.ckpt_per_epoch, lr=cfg.teacher_lr, lora_rank=cfg.teacher_lora,
                           batch_size=cfg.batch_size, grad_ckpt=cfg.grad_ckpt)
+
+
+def sft_config(cfg, seed, root, folder, steps_per_epoch, m=1):
+    """The SFT student's run of a seed (root: the seed's folder), for m times the students' epochs."""
+    return tt.TrainConfig(data=cfg.data, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size, grad_ckpt=cfg.grad_ckpt,
+                          lora_rank=cfg.student_lora, seed=seed, preset=cfg.student, out_dir=str(folder),
+                          epochs=m * protocol(cfg, steps_per_epoch)[3], lr=cfg.student_lr, init_from=starts(cfg)[1],
+                          ckpt_per_epoch=cfg.ckpt_per_epoch, compare_to=str(root / "teacher"))
+
+
+def distill_config(cfg, seed, root, folder, steps_per_epoch, method, aw, m=1, **changes):
+    """A distilled student's run of a seed, from the seed's teacher and SFT student (in root),
+    for m times the students' budget; changes: other distill.py flags (the lab's variants)."""
+    stages, steps_per_stage, pool_start, _ = protocol(cfg, steps_per_epoch)
+    return distill.DistillConfig(**{**dict(
+        data=cfg.data, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size, grad_ckpt=cfg.grad_ckpt,
+        lora_rank=cfg.student_lora, seed=seed, preset=cfg.student, method=method, aw=aw, out_dir=str(folder),
+        teacher_dir=str(root / "teacher"), anchor_dir=str(root / "student_sft"), stages=stages,
+        steps_per_stage=m * steps_per_stage, probe_size=cfg.probe_size, lr=cfg.student_lr, init_from=starts(cfg)[1],
+        pool_start=pool_start, teacher_topk=cfg.teacher_topk), **changes})
 
 
 def add_converge(o, seeds):

@@ -117,6 +117,21 @@ def test_monotone_compares_with_the_previous_stages_choice(tiny_domain, runs, mo
     assert [s["ckpt"] for s in sched] == [1, 3, 2, 3]
 
 
+def test_schedule_weight_reaches_the_argmin_and_last_at_best_ends_at_t_star(tiny_domain, runs, monkeypatch):  # noqa: F811
+    """The criterion is scripted to choose candidate 0 at every stage: --schedule_weight 2 must
+    hand it twice the logged KL(T* || c), and --last_at_best must override its last choice with
+    T* (the last of the pool), whose file the last stage's teacher then is."""
+    seen = []
+    monkeypatch.setattr(distill.scd, "scd_argmin", lambda kl_best, kl_student, prev=None, monotone=False: seen.append(kl_best) or 0)
+    distill.main(dcfg(tiny_domain, runs, "weighted", method="scd", stages=3, schedule_weight=2.0, last_at_best=True,
+                      probe_resamples=0))
+    sched = json.loads((runs / "weighted" / "schedule.json").read_text())
+    assert [s["ckpt"] for s in sched["stages"]] == [0, 0, sched["best"]] and sched["best"] == 3
+    assert sched["stages"][-1]["file"] == sched["pool"][-1]
+    for handed, row in zip(seen, sched["stages"]):
+        assert handed == pytest.approx([2 * v for v in row["kl_best"]]) and max(row["kl_best"]) > 0
+
+
 def test_pool_start_drops_the_early_checkpoints_from_every_schedule(tiny_domain, runs, monkeypatch):  # noqa: F811
     """4 teacher checkpoints at steps 3, 6, 9, 12: --pool_start 0.5 keeps steps 6 to 12. SCD
     scores 3 candidates, CD starts at the pool's first, and each stage loads the checkpoint
