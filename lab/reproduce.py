@@ -719,13 +719,7 @@ DECLARATION = (
 def claim_verdicts(rows):
     """The verdict of every claim row: the primary's from its own interval, the secondary
     ones Holm-corrected within their family; none with fewer than two seeds. -> (p-values, verdicts)."""
-    p = [stats.p_value(r) * (int(c.split("corrected for ")[1].split(" pairs")[0]) if c.startswith("(c)") else 1)
-         for c, r in rows]
-    p = [min(1.0, x) for x in p]
-    resolved = {}
-    for family in (("(a)", "(b)"), ("(c)", "(d)")):
-        idx = [i for i, (c, _) in enumerate(rows) if c.startswith(family) and c != PRIMARY]
-        resolved.update(zip(idx, stats.holm([p[i] for i in idx])))
+    p, resolved = stats.claim_p_values(rows, PRIMARY)
     verdicts = []
     for i, (claim, r) in enumerate(rows):
         paper = paper_effect(claim)

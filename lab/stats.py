@@ -143,40 +143,59 @@ def t_quantile(p, df):
 
 def claims_from_report(path):
     """The claims table of a report (results.md) -> [(claim, result)], each result rebuilt
-    from the printed figures: mean, interval, and the two parts of its standard error (rounded
-    as printed), with Satterthwaite's degrees of freedom from them."""
+    from the printed figures: the two parts of the standard error, with Satterthwaite's degrees
+    of freedom from them; the mean, from the range its printed value and the interval's printed
+    ends (each rounded to 0.1 points) leave it (mean_range); the level and number of pairs of a
+    row (c), which corrects for its pairs."""
     rows = []
     for line in open(path, encoding="utf-8"):
         if not line.startswith("| ("):
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        se_cell = next(c for c in cells if " / " in c and c.replace(" / ", "").replace(".", "").isdigit())
-        lo, hi = (float(x) / 100 for x in next(c for c in cells if c.startswith("[")).strip("[]").split(", "))
-        se_s, se_e = (float(x) / 100 for x in se_cell.split(" / "))
+        pairs = int(cells[0].split("corrected for ")[1].split(" pairs")[0]) if "corrected for " in cells[0] else 1
+        se_s, se_e = (float(x) / 100 for x in cells[5].split(" / "))
+        lo, hi = (float(x) / 100 for x in cells[4].strip("[]").split(", "))
         S = len(cells[-1].split(", "))
         v_s, v_e = se_s ** 2, se_e ** 2
         df = (S - 1) * ((v_s + v_e) / v_s) ** 2 if v_s > 0 else math.inf
-        se = math.sqrt(v_s + v_e)
-        rows.append((cells[0], dict(mean=(lo + hi) / 2, lo=lo, hi=hi, half=t_quantile(0.975, df) * se, se=se,
-                                    se_seeds=se_s, se_examples=se_e, df=df, S=S)))
+        se, level = math.sqrt(v_s + v_e), 1 - 0.05 / pairs
+        half = t_quantile((1 + level) / 2, df) * se
+        # the mean, printed to 0.05 points, and so is each end of the interval: the three agree on a range
+        ranges = [(m - 5e-4, m + 5e-4) for m in (float(cells[3]) / 100, lo + half, hi - half)]
+        a, b = max(r[0] for r in ranges), min(r[1] for r in ranges)
+        a, b = (a, b) if a <= b else (ranges[0][0], ranges[0][1])  # the printed mean's own range, if they disagree
+        rows.append((cells[0], dict(mean=(a + b) / 2, lo=lo, hi=hi, half=half, se=se, se_seeds=se_s, se_examples=se_e,
+                                    df=df, S=S, pairs=pairs, mean_range=(a, b))))
     return rows
+
+
+def claim_p_values(rows, primary):
+    """The p-value of every claim row as a report prints it (a row (c) multiplied by its number
+    of pairs, Bonferroni's correction, at most 1), and which secondary claims Holm's correction
+    resolves within their family: the whole-domain claims (a) and (b) without the primary, and
+    the subdomain and subset claims (c) and (d). -> (p-values, {row index: resolved})."""
+    p = [min(1.0, p_value(r) * (int(c.split("corrected for ")[1].split(" pairs")[0]) if c.startswith("(c)") else 1))
+         for c, r in rows]
+    resolved = {}
+    for family in (("(a)", "(b)"), ("(c)", "(d)")):
+        idx = [i for i, (c, _) in enumerate(rows) if c.startswith(family) and c != primary]
+        resolved.update(zip(idx, holm([p[i] for i in idx])))
+    return p, resolved
 
 
 if __name__ == "__main__":
     import argparse
     ap = argparse.ArgumentParser(description="Recompute a report's claims from its printed table: p-values, Holm's "
-                                             "correction over the whole-domain secondary claims, seeds needed (t)")
+                                             "correction within each family of secondary claims, seeds needed (t)")
     ap.add_argument("report", help="a results.md written by reproduce.py")
     ap.add_argument("--primary", default="(b) SCD+AW > KD")
     args = ap.parse_args()
     rows = claims_from_report(args.report)
-    family = [i for i, (c, _) in enumerate(rows) if c.startswith(("(a)", "(b)")) and c != args.primary]
-    resolved = dict(zip(family, holm([p_value(rows[i][1]) for i in family])))
-    print(f"{'claim':45s} {'p':>7s}  raw interval   Holm over the {len(family)} whole-domain secondary claims")
+    p, resolved = claim_p_values(rows, args.primary)
+    print(f"{'claim':45s} {'p':>7s}  {'interval':16s} verdict (secondary: Holm within (a)+(b) or (c)+(d))")
     for i, (c, r) in enumerate(rows):
-        if i in resolved or c == args.primary:
-            print(f"{c[:45]:45s} {p_value(r):7.3f}  {'resolved' if r['lo'] > 0 or r['hi'] < 0 else 'inconclusive':12s}   "
-                  + ("(primary: its own 95% interval)" if c == args.primary else verdict(r, resolved[i])))
+        print(f"{c[:45]:45s} {p[i]:7.3f}  [{100 * (r['mean'] - r['half']):+.1f}, {100 * (r['mean'] + r['half']):+.1f}]"
+              f"{'':3s} " + ("(primary: its own 95% interval) " + verdict(r) if c == args.primary else verdict(r, resolved[i])))
     r = dict(rows)[args.primary]
     print(f"primary {args.primary}: half-width {100 * r['half']:.1f} points; +-1.5 needs {seeds_needed(r, 0.015)} seeds "
           f"(Student's t, from se {100 * r['se_seeds']:.2f} seeds / {100 * r['se_examples']:.2f} examples)")
