@@ -133,6 +133,7 @@ METHOD_IN_COPY = {
     "command-line option, and the README says which default we picked and on what evidence\n(validation figures only).":
         "command-line option whose default was chosen on validation figures only.",
     "chosen on validation too (README).": "chosen on validation too.",
+    " `docs/choices.md` declares how\nthese choices are decided again on validation, and what it found.": "",
     "**[ours]**); the README gives the error this causes.":
         "**[ours]**); `tests/test_scd.py` measures the error this causes.",
     "`python reproduce.py` draws all three (README).":
