@@ -89,6 +89,7 @@ def paired(cfg, a, b, seeds):
 def read(cfg):
     seeds = [int(s) for s in cfg.seeds.split(",")]
     pts = lambda v: "n/a" if v is None or math.isnan(v) else f"{100 * v:+.1f}"
+    flag = lambda v: f"{v} " + " ".join(f"`--{k} {str(x).lower()}`" for k, x in VARIANTS[v].items())
     out = ["### Variants (validation, best stage; points of exact match, variant - default)", "",
            "| variant | method | seeds | mean | 95% interval | p | Holm (SCD+AW) | verdict |", "|" + " --- |" * 8]
     rows = {(v, m): paired(cfg, f"{m.lower().replace('+', '_')}_{v}", m.lower().replace("+", "_"), seeds)
@@ -97,11 +98,11 @@ def read(cfg):
     resolved = dict(zip(primary, stats.holm([rows[v, "SCD+AW"]["p"] for v in primary]))) if len(primary) == len(VARIANTS) else {}
     for (v, m), r in rows.items():
         if r is None:
-            out.append(f"| {v} {VARIANTS[v]} | {m} | < 2 | | | | | not run |")
+            out.append(f"| {flag(v)} | {m} | < 2 | | | | | not run |")
             continue
         holm = "" if m != "SCD+AW" else ("n/a (not all variants run)" if not resolved else ("resolved" if resolved[v] else "not resolved"))
         call = ("better" if r["mean"] > 0 else "harmful") if resolved.get(v) and m == "SCD+AW" else "not resolved"
-        out.append(f"| {v} {json.dumps(VARIANTS[v])} | {m} | {r['S']} | {pts(r['mean'])} | [{pts(r['lo'])}, {pts(r['hi'])}] | "
+        out.append(f"| {flag(v)} | {m} | {r['S']} | {pts(r['mean'])} | [{pts(r['lo'])}, {pts(r['hi'])}] | "
                    f"{r['p']:.3f} | {holm} | {call if m == 'SCD+AW' else '(SCD never changes a default)'} |")
     out += ["", "### Defaults against KD (validation, best stage)", "", "| method | seeds | mean - KD | 95% interval |", "| --- | --- | --- | --- |"]
     for m in ("SCD", "SCD+AW"):

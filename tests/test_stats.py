@@ -92,3 +92,29 @@ def test_verdicts_say_inconclusive_and_when_the_paper_s_effect_is_excluded():
     assert stats.verdict(r) == "holds" and stats.verdict(r, paper=0.036) == "holds; excludes the paper's +3.6"
     assert stats.verdict(r, resolved=False) == "inconclusive (± 0.6 points)"
     assert stats.verdict(dict(r, mean=-0.01, lo=-0.016, hi=-0.004)) == "does not hold"
+
+
+def test_the_choices_study_reads_best_validation_and_applies_its_declared_rule(tmp_path):
+    """lab.choices --read on made-up run folders: V3's SCD+AW is 2 points better on every one
+    of 8 seeds with a little spread (resolved after Holm: "better"), V1's 1 point worse on
+    every seed with the same spread (resolved: "harmful"), the others equal to the default
+    (not resolved). The best stage's val_acc is what is read, not the last."""
+    import json
+    from lab import choices
+    rng = np.random.default_rng(0)
+    seeds = list(range(100, 108))
+    shift = {"V1": -0.01, "V3": 0.02}
+    for s in seeds:
+        base = 0.7 + 0.05 * rng.random()
+        noise = 0.002 * rng.standard_normal()
+        for v in [""] + list(choices.VARIANTS):
+            for m in ("scd", "scd_aw"):
+                best = base + (shift.get(v, 0.0) + noise if v and m == "scd_aw" else 0.0)
+                folder = tmp_path / f"seed{s}" / (f"{m}_{v}" if v else m)
+                folder.mkdir(parents=True)
+                (folder / "results.json").write_text(json.dumps({"val_acc": [best - 0.1, best, best - 0.05]}))
+    out = "\n".join(choices.read(choices.ChoicesConfig(seeds=",".join(map(str, seeds)), out_dir=str(tmp_path), read=True)))
+    row = lambda v: next(line for line in out.splitlines() if line.startswith(f"| {v} ") and "| SCD+AW |" in line)
+    assert row("V3").endswith("| resolved | better |") and "| 8 | +2.0 |" in row("V3")
+    assert row("V1").endswith("| resolved | harmful |") and "| 8 | -1.0 |" in row("V1")
+    assert row("V2").endswith("| not resolved | not resolved |") and "| 8 | " in row("V2")
