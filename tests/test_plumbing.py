@@ -103,33 +103,25 @@ def test_distill_reads_the_teachers_probe_only_if_it_holds_the_same_examples(tin
 
 
 def test_monotone_compares_with_the_previous_stages_choice(tiny_domain, runs, monkeypatch):  # noqa: F811
-    """The criterion is scripted to choose 1, 3, 2, 3: each stage must be handed the choice of
-    the stage just before it (not the first stage's) as the earliest allowed checkpoint."""
-    script, prevs = iter([1, 3, 2, 3]), []
+    """The criterion is scripted to choose 1, 3, 2, 0: each stage must be handed the choice of
+    the stage just before it (not the first stage's) as the earliest allowed checkpoint;
+    --schedule_weight 2 must hand it twice the logged KL(T* || c); --last_at_best must replace
+    the last choice with T* (3, the last of the pool), whose file the last stage's teacher is."""
+    script, prevs, handed = iter([1, 3, 2, 0]), [], []
 
     def scripted(kl_best, kl_student, prev=None, monotone=False):  # distill.choose's one call per stage
         prevs.append((prev, monotone))
+        handed.append(kl_best)
         return next(script)
     monkeypatch.setattr(distill.scd, "scd_argmin", scripted)
-    distill.main(dcfg(tiny_domain, runs, "mono", method="scd", stages=4, monotone=True, probe_resamples=0))
+    distill.main(dcfg(tiny_domain, runs, "mono", method="scd", stages=4, monotone=True, probe_resamples=0,
+                      schedule_weight=2.0, last_at_best=True))
     assert prevs == [(None, True), (1, True), (3, True), (2, True)]
-    sched = json.loads((runs / "mono" / "schedule.json").read_text())["stages"]
-    assert [s["ckpt"] for s in sched] == [1, 3, 2, 3]
-
-
-def test_schedule_weight_reaches_the_argmin_and_last_at_best_ends_at_t_star(tiny_domain, runs, monkeypatch):  # noqa: F811
-    """The criterion is scripted to choose candidate 0 at every stage: --schedule_weight 2 must
-    hand it twice the logged KL(T* || c), and --last_at_best must override its last choice with
-    T* (the last of the pool), whose file the last stage's teacher then is."""
-    seen = []
-    monkeypatch.setattr(distill.scd, "scd_argmin", lambda kl_best, kl_student, prev=None, monotone=False: seen.append(kl_best) or 0)
-    distill.main(dcfg(tiny_domain, runs, "weighted", method="scd", stages=3, schedule_weight=2.0, last_at_best=True,
-                      probe_resamples=0))
-    sched = json.loads((runs / "weighted" / "schedule.json").read_text())
-    assert [s["ckpt"] for s in sched["stages"]] == [0, 0, sched["best"]] and sched["best"] == 3
+    sched = json.loads((runs / "mono" / "schedule.json").read_text())
+    assert [s["ckpt"] for s in sched["stages"]] == [1, 3, 2, 3] and sched["best"] == 3
     assert sched["stages"][-1]["file"] == sched["pool"][-1]
-    for handed, row in zip(seen, sched["stages"]):
-        assert handed == pytest.approx([2 * v for v in row["kl_best"]]) and max(row["kl_best"]) > 0
+    for kl, row in zip(handed, sched["stages"]):
+        assert kl == pytest.approx([2 * v for v in row["kl_best"]]) and max(row["kl_best"]) > 0
 
 
 def test_pool_start_drops_the_early_checkpoints_from_every_schedule(tiny_domain, runs, monkeypatch):  # noqa: F811
