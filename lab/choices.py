@@ -22,7 +22,7 @@ import distill
 import train_teacher as tt
 from lab import domains, stats
 from lab.reproduce import ReproduceConfig, distill_config, sft_config, teacher_config
-from plumbing import arg, parse_config, run_main
+from plumbing import RunError, arg, parse_config, run_main
 
 # the declared variants (docs/choices.md): one flag each, against today's default
 VARIANTS = {"V1": dict(student_term="as_written"), "V2": dict(monotone=True), "V3": dict(pool_start=0.0),
@@ -65,7 +65,11 @@ def train(cfg):
             tt.train(sft_config(rc, seed, root, root / "student_sft", spe), splits)
             for name, method, aw, change in runs(part):
                 print(f"\n=== seed {seed}: {name}", flush=True)
-                distill.main(distill_config(rc, seed, root, root / name, spe, method, aw, **change), splits)
+                try:
+                    distill.main(distill_config(rc, seed, root, root / name, spe, method, aw, **change), splits)
+                except RunError as e:  # e.g. a loss that went non-finite at lr 1e-2: that setting failed, the study goes on
+                    print(f"error: {e}", flush=True)
+                    (root / name / "failed.txt").write_text(str(e) + "\n")
 
 
 def best_val(folder):
@@ -116,9 +120,11 @@ def read(cfg):
             for a in ALPHAS:
                 name = m.lower().replace("+", "_") + ("" if (lr, a) == (3e-3, 1.0) and m != "CD" else f"_lr{lr:g}_a{a:g}")
                 vals = [best_val(Path(cfg.out_dir) / f"seed{s}" / name) for s in seeds]
+                failed = sum((Path(cfg.out_dir) / f"seed{s}" / name / "failed.txt").exists() for s in seeds)
                 vals = [v for v in vals if v is not None]
                 tuned = not aw and method in ("kd", "cd") or a == 1.0
-                cells.append(f"{100 * sum(vals) / len(vals):.1f} ({len(vals)})" if vals and tuned else ("" if not tuned else "not run"))
+                cell = f"{100 * sum(vals) / len(vals):.1f} ({len(vals)})" if vals else "not run"
+                cells.append("" if not tuned else cell + (f", {failed} failed" if failed else ""))
         out.append(f"| {m} | " + " | ".join(cells) + " |")
     print("\n".join(out))
     return out
