@@ -40,16 +40,25 @@ class ChoicesConfig:
     threads: int = arg(1, "torch threads per process (1: two processes share a 2-core machine)", low=1)
 
 
+def folder(name, variant=""):
+    """A run's folder in its seed's: 'scd_aw' for SCD+AW, 'scd_aw_V3' for its variant V3."""
+    return name.lower().replace("+", "_") + (f"_{variant}" if variant else "")
+
+
+def parity_folder(name, lr, alpha):
+    """A tuning-parity run's folder; today's values (3e-3, 1.0) are the variants' baseline run, but for CD."""
+    return folder(name) if (lr, alpha) == (3e-3, 1.0) and name != "CD" else folder(name, f"lr{lr:g}_a{alpha:g}")
+
+
 def runs(part):
     """[(folder name, method, aw, distill.py changes)] of one seed, in the order they train.
     part: "variants" (the defaults' KD, SCD, SCD+AW, then each variant's SCD and SCD+AW) or "parity"."""
-    folder = lambda name: name.lower().replace("+", "_")
     if part == "variants":
         out = [(folder(name), *METHODS[name], {}) for name in ("KD", "SCD", "SCD+AW")]
-        return out + [(f"{folder(name)}_{v}", *METHODS[name], change) for v, change in VARIANTS.items() for name in ("SCD", "SCD+AW")]
-    return [(f"{folder(name)}_lr{lr:g}_a{alpha:g}", method, aw, dict(lr=lr, alpha=alpha))
-            for name, (method, aw) in METHODS.items() for lr in LRS for alpha in (ALPHAS if method in ("kd", "cd") else (1.0,))
-            if (lr, alpha) != (3e-3, 1.0) or name == "CD"]  # the defaults' KD, SCD and SCD+AW are the variants' baseline
+        return out + [(folder(name, v), *METHODS[name], change) for v, change in VARIANTS.items() for name in ("SCD", "SCD+AW")]
+    out = [(parity_folder(name, lr, alpha), method, aw, dict(lr=lr, alpha=alpha))
+           for name, (method, aw) in METHODS.items() for lr in LRS for alpha in (ALPHAS if method in ("kd", "cd") else (1.0,))]
+    return [r for r in out if r[0] not in {f for f, *_ in runs("variants")}]
 
 
 def train(cfg):
@@ -85,8 +94,7 @@ def paired(cfg, a, b, seeds):
     pairs = [p for p in pairs if None not in p]
     if len(pairs) < 2:
         return None
-    x = [[p[0]] for p in pairs]
-    r = stats.paired_interval(x, [[p[1]] for p in pairs])
+    r = stats.paired_interval([[x] for x, _ in pairs], [[y] for _, y in pairs])  # one figure per seed: a t interval
     return dict(r, p=stats.p_value(r))
 
 
@@ -96,7 +104,7 @@ def read(cfg):
     flag = lambda v: f"{v} " + " ".join(f"`--{k} {str(x).lower()}`" for k, x in VARIANTS[v].items())
     out = ["### Variants (validation, best stage; points of exact match, variant - default)", "",
            "| variant | method | seeds | mean | 95% interval | p | Holm (SCD+AW) | verdict |", "|" + " --- |" * 8]
-    rows = {(v, m): paired(cfg, f"{m.lower().replace('+', '_')}_{v}", m.lower().replace("+", "_"), seeds)
+    rows = {(v, m): paired(cfg, folder(m, v), folder(m), seeds)
             for v in VARIANTS for m in ("SCD", "SCD+AW")}
     primary = [v for v in VARIANTS if rows[v, "SCD+AW"] is not None]
     resolved = dict(zip(primary, stats.holm([rows[v, "SCD+AW"]["p"] for v in primary]))) if len(primary) == len(VARIANTS) else {}
@@ -110,7 +118,7 @@ def read(cfg):
                    f"{r['p']:.3f} | {holm} | {call if m == 'SCD+AW' else '(SCD never changes a default)'} |")
     out += ["", "### Defaults against KD (validation, best stage)", "", "| method | seeds | mean - KD | 95% interval |", "| --- | --- | --- | --- |"]
     for m in ("SCD", "SCD+AW"):
-        r = paired(cfg, m.lower().replace("+", "_"), "kd", seeds)
+        r = paired(cfg, folder(m), "kd", seeds)
         out.append(f"| {m} | {r['S'] if r else '< 2'} | {pts(r and r['mean'])} | " + (f"[{pts(r['lo'])}, {pts(r['hi'])}] |" if r else " |"))
     out += ["", "### Tuning parity (validation, best stage; mean over seeds, points)", "",
             "| method | " + " | ".join(f"lr {lr:g}, alpha {a:g}" for lr in LRS for a in ALPHAS) + " |", "|" + " --- |" * 7]
@@ -118,7 +126,7 @@ def read(cfg):
         cells = []
         for lr in LRS:
             for a in ALPHAS:
-                name = m.lower().replace("+", "_") + ("" if (lr, a) == (3e-3, 1.0) and m != "CD" else f"_lr{lr:g}_a{a:g}")
+                name = parity_folder(m, lr, a)
                 vals = [best_val(Path(cfg.out_dir) / f"seed{s}" / name) for s in seeds]
                 failed = sum((Path(cfg.out_dir) / f"seed{s}" / name / "failed.txt").exists() for s in seeds)
                 vals = [v for v in vals if v is not None]

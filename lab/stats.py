@@ -152,7 +152,7 @@ def claims_from_report(path):
         if not line.startswith("| ("):
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        pairs = int(cells[0].split("corrected for ")[1].split(" pairs")[0]) if "corrected for " in cells[0] else 1
+        pairs = pairs_of(cells[0])
         se_s, se_e = (float(x) / 100 for x in cells[5].split(" / "))
         lo, hi = (float(x) / 100 for x in cells[4].strip("[]").split(", "))
         S = len(cells[-1].split(", "))
@@ -169,13 +169,17 @@ def claims_from_report(path):
     return rows
 
 
+def pairs_of(claim):
+    """The number of pairs a claim row corrects for ('... corrected for 24 pairs)'; else 1."""
+    return int(claim.split("corrected for ")[1].split(" pairs")[0]) if "corrected for " in claim else 1
+
+
 def claim_p_values(rows, primary):
     """The p-value of every claim row as a report prints it (a row (c) multiplied by its number
     of pairs, Bonferroni's correction, at most 1), and which secondary claims Holm's correction
     resolves within their family: the whole-domain claims (a) and (b) without the primary, and
     the subdomain and subset claims (c) and (d). -> (p-values, {row index: resolved})."""
-    p = [min(1.0, p_value(r) * (int(c.split("corrected for ")[1].split(" pairs")[0]) if c.startswith("(c)") else 1))
-         for c, r in rows]
+    p = [min(1.0, p_value(r) * pairs_of(c)) for c, r in rows]
     resolved = {}
     for family in (("(a)", "(b)"), ("(c)", "(d)")):
         idx = [i for i, (c, _) in enumerate(rows) if c.startswith(family) and c != primary]
