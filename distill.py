@@ -197,15 +197,13 @@ def choose(cfg, stage, schedule, student, probes, best, tok, device, ctx, world)
     never used). KD: T*; CD: a fixed walk from the first candidate to T*."""
     row, k = dict(stage=stage), None
     if cfg.method == "scd":
-        prev, picks = (schedule[-1]["ckpt"] if schedule else None), []  # prev: --monotone's floor
-        for probe, cache in probes:
-            # both terms for every candidate c, each the mean over the probe's answer tokens, with
-            # the student as it is now (scale.probe_terms scores them a piece of the vocabulary at a time)
-            kl_best, kl_student = scale.probe_terms(student.eval(), probe, cache, best, tok.eot, device, ctx,
-                                                    cfg.student_term, cfg.logit_chunk)
-            weighted = [cfg.schedule_weight * v for v in kl_best]  # --schedule_weight: lambda on the T* term
-            picks.append((scd.scd_argmin(weighted, kl_student, prev, cfg.monotone), kl_best, kl_student))
-        k, kl_best, kl_student = picks[0]
+        prev = schedule[-1]["ckpt"] if schedule else None  # --monotone's floor: the previous stage's choice
+        picks = []
+        for probe, cache in probes:  # c_k = argmin_c lambda KL(p_T* || p_c) + KL(p_c || p_student), the student as it is now
+            pieces = scale.probe_pieces(student.eval(), probe, cache, best, tok.eot, device, ctx, chunk=cfg.logit_chunk)
+            picks.append(scd.scd_checkpoint(pieces, cfg.student_term, weight=cfg.schedule_weight, prev=prev,
+                                            monotone=cfg.monotone))
+        k, kl_best, kl_student = picks[0]  # the run's probe; the resampled probes' choices are only logged
         k = best if cfg.last_at_best and stage == cfg.stages - 1 else k  # --last_at_best: end at T*
         row.update(kl_best=kl_best, kl_student=kl_student, resampled=[p[0] for p in picks[1:]])
     elif cfg.method != "sft":

@@ -153,29 +153,25 @@ def stored_probe(tdir, pool, train_enc, train_fp, size, seed, topk, eot, device,
 
 
 @torch.no_grad()
-def probe_terms(student, probe, cache, best, eot, device, ctx, student_term, chunk=0, batch_size=32):
-    """Both terms of every candidate c on the probe (scd.schedule_terms: KL(p_T* || p_c) and
-    the student term, each the mean over the probe's answer tokens), scored a piece of positions
-    at a time: the student's log-probs of a piece come from its hidden states, and each
-    candidate's piece is expanded from its top-k (scd.dense_logprobs) only then, so at a 128k
-    vocabulary no (tokens x V) array exists whole. -> (kl_best, kl_student), lists."""
+def probe_pieces(student, probe, cache, best, eot, device, ctx, chunk=0, batch_size=32):
+    """The probe's log-probs for scd.scd_checkpoint, a piece of answer positions at a time:
+    yields (T*'s, each candidate's, the student's), each (n, V). The student's come from its
+    hidden states a piece at a time, and each candidate's is expanded from its stored top-k
+    (scd.dense_logprobs) only when the criterion reaches it, so at a 128k vocabulary no
+    (tokens x V) array exists whole. The criterion itself is all in scd.scd_checkpoint."""
     V, at = student.config.vocab_size, 0
-    terms = [([], []) for _ in cache]
-
-    def score(s_logits, y):
-        nonlocal at
-        s_lp, n = torch.log_softmax(s_logits.float(), -1), s_logits.size(0)
-        piece = lambda values, indices: scd.dense_logprobs(values[at:at + n], indices[at:at + n], V)
-        best_lp = piece(*cache[best])
-        for (b, s), c in zip(terms, cache):
-            tb, ts = scd.schedule_terms(best_lp, piece(*c), s_lp, student_term)
-            b.append(tb), s.append(ts)
-        at += n
-        return s_logits.new_zeros(0)
-
-    for _ in data.answer_pieces(student, probe, eot, device, ctx, score, batch_size, chunk):
-        pass
-    return [torch.cat(b).mean().item() for b, _ in terms], [torch.cat(s).mean().item() for _, s in terms]
+    chunk = chunk or data.logit_chunk(V)
+    batch_size = data.fit_batch(batch_size, probe)
+    for s in range(0, len(probe), batch_size):
+        x, _, mask = data.make_batch(probe, range(s, min(s + batch_size, len(probe))), eot, device)
+        with ctx:
+            h, head = student(x, positions=mask, head=lambda h, lm_head: (h, lm_head))  # hidden states at the answers
+        for r in range(0, h.size(0), chunk):
+            with ctx:
+                student_lp = torch.log_softmax(head(h[r:r + chunk]).float(), -1)
+            piece = lambda values, indices, a=at, n=student_lp.size(0): scd.dense_logprobs(values[a:a + n], indices[a:a + n], V)
+            yield piece(*cache[best]), (piece(*c) for c in cache), student_lp
+            at += student_lp.size(0)
 
 
 # -----------------------------------------------------------------------------

@@ -104,42 +104,47 @@ def best_checkpoint(val_losses):
     return min(range(len(val_losses)), key=val_losses.__getitem__)
 
 
-def scd_checkpoint(best_lp, ckpt_lps, student_lp, student_term="flipped", prev=None, monotone=False):
-    """c_k = argmin_c KL(p_T* || p_c) + KL(p_student || p_c), both averaged over the probe's
-    answer tokens. -> (c_k, kl_best, kl_student), the two terms listed per candidate.
+def scd_checkpoint(pieces, student_term="flipped", weight=1.0, prev=None, monotone=False):
+    """Section 2.3, the choice of stage k's checkpoint, whole:
 
-    best_lp: log-probs of T* on the probe, (N, V); ckpt_lps: the candidates' log-probs, one
-    (N, V) tensor each (any iterable: they can be made one at a time); student_lp: the
-    current student's. student_term "as_written" is KL(p_student || p_c) as the paper
-    writes it; "flipped", our default, is KL(p_c || p_student) (METHOD.md section 2.3 and
-    the README say why). monotone: no candidate before prev, the previous stage's choice.
+        c_k = argmin_c  weight * KL(p_T* || p_c) + D(p_student, p_c)
+
+    each term the mean over the probe's answer tokens. D, the student term, is by default
+    ("flipped") KL(p_c || p_student); "as_written" is KL(p_student || p_c), the direction the
+    paper's notes write (METHOD.md section 2.3 says why the default differs). weight: the
+    T* term's weight, lambda (1: the paper's plain sum; --schedule_weight). monotone with prev
+    (the previous stage's choice): no candidate before prev (--monotone).
+
+    pieces: the probe's answer tokens, whole or a few positions at a time (at a 128k
+    vocabulary no (tokens x V) array of the probe is ever made: distill.py's pieces come from
+    scale.probe_pieces); each piece is (best_lp, ckpt_lps, student_lp): T*'s, every
+    candidate's (a list, or any iterable made one at a time) and the current student's
+    log-probs, each (n, V). The whole probe as one piece: [(best_lp, ckpt_lps, student_lp)].
+    -> (c_k, kl_best, kl_student): the index of the smallest weighted sum (the earliest on a
+    tie), and both terms of every candidate, unweighted, as the run logs them.
     """
-    kl_best, kl_student = [], []
-    for lp in ckpt_lps:
-        b, s = schedule_terms(best_lp, lp, student_lp, student_term)
-        kl_best.append(b.mean().item())
-        kl_student.append(s.mean().item())
-    return scd_argmin(kl_best, kl_student, prev, monotone), kl_best, kl_student
+    tokens_best, tokens_student = [], []  # per candidate: its per-token terms, piece after piece
+    for best_lp, ckpt_lps, student_lp in pieces:
+        for c, ckpt_lp in enumerate(ckpt_lps):
+            if c == len(tokens_best):
+                tokens_best.append([]), tokens_student.append([])
+            b, s = schedule_terms(best_lp, ckpt_lp, student_lp, student_term)
+            tokens_best[c].append(b), tokens_student[c].append(s)
+    kl_best = [torch.cat(b).mean().item() for b in tokens_best]           # KL(p_T* || p_c), mean over the probe
+    kl_student = [torch.cat(s).mean().item() for s in tokens_student]     # D(p_student, p_c), likewise
+    score = torch.tensor([weight * b for b in kl_best]) + torch.tensor(kl_student)
+    if monotone and prev is not None:
+        score[:prev] = float("inf")  # never back before the previous stage's choice
+    return int(score.argmin()), kl_best, kl_student
 
 
 def schedule_terms(best_lp, ckpt_lp, student_lp, student_term="flipped"):
     """One candidate c's two terms at each probe token: KL(p_T* || p_c), and the student term,
-    KL(p_c || p_student) ("flipped") or KL(p_student || p_c) ("as_written"). best_lp, ckpt_lp,
-    student_lp: (N, V) log-probs at the N probe tokens -> two (N,) tensors, one value per token
-    (the caller averages them: scd_checkpoint, and distill.py's run through scale.probe_terms)."""
+    KL(p_c || p_student) ("flipped", the default) or KL(p_student || p_c) ("as_written").
+    best_lp, ckpt_lp, student_lp: (N, V) log-probs at N probe tokens -> two (N,) tensors, one
+    value per token (scd_checkpoint averages them over the probe)."""
     p, q = (student_lp, ckpt_lp) if student_term == "as_written" else (ckpt_lp, student_lp)
     return token_kl(best_lp, ckpt_lp), token_kl(p, q)
-
-
-def scd_argmin(kl_best, kl_student, prev=None, monotone=False):
-    """c_k = argmin_c of the two terms' sum. kl_best, kl_student: lists of floats, one per
-    candidate (each a mean over the probe) -> the index of the smallest sum, the earliest on a
-    tie. monotone with prev (the previous stage's index): no candidate before prev. distill.py
-    chooses every stage's c_k with this function."""
-    score = torch.tensor(kl_best) + torch.tensor(kl_student)
-    if monotone and prev is not None:
-        score[:prev] = float("inf")
-    return int(score.argmin())
 
 
 def fixed_checkpoint(policy, stage, n_stages, best):

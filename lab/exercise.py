@@ -21,9 +21,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # the functions to write, by part of the handout: each is the one the scripts call for its step (gold_ce is SFT's
-# loss, per_example what evaluation averages, scd_argmin every stage's choice), so a bug shows in the student's runs
+# loss, per_example what evaluation averages, scd_checkpoint every stage's choice), so a bug shows in the student's runs
 EXERCISES = dict(token_kl=1, distill_kl=1, per_example=1, gold_ce=1, aw_weights=2, scd_loss=2, distill_loss=2,
-                 schedule_terms=3, scd_argmin=3, fixed_checkpoint=3, decompose=3)
+                 schedule_terms=3, scd_checkpoint=3, fixed_checkpoint=3, decompose=3)
 REFERENCE = ("model.py", "data.py", "scd.py", "train_teacher.py", "distill.py", "plumbing.py", "scale.py", "METHOD.md",
              "LICENSE", "requirements.txt", "requirements-test.txt", "assets", "data/default", "notebooks/assignments.ipynb")
 # the reference's tests; the lab's (comparison, statistics, generators, benchmarks, mutants, this kit) stay behind

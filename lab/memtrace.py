@@ -52,8 +52,9 @@ class MemTraceConfig:
 def shapes_only(answer_len):
     """FakeTensorMode where what depends on values has a stand-in: a (B, T) mask selects
     answer_len positions per row, a scalar is 0, a truth value is True, a list of ints is
-    answer_len per row. Restored on exit."""
-    real = fake_impls.op_implementations_dict[torch.ops.aten.nonzero.default], FakeTensor.item, FakeTensor.tolist, FakeTensor.__bool__
+    answer_len per row, an index (int()) 0. Restored on exit."""
+    real = (fake_impls.op_implementations_dict[torch.ops.aten.nonzero.default], FakeTensor.item, FakeTensor.tolist,
+            FakeTensor.__bool__, FakeTensor.__int__)
 
     def nonzero(fake_mode, func, arg):
         n = arg.shape[0] * answer_len if arg.dim() == 2 else arg.numel()
@@ -63,12 +64,13 @@ def shapes_only(answer_len):
         return [answer_len if not self.is_floating_point() else 0.0] * self.shape[0] if self.dim() == 1 else 0.0
     fake_impls.op_implementations_dict[torch.ops.aten.nonzero.default] = nonzero
     FakeTensor.item, FakeTensor.tolist, FakeTensor.__bool__ = (lambda self: 0.0), tolist, (lambda self: True)
+    FakeTensor.__int__ = lambda self: 0
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
             yield
     finally:
         fake_impls.op_implementations_dict[torch.ops.aten.nonzero.default] = real[0]
-        FakeTensor.item, FakeTensor.tolist, FakeTensor.__bool__ = real[1:]
+        FakeTensor.item, FakeTensor.tolist, FakeTensor.__bool__, FakeTensor.__int__ = real[1:]
 
 
 class Tracker(MemTracker):
@@ -192,7 +194,7 @@ def trace(cfg, teacher_name, student_name, lora, grad_ckpt, device=None):
                  for _ in range(cfg.candidates)]
         held = [model(teacher_name, frozen=True)]
         track(*[v for c in cache for v in c], held[0])
-        phase("distillation: stage start: probe terms", lambda: scale.probe_terms(s, enc[:n_probe], cache, 0, 0, dev, ctx, "flipped", chunk(s)))
+        phase("distillation: stage start: probe terms", lambda: scd.scd_checkpoint(scale.probe_pieces(s, enc[:n_probe], cache, 0, 0, dev, ctx, chunk=chunk(s))))
 
         def switch():  # scale.StageTeacher.use: the last teacher let go, then the next one built
             held[0] = None

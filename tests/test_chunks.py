@@ -71,8 +71,8 @@ def test_the_memory_plan_counts_one_piece_of_float32_logits():
 def test_the_probe_is_scored_in_pieces_to_the_same_terms_and_choice():
     """Three candidates stored as their top-64 log-probs on a probe of two examples (7 answer
     positions) at a 128k vocabulary, and a student: scored 2 or 4 positions at a time, or one
-    example per batch (scale.probe_terms), both terms equal scd.scd_checkpoint's on the
-    candidates expanded whole to 1e-6, and in one piece they are the same floats."""
+    example per batch (scale.probe_pieces), scd.scd_checkpoint's terms and choice equal those of
+    the candidates expanded whole to 1e-6, and in one piece they are the same floats."""
     from contextlib import nullcontext
     from model import GPTConfig, build
     torch.manual_seed(1)
@@ -82,10 +82,11 @@ def test_the_probe_is_scored_in_pieces_to_the_same_terms_and_choice():
     with torch.no_grad():
         s_lp = torch.log_softmax(student(x, positions=mask), -1)
     cache = [scd.compress_logprobs(torch.log_softmax(3 * torch.randn(7, V), -1), 64) for _ in range(3)]
-    whole = scd.scd_checkpoint(scd.dense_logprobs(*cache[2], V), [scd.dense_logprobs(*c, V) for c in cache], s_lp)
-    terms = lambda chunk, batch: scale.probe_terms(student, probe, cache, 2, 0, "cpu", nullcontext(), "flipped", chunk, batch)
+    whole = scd.scd_checkpoint([(scd.dense_logprobs(*cache[2], V), [scd.dense_logprobs(*c, V) for c in cache], s_lp)])
+    choice = lambda chunk, batch: scd.scd_checkpoint(scale.probe_pieces(student, probe, cache, 2, 0, "cpu", nullcontext(),
+                                                                        chunk=chunk, batch_size=batch))
     for chunk, batch in ((2, 2), (4, 2), (7, 1), (3, 1)):
-        b, s = terms(chunk, batch)
+        k, b, s = choice(chunk, batch)
         assert b == pytest.approx(whole[1], abs=1e-6, rel=1e-6) and s == pytest.approx(whole[2], abs=1e-6, rel=1e-6)
-        assert scd.scd_argmin(b, s) == whole[0]
-    assert terms(7, 2) == (whole[1], whole[2])  # one piece: the same floats
+        assert k == whole[0]
+    assert choice(7, 2) == whole  # one piece: the same floats

@@ -72,7 +72,7 @@ def test_evaluation_anchor_losses_probe_and_teacher_signal_never_hold_the_whole_
         evaluate=lambda chunk: data.evaluate(model, examples, Ids(), chunk=chunk)[0]["loss"],
         anchor=lambda chunk: data.example_losses(model, enc, 0, *cpu, chunk=chunk),
         probe=lambda chunk: data.probe_logprobs(model, enc, 0, *cpu, topk=64, chunk=chunk)[0],
-        terms=lambda chunk: scale.probe_terms(model, enc, cache, 1, 0, *cpu, "flipped", chunk),
+        terms=lambda chunk: scd.scd_checkpoint(scale.probe_pieces(model, enc, cache, 1, 0, *cpu, chunk=chunk))[1:],
         signal=lambda chunk: scale.teacher_logits(model, enc, 0, *cpu, max_gib=1, topk=64, chunk=chunk)[3][0],
     )
     for name, run in runs.items():

@@ -24,6 +24,11 @@ def logits(*rows):
 TEACHER, STUDENT = [0.9, 0.1], [0.5, 0.5]
 
 
+def choose(best, candidates, student, *args, **kw):
+    """scd.scd_checkpoint on a probe scored whole: one piece."""
+    return scd.scd_checkpoint([(best, candidates, student)], *args, **kw)
+
+
 # --- section 2.4: the distillation KL -------------------------------------------------
 
 @pytest.mark.part1
@@ -184,12 +189,12 @@ POOL, S = [U, B, M, X], [0.4, 0.3, 0.3]
 
 @pytest.mark.part3
 def test_schedule_terms_and_argmin_by_hand():
-    k, kl_best, kl_student = scd.scd_checkpoint(logits(B), [logits(c) for c in POOL], logits(S))
+    k, kl_best, kl_student = choose(logits(B), [logits(c) for c in POOL], logits(S))
     want_best = [kl(B, c) for c in POOL]      # KL(p_T* || p_c)
     want_student = [kl(c, S) for c in POOL]   # flipped: KL(p_c || p_student)
     assert kl_best == pytest.approx(want_best, abs=1e-5), f"KL(p_T* || p_c): expected {want_best}, got {kl_best}"
     assert kl_student == pytest.approx(want_student, abs=1e-5), f"KL(p_c || p_student): expected {want_student}, got {kl_student}"
-    # the sums: U 0.695, B 0.551, M 0.484, X 0.438 -> X. KL(p_c || p_T*) instead would choose B,
+    # the sums: U 0.695, B 0.551, M 0.507, X 0.504 -> X. KL(p_c || p_T*) instead would choose B,
     # KL(p_T* || p_c) alone B, the student term alone U
     assert k == 3, f"expected candidate 3 (the smallest sum), got {k}"
 
@@ -207,21 +212,44 @@ def test_schedule_terms_are_per_probe_token_and_the_choice_uses_their_means():
     assert kl_best.tolist() == pytest.approx(want_b, abs=1e-5), f"KL(p_T* || p_c) per token: expected {want_b}, got {kl_best.tolist()}"
     assert kl_student.tolist() == pytest.approx(want_s, abs=1e-5), \
         f"KL(p_c || p_student) per token: expected {want_s}, got {kl_student.tolist()}"
-    _, mean_b, mean_s = scd.scd_checkpoint(best, [cand], student)
+    _, mean_b, mean_s = choose(best, [cand], student)
     assert mean_b[0] == pytest.approx(sum(want_b) / 2, abs=1e-5) and mean_s[0] == pytest.approx(sum(want_s) / 2, abs=1e-5)
 
 
 @pytest.mark.part3
-def test_argmin_takes_the_smallest_sum_earliest_on_ties_and_respects_monotone():
-    got = scd.scd_argmin([0.3, 0.1, 0.2], [0.1, 0.4, 0.1])  # sums 0.4, 0.5, 0.3
-    assert got == 2, f"expected candidate 2 (sums 0.4, 0.5, 0.3: the smallest), got {got}"
-    assert scd.scd_argmin([0.2, 0.1, 0.2], [0.1, 0.2, 0.1]) == 0, "a tie (sums 0.3, 0.3, 0.3): expected the earliest, 0"
-    got = scd.scd_argmin([0.1, 0.3, 0.2], [0.1, 0.4, 0.3], prev=1, monotone=True)  # sums 0.2, 0.7, 0.5
-    assert got == 2, f"monotone from candidate 1: candidate 0 (sum 0.2) is not allowed; expected 2 (0.7, 0.5), got {got}"
+def test_the_choice_takes_the_smallest_weighted_sum_earliest_on_ties_and_respects_monotone():
+    """T* = B, student S, the pool U, B, M, X: sums KL(B || c) + KL(c || S) of 0.695, 0.551,
+    0.507, 0.504 (X); with weight 2 on the T* term 1.382, 0.551, 0.898, 0.690 (B); with 0.5,
+    0.351, 0.551, 0.312, 0.411 (M). Candidates B and S tie at KL(B || S) = 0.368."""
+    pool = [logits(c) for c in POOL]
+    for weight, want in ((1.0, 3), (2.0, 1), (0.5, 2)):
+        k, kl_best, _ = choose(logits(B), pool, logits(S), weight=weight)
+        assert k == want, f"weight {weight} on KL(p_T* || p_c): expected candidate {want}, got {k}"
+        assert kl_best == pytest.approx([kl(B, c) for c in POOL], abs=1e-5), "the terms are logged unweighted"
+    for tie in ([logits(B), logits(S)], [logits(S), logits(B)]):
+        k = choose(logits(B), tie, logits(S))[0]
+        assert k == 0, f"a tie (both sums {kl(B, S):.3f}): expected the earliest, 0, got {k}"
+    pool = [logits(X), logits(B), logits(M)]  # sums 0.504, 0.551, 0.507
+    assert choose(logits(B), pool, logits(S))[0] == 0
+    k = choose(logits(B), pool, logits(S), prev=1, monotone=True)[0]
+    assert k == 2, f"monotone from candidate 1: X (0.504) is not allowed; expected M (0.507 < 0.551), got {k}"
+
+
+@pytest.mark.part3
+def test_the_choice_over_pieces_of_the_probe_averages_every_token():
+    """Two probe tokens in two pieces of one token each: the terms are the means over both
+    tokens, as if scored whole (a mean of the pieces' sums, or the last piece alone, is not)."""
+    best, cand, student = logits(B, U), logits(M, X), logits(S, S)
+    whole = choose(best, [cand, best], student)
+    pieces = [(best[i:i + 1], [cand[i:i + 1], best[i:i + 1]], student[i:i + 1]) for i in (0, 1)]
+    k, kl_best, kl_student = scd.scd_checkpoint(pieces)
+    assert kl_best == pytest.approx(whole[1], abs=1e-6) and kl_student == pytest.approx(whole[2], abs=1e-6)
+    assert kl_best[0] == pytest.approx((kl(B, M) + kl(U, X)) / 2, abs=1e-5) and k == whole[0]
+
 
 @pytest.mark.part3
 def test_schedule_student_term_as_written():
-    k, _, kl_student = scd.scd_checkpoint(logits(B), [logits(c) for c in POOL], logits(S), "as_written")
+    k, _, kl_student = choose(logits(B), [logits(c) for c in POOL], logits(S), "as_written")
     want = [kl(S, c) for c in POOL]  # KL(p_student || p_c)
     assert kl_student == pytest.approx(want, abs=1e-5), f"KL(p_student || p_c): expected {want}, got {kl_student}"
     assert k == 2, f"expected candidate 2 as written (sums 0.695, 0.751, 0.470, 0.491), got {k}"
@@ -229,9 +257,9 @@ def test_schedule_student_term_as_written():
 
 @pytest.mark.part3
 def test_schedule_monotone_never_goes_back():
-    assert scd.scd_checkpoint(logits(B), [logits(c) for c in POOL], logits(S), monotone=True, prev=3)[0] == 3
-    assert scd.scd_checkpoint(logits(B), [logits(c) for c in POOL], logits(S), monotone=False, prev=3)[0] == 3
-    k, _, _ = scd.scd_checkpoint(logits(B), [logits(c) for c in POOL[:3]] + [logits(U)], logits(S), monotone=True, prev=3)
+    assert choose(logits(B), [logits(c) for c in POOL], logits(S), monotone=True, prev=3)[0] == 3
+    assert choose(logits(B), [logits(c) for c in POOL], logits(S), monotone=False, prev=3)[0] == 3
+    k, _, _ = choose(logits(B), [logits(c) for c in POOL[:3]] + [logits(U)], logits(S), monotone=True, prev=3)
     assert k == 3  # only candidate 3 is allowed, however bad
 
 
@@ -241,8 +269,8 @@ def test_student_term_directions_on_a_sharp_checkpoint():
     sharp checkpoint log(0.25/0.01) on each of the student's three wrong tokens, far more than
     the flipped direction: how the as-written schedule can stall on early, diffuse checkpoints."""
     uniform, sharp = [0.25] * 4, [0.97, 0.01, 0.01, 0.01]
-    _, _, as_written = scd.scd_checkpoint(logits(sharp), [logits(sharp)], logits(uniform), "as_written")
-    _, _, flipped = scd.scd_checkpoint(logits(sharp), [logits(sharp)], logits(uniform), "flipped")
+    _, _, as_written = choose(logits(sharp), [logits(sharp)], logits(uniform), "as_written")
+    _, _, flipped = choose(logits(sharp), [logits(sharp)], logits(uniform), "flipped")
     assert as_written[0] == pytest.approx(kl(uniform, sharp), abs=1e-5) and flipped[0] == pytest.approx(kl(sharp, uniform), abs=1e-5)
     assert as_written[0] > 1.5 * flipped[0]  # 2.08 vs 1.22
 
