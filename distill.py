@@ -38,7 +38,9 @@ class DistillConfig(scale.TeacherSignalConfig):  # and the system flags, in scal
     init_from: str = arg("auto", "auto (the student base on the default domain, else ''), '' (random init), base, a .pt, a folder")
     start: str = arg("init", "init: the SFT student's initialisation; anchor: its trained weights", choices=("init", "anchor"))
     # the method: the schedule (section 2.3) and the loss (section 2.4)
-    method: str = arg("scd", "schedule: sft (no teacher), kd (T*), cd (a fixed walk), scd (adaptive)", choices=("sft", "kd", "cd", "scd"))
+    method: str = arg("scd", "schedule: sft (no teacher), kd (T*), cd (a fixed walk), scd (adaptive), given (--given_steps)",
+                      choices=("sft", "kd", "cd", "scd", "given"))
+    given_steps: str = arg("", "--method given: each stage's teacher checkpoint by its step, comma-separated")
     aw: bool = arg(False, "Adaptive Weighting instead of the fixed alpha")
     alpha: float = arg(1.0, "fixed KL weight w when AW is off (1.0 chosen on KD's validation accuracy)", low=0)
     stages: int = arg(4, "K, the number of stages", low=1)
@@ -106,7 +108,7 @@ def main(cfg, splits=None):
     for stage in range(stage, cfg.stages):
         # 1. section 2.3: this stage's checkpoint c_k (an index into the pool; None for SFT)
         t = time.time()
-        k, row = choose(cfg, stage, schedule, student, probes, best, tok, device, ctx, world)
+        k, row = choose(cfg, stage, schedule, student, probes, pool, tok, device, ctx, world)
         t_sched += time.time() - t
         if k is not None:
             teacher.use(pool[k]["file"])  # one teacher in memory: the last stage's goes first
@@ -190,12 +192,12 @@ def main(cfg, splits=None):
 # -----------------------------------------------------------------------------
 # the schedule (section 2.3)
 
-def choose(cfg, stage, schedule, student, probes, best, tok, device, ctx, world):
+def choose(cfg, stage, schedule, student, probes, pool, tok, device, ctx, world):
     """Stage k's teacher checkpoint c_k, an index into the pool (None: SFT), and the schedule row
     that logs it. SCD: c_k = argmin_c KL(p_T* || p_c) + D(p_student, p_c) on the run's probe, with
     both terms for every candidate and the choices the resampled probes would have made (logged,
-    never used). KD: T*; CD: a fixed walk from the first candidate to T*."""
-    row, k = dict(stage=stage), None
+    never used). KD: T*; CD: a fixed walk from the first candidate to T*; given: --given_steps."""
+    row, k, best = dict(stage=stage), None, len(pool) - 1  # T* is the pool's last candidate
     if cfg.method == "scd":
         prev = schedule[-1]["ckpt"] if schedule else None  # --monotone's floor: the previous stage's choice
         picks = []
@@ -206,6 +208,8 @@ def choose(cfg, stage, schedule, student, probes, best, tok, device, ctx, world)
         k, kl_best, kl_student = picks[0]  # the run's probe; the resampled probes' choices are only logged
         k = best if cfg.last_at_best and stage == cfg.stages - 1 else k  # --last_at_best: end at T*
         row.update(kl_best=kl_best, kl_student=kl_student, resampled=[p[0] for p in picks[1:]])
+    elif cfg.method == "given":  # a schedule by hand, its steps checked against the pool at the start (check_pool)
+        k = [c["step"] for c in pool].index(int(cfg.given_steps.split(",")[stage]))
     elif cfg.method != "sft":
         k = scd.fixed_checkpoint(cfg.method, stage, cfg.stages, best)
     return scale.from_rank0(k, world), row  # every process computed the same choice; rank 0's is used
@@ -219,7 +223,7 @@ def teacher_pool(cfg):
     tdir, manifest = Path(cfg.teacher_dir), teacher_manifest(cfg.teacher_dir, cfg.pool_start)
     ckpts, t_star = manifest["checkpoints"], manifest["checkpoints"][manifest["best"]]
     pool = [c for c in ckpts if cfg.pool_start * t_star["step"] <= c["step"] <= t_star["step"]]
-    return tdir, check_pool(tdir, pool, cfg.method), len(pool) - 1  # one candidate: CD and SCD are KD, and it says so
+    return tdir, check_pool(tdir, pool, cfg), len(pool) - 1  # one candidate: CD and SCD are KD, and it says so
 
 
 # -----------------------------------------------------------------------------

@@ -46,7 +46,10 @@ class GPTConfig:
 PRESETS = {
     "teacher": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.1),
     "student": dict(n_layer=2, n_head=2, n_embd=64, block_size=128),  # 1/6 of the teacher's parameters
-    "wide": dict(n_layer=2, n_head=8, n_embd=256, block_size=128),  # the sparse-parity teacher: width learns parity fast
+    "wide": dict(n_layer=2, n_head=8, n_embd=256, block_size=128),
+    # the sparse-parity control (lab/parity.py): a teacher of 16 heads and a student of 4, both of head size 8
+    "parity_teacher": dict(n_layer=2, n_head=16, n_embd=128, block_size=32),
+    "parity_student": dict(n_layer=2, n_head=4, n_embd=32, block_size=32),
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),          # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),  # 350M
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024),   # 774M

@@ -250,9 +250,18 @@ def teacher_manifest(tdir, pool_start):
     return manifest
 
 
-def check_pool(tdir, pool, method):
+def check_pool(tdir, pool, cfg):
     """The candidates, with a note where they cannot tell the schedules apart: with one (T* the
-    only checkpoint from --pool_start to T*), CD and SCD distil from T* at every stage, as KD."""
+    only checkpoint from --pool_start to T*), CD and SCD distil from T* at every stage, as KD.
+    With --method given, every stage must name a candidate's step: an error now, not stages later."""
+    method = cfg.method
+    if method == "given":
+        given, steps = cfg.given_steps.split(",") if cfg.given_steps else [], [c["step"] for c in pool]
+        bad = [s for s in given if not s.strip().isdigit() or int(s) not in steps]
+        if len(given) != cfg.stages or bad:
+            raise RunError(f"--given_steps {cfg.given_steps!r}: expected {cfg.stages} steps (--stages), one per stage, each "
+                           f"a candidate's step ({', '.join(map(str, steps))}); " + (f"not candidates: {', '.join(bad)}" if bad else
+                                                                                     f"got {len(given)}"))
     if len(pool) < 2 and method in ("cd", "scd"):
         print(f"note: {tdir}: the path to T* holds one candidate (T* at step {pool[0]['step']}), so {method.upper()} is KD "
               "here; for a comparison, checkpoint more densely before T* (--ckpt_per_epoch) or train the teacher more "

@@ -40,6 +40,7 @@ class TrainConfig(scale.SystemConfig):  # and the system flags, in scale.py
                          "init), base, a .pt checkpoint, a GPT-2 name or a model folder")
     # optimisation: the main command's recipe on the default domain
     epochs: int = arg(0, "passes over the training set (0: 24 for the teacher, 12 for a student: the students' budget)", low=0)
+    steps: int = arg(0, "steps in all, instead of --epochs (--ckpt_per_epoch stays per pass over the training set)", low=0)
     batch_size: int = arg(16, "examples per step (the global batch under torchrun)", low=1)
     lr: float = arg(3e-3, "peak learning rate (3e-3: the main command's, teacher and students)", low=0)
     weight_decay: float = arg(0.1, "AdamW weight decay on matrices", low=0)
@@ -75,11 +76,11 @@ def train(cfg, splits=None):
                                       (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout))
     train_enc = enc["train"]
     steps_per_epoch = len(train_enc) // cfg.batch_size
-    total = cfg.epochs * steps_per_epoch
-    n_ckpt = max(1, round(cfg.epochs * cfg.ckpt_per_epoch))
+    total = cfg.steps or cfg.epochs * steps_per_epoch
+    n_ckpt = max(1, round(total / steps_per_epoch * cfg.ckpt_per_epoch))
     ckpt_steps = sorted({round(total * j / n_ckpt) for j in range(1, n_ckpt + 1)})  # section 2.1: evenly spaced
     print(f"{cfg.preset} from {cfg.init_from or 'random init'} (--init_from): {model.num_params() / 1e6:.2f}M parameters, "
-          f"vocab {tok.vocab_size} | {len(train_enc)} train examples, {cfg.epochs} epochs (--epochs), {total} steps, "
+          f"vocab {tok.vocab_size} | {len(train_enc)} train examples, {total / steps_per_epoch:g} epochs (--epochs), {total} steps, "
           f"{len(ckpt_steps)} checkpoints | {device}, {dtype}")
     out = scale.start(cfg, model, tok, None, train_enc, device, dtype, world, len(ckpt_steps))  # memory plan, locked folder
     net = scale.wrap(model, cfg, world, dtype)  # DDP or FSDP2 under torchrun; before the optimizer sees the weights

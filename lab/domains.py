@@ -316,21 +316,22 @@ def parity_domain(seed=0, n_bits=16, k=2, n_per_split=None):
 
 def load(spec):
     """A --data spec of the lab -> splits. 'default:NOISE' is the default domain with another
-    share of wrong training answers (default:0 is the clean control); 'parity:N:K' sparse
-    parity; 'corpus' the bases' pretraining text; 'default' and folders as the reference
+    share of wrong training answers (default:0 is the clean control); 'parity:N:K[:TRAIN]' sparse
+    parity (TRAIN training examples: as many as a run's steps times its batch, and each is fresh); 'corpus' the bases' pretraining text; 'default' and folders as the reference
     reads them (data/default/ is default_domain() at its noise: a test holds them equal)."""
     name, *args = spec.split(":")
     try:
         if name == "default" and len(args) == 1:
             return default_domain(0, *map(float, args))
-        if name == "parity" and len(args) in (0, 2):
-            return parity_domain(0, *map(int, args))
+        if name == "parity" and len(args) in (0, 2, 3):  # parity:N:K[:TRAIN examples]
+            n_k, train = list(map(int, args[:2])), args[2:]
+            return parity_domain(0, *n_k, n_per_split=(int(train[0]), 1000, 1000) if train else None)
         if name == "corpus" and not args:
             return corpus(0)
     except ValueError as e:
         raise data.DataError(f"--data {spec}: {e}") from None
     if spec != "default" and not Path(spec).is_dir():
-        raise data.DataError(f"--data {spec}: expected 'default[:NOISE]', 'parity[:N:K]', 'corpus' or a folder with "
+        raise data.DataError(f"--data {spec}: expected 'default[:NOISE]', 'parity[:N:K[:TRAIN]]', 'corpus' or a folder with "
                              "train.jsonl, val.jsonl and test.jsonl")
     return data.load_domain(spec)
 
