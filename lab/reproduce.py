@@ -56,7 +56,7 @@ class ReproduceConfig:
     budgets: str = arg("1", "student budgets, as multiples of the students' N x T epochs: SFT and KD at each (e.g. 1,2,4)")
     teacher: str = arg("teacher", "teacher preset", choices=tuple(PRESETS))
     student: str = arg("student", "student preset", choices=tuple(PRESETS))
-    base: str = arg("auto", "pretrained: teacher and students fine-tune the committed bases (pretrain.py); none: random "
+    base: str = arg("auto", "pretrained: teacher and students fine-tune the committed bases (python -m lab.pretrain); none: random "
                     "init, trained on the domain alone; auto: pretrained for the default domain, none for other data",
                     choices=("auto", "pretrained", "none"))
     teacher_epochs: int = arg(24, "teacher SFT epochs", low=1)

@@ -26,7 +26,7 @@ def test_degree1_scores_one_on_the_bit_a_model_copies_and_zero_elsewhere():
 def test_the_models_answer_probability_is_read_at_the_first_answer_position():
     """A stand-in model whose logits at the answer make p(' 1') = x_0 (the first bit): the
     diagnostic reads 1 on bit 0 through the real encoding of the parity domain."""
-    exs = parity.domains.parity_domain(3, 6, 2, (64, 32, 32))["val"]
+    exs = parity.domains.parity_domain(3, 8, 2, (64, 32, 32))["val"]
     tok = parity.data.Tokenizer.compact([e["prompt"] + e["answer"] for e in exs])
     zero, one = tok.encode(" 0")[0], tok.encode(" 1")[0]
 
@@ -39,7 +39,7 @@ def test_the_models_answer_probability_is_read_at_the_first_answer_position():
             out[:, one], out[:, zero] = 20 * first[: out.size(0)], 20 * (1 - first[: out.size(0)])
             return out
     p_one, bits = parity.answer_p_one(FirstBit(), tok, exs)
-    assert bits.shape == (32, 6) and p_one.shape == (32,)
+    assert bits.shape == (32, 8) and p_one.shape == (32,)
     corr = parity.degree1(p_one, bits)
     assert corr[0].item() == pytest.approx(1, abs=1e-6) and corr[1:].abs().max() < 1
 
