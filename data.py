@@ -107,8 +107,9 @@ def load_jsonl(path):
                     raise DataError(f"{where}: field '{field}' must be a string, got {type(ex[field]).__name__}")
                 if not ex[field].strip():
                     raise DataError(f"{where}: field '{field}' is empty")
-            examples.append(dict(prompt=ex["prompt"], answer=ex["answer"], subdomain=ex.get("subdomain", "all"), src=where,
-                                 **({"noisy": True} if ex.get("noisy") is True else {})))  # a known-wrong label, for reports
+            noisy = {"noisy": True} if ex.get("noisy") is True else {}  # a known-wrong label, for reports
+            examples.append(dict(prompt=ex["prompt"], answer=ex["answer"], subdomain=ex.get("subdomain", "all"),
+                                 src=where, **noisy))
     if not examples:
         raise DataError(f"{path}: no examples (empty file)")
     return examples
@@ -360,7 +361,8 @@ def evaluate(model, examples, tok, device="cpu", ctx=None, decode=False, batch_s
             gold = examples[i]["answer"].strip()
             pred = tok.decode(outs[b]).strip() if decode else None
             records.append(dict(i=i, subdomain=examples[i]["subdomain"], answer=gold, loss=round(losses[b].item(), 5),
-                                correct=pred == gold if decode else bool(right[b]), **({"prediction": pred} if decode else {})))
+                                correct=pred == gold if decode else bool(right[b]),
+                                **({"prediction": pred} if decode else {})))
     model.train(was_training)
     records.sort(key=lambda r: r["i"])
     return summarize(records), records

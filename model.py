@@ -29,7 +29,8 @@ class GPTConfig:
     head_dim: int = 0        # 0: n_embd // n_head
     intermediate_size: int = 0  # the SwiGLU width (0: 4 * n_embd)
     rope_theta: float = 10000.0
-    rope_scaling: dict = field(default_factory=dict)  # Llama 3's: factor, low/high_freq_factor, original_max_position_embeddings
+    # Llama 3's RoPE scaling: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
+    rope_scaling: dict = field(default_factory=dict)
     norm_eps: float = 1e-5
     qkv_bias: bool = False   # Qwen2 has biases on q, k and v
     tie_embeddings: bool = True
@@ -89,7 +90,8 @@ class LM(nn.Module):
         vocabulary-sized head is the expensive part, so training asks for answer positions only.
         head(h, lm_head): what to make of the final hidden states instead of the whole logits
         (data.in_pieces: the head a piece of positions at a time, for 128k vocabularies)."""
-        assert idx.size(1) <= self.config.block_size, f"sequence of {idx.size(1)} tokens > block_size {self.config.block_size}"
+        T = idx.size(1)
+        assert T <= self.config.block_size, f"sequence of {T} tokens > block_size {self.config.block_size}"
         x = self.body(idx)
         x = x if positions is None else x[positions]
         return self.lm_head(x) if head is None else head(x, self.lm_head)

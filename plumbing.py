@@ -1,7 +1,7 @@
 """
 Run plumbing: what train_teacher.py and distill.py need and the method does not. A reader of
 the method may skip this file. Flags from a dataclass, the device and precision, building
-and loading models (the committed bases checked by sha256), the memory plan, output folders
+and loading models (the committed bases checked by sha256), output folders
 (locked while a run writes), files written atomically, resuming, the LR schedule, progress
 lines, and the checks that stop a run loudly instead of letting it train on NaN.
 """

@@ -3,8 +3,9 @@ The scale paths, behind a few calls, so that distill.py and train_teacher.py rea
 where a stage teacher's signal comes from (in the loop, cached, offline top-k, half precision,
 adapter swaps), the probe's stored log-probs and its terms scored in pieces of the vocabulary,
 the system flags both scripts share, the memory plan, DDP and FSDP2, and gradient clipping over
-shards. A reader of the method never needs to open this file; every path here gives the same
-numbers as the plain one on the CPU demo (tests/test_scale.py, tests/test_chunks.py).
+shards. A reader of the method never needs to open this file. Every exact path here gives the
+same numbers as the plain one on the CPU demo (tests/test_scale.py, tests/test_chunks.py); the
+offline top-k signal is an approximation, and lab/topk.py measures what it changes.
 """
 import gc
 import os
@@ -25,7 +26,8 @@ from plumbing import RunError, arg, atomic_save, check_teacher, load_checkpoint,
 @dataclass
 class SystemConfig:
     """The flags of system and scale that train_teacher.py and distill.py share, declared once.
-    None of them changes the method; the CPU demo leaves them all at their defaults."""
+    None of them changes the method's equations, though --lora_rank changes which weights train;
+    the CPU demo leaves them all at their defaults."""
     lora_rank: int = arg(0, "LoRA adapters of this rank on every projection of a frozen --init_from: only they train "
                          "(0: every weight); a checkpoint then holds the adapters and the base's path and sha256", low=0)
     lora_alpha: float = arg(0.0, "the adapters' scale is alpha / rank (0: alpha = 2 x rank)", low=0)

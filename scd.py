@@ -33,7 +33,8 @@ def per_example(values, mask):
     values (N,): one per True position of mask, in row-major order (example 0's first);
     mask (B, T) bool -> (B,) float32; an example with no answer token gets 0."""
     rows = mask.nonzero()[:, 0]
-    return torch.zeros(mask.size(0), device=values.device).index_add_(0, rows, values.float()) / mask.sum(1).clamp(min=1)
+    sums = torch.zeros(mask.size(0), device=values.device).index_add_(0, rows, values.float())
+    return sums / mask.sum(1).clamp(min=1)
 
 
 def gold_ce(logits, y, mask, chunk=0):
@@ -92,7 +93,10 @@ def distill_loss(student_logits, teacher_logits, y, mask, alpha=0.5, anchor_loss
     teacher_logits = teacher_logits.detach()  # the target is a constant
     kl_fn = lambda t, s: distill_kl(t, s, direction, temperature)  # KL(p_{c_k} || p_student) per token
     kl = per_example(by_chunks(kl_fn, teacher_logits, student_logits, chunk=chunk), mask)
-    w = alpha * torch.ones_like(ce) if anchor_loss is None else aw_weights(anchor_loss, gold_ce(teacher_logits, y, mask, chunk))
+    if anchor_loss is None:
+        w = alpha * torch.ones_like(ce)  # the fixed weight
+    else:                                # AW: l_S against the checkpoint's own gold CE
+        w = aw_weights(anchor_loss, gold_ce(teacher_logits, y, mask, chunk))
     return scd_loss(kl, ce, w), dict(ce=ce, kl=kl, w=w)
 
 

@@ -25,8 +25,9 @@ import data
 import scale
 import scd
 from model import PRESETS
-from plumbing import (Logger, arg, atomic_save, check_finite, checkpoint_dict, global_mean, load_checkpoint, load_weights,
-                      lr_at, optimizer_state, parse_config, prepare, resume_sft, rng_state, run_main, setup_device, shard,
+from plumbing import (Logger, arg, atomic_save, check_finite, checkpoint_dict, global_mean, load_checkpoint,
+                      load_weights, lr_at, optimizer_state, parse_config, prepare, resume_sft, rng_state, run_main,
+                      setup_device, shard,
                       trained_state)
 
 
@@ -36,11 +37,12 @@ class TrainConfig(scale.SystemConfig):  # and the system flags, in scale.py
     data: str = arg("default", "'default' (the committed data/default/) or a folder with train/val/test.jsonl")
     # model
     preset: str = arg("teacher", "model preset (student: the SFT student of the same recipe)", choices=tuple(PRESETS))
-    init_from: str = arg("auto", "auto (the preset's committed base on the default domain, else random init), '' (random "
-                         "init), base, a .pt checkpoint, a GPT-2 name or a model folder")
+    init_from: str = arg("auto", "auto (the preset's committed base on the default domain, else random init), "
+                         "'' (random init), base, a .pt checkpoint, a GPT-2 name or a model folder")
     # optimisation: the main command's recipe on the default domain
-    epochs: int = arg(0, "passes over the training set (0: 24 for the teacher, 12 for a student: the students' budget)", low=0)
-    steps: int = arg(0, "steps in all, instead of --epochs (--ckpt_per_epoch stays per pass over the training set)", low=0)
+    epochs: int = arg(0, "passes over the training set (0: 24 for the teacher, 12 for a student, the students' budget)",
+                      low=0)
+    steps: int = arg(0, "steps in all, instead of --epochs (--ckpt_per_epoch counts per pass over the data)", low=0)
     batch_size: int = arg(16, "examples per step (the global batch under torchrun)", low=1)
     lr: float = arg(3e-3, "peak learning rate (3e-3: the main command's, teacher and students)", low=0)
     weight_decay: float = arg(0.1, "AdamW weight decay on matrices", low=0)
@@ -48,7 +50,8 @@ class TrainConfig(scale.SystemConfig):  # and the system flags, in scale.py
     grad_clip: float = arg(1.0, "clip the gradient norm to this (0: off)", low=0)
     # the trail: what the method reads from this run
     ckpt_per_epoch: float = arg(0.25, "dense checkpoints per epoch, evenly spaced (0.25: one every 4 epochs)", low=0.01)
-    probe_size: int = arg(256, "examples of the schedule's probe (a seeded subset of train) scored at every checkpoint", low=1)
+    probe_size: int = arg(256, "examples of the schedule's probe (a seeded subset of train), scored at each checkpoint",
+                          low=1)
     probe_topk: int = arg(64, "log-probs kept per probe token: the largest k, the rest as one tail mass", low=1)
     # system
     out_dir: str = arg("runs/teacher", "output folder; rerunning the same command resumes it")
@@ -77,16 +80,22 @@ def train(cfg, splits=None):
     train_enc = enc["train"]
     steps_per_epoch = len(train_enc) // cfg.batch_size
     total = cfg.steps or cfg.epochs * steps_per_epoch
-    n_ckpt = max(1, round(total / steps_per_epoch * cfg.ckpt_per_epoch))
+    epochs = total / max(1, steps_per_epoch)  # passes over the training set (--steps need not make whole ones)
+    n_ckpt = max(1, round(epochs * cfg.ckpt_per_epoch))
     ckpt_steps = sorted({round(total * j / n_ckpt) for j in range(1, n_ckpt + 1)})  # section 2.1: evenly spaced
-    print(f"{cfg.preset} from {cfg.init_from or 'random init'} (--init_from): {model.num_params() / 1e6:.2f}M parameters, "
-          f"vocab {tok.vocab_size} | {len(train_enc)} train examples, {total / steps_per_epoch:g} epochs (--epochs), {total} steps, "
+    print(f"{cfg.preset} from {cfg.init_from or 'random init'} (--init_from): {model.num_params() / 1e6:.2f}M "
+          f"parameters, vocab {tok.vocab_size} | {len(train_enc)} train examples, {epochs:g} epochs "
+          f"(--epochs), {total} steps, "
           f"{len(ckpt_steps)} checkpoints | {device}, {dtype}")
-    out = scale.start(cfg, model, tok, None, train_enc, device, dtype, world, len(ckpt_steps))  # memory plan, locked folder
+    # before the first step: the memory plan printed (a run that cannot fit is refused), activation checkpointing
+    # set, an adapter's base cast, the model on its device, the run folder locked
+    out = scale.start(cfg, model, tok, teacher_file=None, train_enc=train_enc, device=device, dtype=dtype, world=world,
+                      n_ckpt=len(ckpt_steps))
     net = scale.wrap(model, cfg, world, dtype)  # DDP or FSDP2 under torchrun; before the optimizer sees the weights
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, 0.95), device.split(":")[0])
     probe = data.ProbeStore(out, train_enc, data.fingerprint(splits["train"]), cfg.probe_size, cfg.seed, cfg.probe_topk)
-    manifest, step = resume_sft(out, cfg, TrainConfig, splits, model, optimizer, scaler, probe, device)  # or a fresh run
+    manifest, step = resume_sft(out, cfg, TrainConfig, splits=splits, model=model, optimizer=optimizer, scaler=scaler,
+                                probe=probe, device=device)  # or a fresh run
     if "test" in manifest and step == total:
         print(f"{out} holds this run, finished: nothing to do")
         return manifest["test"]
@@ -103,23 +112,7 @@ def train(cfg, splits=None):
         with ctx:  # autocast: matmuls in bf16/fp16 on CUDA, the loss in float32 (gold_ce casts)
             loss = scd.gold_ce(net(x, positions=mask), y, mask, chunk).mean()
         check_finite(f"step {step + 1}", loss=loss)  # a NaN stops the run here, before anything is saved
-        # backward and the AdamW step. With fp16 the GradScaler multiplies the loss so that small
-        # gradients survive in fp16, unscales them before clipping, and skips a step whose gradients
-        # overflowed (halving its scale): that is its job, so such steps are counted, not errors.
-        # bf16 and float32 need no scaler, and there a non-finite gradient norm stops the run.
-        (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.unscale_(optimizer)
-        norm = scale.clip_grads(model, cfg.grad_clip)
-        if scaler:
-            before = scaler.get_scale()
-            scaler.step(optimizer)
-            scaler.update()
-            skipped += scaler.get_scale() < before
-        else:
-            check_finite(f"step {step + 1}", grad_norm=norm)
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        skipped += amp_step(loss, optimizer, scaler, model, cfg.grad_clip, f"step {step + 1}")  # backward, clip, AdamW
         step += 1
         loss = global_mean(loss.detach(), world)
         loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
@@ -137,13 +130,15 @@ def train(cfg, splits=None):
                                                 train_loss=round(loss_sum / loss_n, 5),
                                                 val_loss=round(summary["loss"], 5), val_acc=round(summary["acc"], 4)))
             manifest["best"] = scd.best_checkpoint([c["val_loss"] for c in manifest["checkpoints"]])
-            probe.add(step, data.probe_logprobs(model.eval(), probe.probe, tok.eot, device, ctx, cfg.probe_topk, chunk=chunk))
+            probe.add(step, data.probe_logprobs(model.eval(), probe.probe, tok.eot, device, ctx, topk=cfg.probe_topk,
+                                                chunk=chunk))
             model.train()
             atomic_save(probe.data, probe.path)
             atomic_save(manifest, out / "manifest.json")
             state = dict(model=trained_state(model), optimizer=optimizer_state(model, optimizer), step=step,
                          **rng_state(device))
-            atomic_save(state | ({"scaler": scaler.state_dict()} if scaler else {}), out / "state.pt")  # all a resume needs
+            state |= {"scaler": scaler.state_dict()} if scaler else {}
+            atomic_save(state, out / "state.pt")  # all a resume needs
             log.line(f"checkpoint {name}: val loss {summary['loss']:.4f}, val acc {summary['acc']:.3f}")
             loss_sum, loss_n = 0.0, 0
         if step == cfg.stop_at_step:
@@ -163,17 +158,42 @@ def train(cfg, splits=None):
     return summary
 
 
+def amp_step(loss, optimizer, scaler, model, clip, where):
+    """Backward and the AdamW step, written once for both scripts (distill.py calls it too).
+    With fp16 the GradScaler multiplies the loss so that small gradients survive in fp16, unscales
+    them before clipping, and skips a step whose gradients overflowed (halving its scale): that is
+    its job, so such a step is counted (-> 1), not an error. bf16 and float32 need no scaler, and
+    there a non-finite gradient norm stops the run. -> 1 if the scaler skipped the step, else 0."""
+    (scaler.scale(loss) if scaler else loss).backward()
+    if scaler:
+        scaler.unscale_(optimizer)  # the clip below sees the true gradients
+    norm = scale.clip_grads(model, clip)
+    skipped = 0
+    if scaler:
+        before = scaler.get_scale()
+        scaler.step(optimizer)  # skipped if a gradient is inf or NaN
+        scaler.update()
+        skipped = int(scaler.get_scale() < before)
+    else:
+        check_finite(where, grad_norm=norm)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return skipped
+
+
 def finish(cfg, out, manifest, splits, device, ctx, chunk=0, into=None):
     """T*, the checkpoint of lowest validation loss, on test (per-example records) and on
     train: its per-example loss is section 2.2's anchor l_S(x) when this run is the SFT student.
     into: the run's own model, which takes T*'s weights (no second model in memory)."""
     best = manifest["checkpoints"][manifest["best"]]
-    model, tok = load_weights(out / best["file"], into) if into is not None else load_checkpoint(out / best["file"], device)
-    summary, records = data.evaluate(model, splits["test"], tok, device, ctx=ctx, chunk=chunk)  # forced match, as validation
+    path = out / best["file"]
+    model, tok = load_weights(path, into) if into is not None else load_checkpoint(path, device)
+    summary, records = data.evaluate(model, splits["test"], tok, device, ctx=ctx, chunk=chunk)  # as validation
     atomic_save(records, out / "test_records.jsonl")
-    losses = data.example_losses(model, data.encode(splits["train"], tok, model.config.block_size), tok.eot, device, ctx,
-                                 chunk=chunk)
-    atomic_save(dict(fingerprint=manifest["fingerprint"], checkpoint=best["file"], loss=losses), out / "train_losses.json")
+    train = data.encode(splits["train"], tok, model.config.block_size)
+    losses = data.example_losses(model, train, tok.eot, device, ctx, chunk=chunk)
+    anchor = dict(fingerprint=manifest["fingerprint"], checkpoint=best["file"], loss=losses)
+    atomic_save(anchor, out / "train_losses.json")
     manifest["test"] = {k: round(v, 4) for k, v in summary.items()}
     atomic_save(manifest, out / "manifest.json")
     print(f"best checkpoint {best['file']} (step {best['step']}, val loss {best['val_loss']:.4f}) on test: "

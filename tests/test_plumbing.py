@@ -166,9 +166,10 @@ def test_the_pool_is_the_path_to_t_star_even_when_the_teacher_peaks_first(tiny_d
 
 def test_the_loss_gets_the_runs_alpha_direction_and_temperature(tiny_domain, runs, monkeypatch):  # noqa: F811
     calls, real = [], scd.distill_loss
-    monkeypatch.setattr(distill.scd, "distill_loss", lambda *a: calls.append(a[4:]) or real(*a))
+    monkeypatch.setattr(distill.scd, "distill_loss", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     distill.main(dcfg(tiny_domain, runs, "flags", method="kd", stages=1, alpha=0.25, kl_direction="reverse", temperature=2.0))
-    assert calls and all(c[0] == 0.25 and c[1] is None and c[2:4] == ("reverse", 2.0) for c in calls)
+    assert calls and all((c["alpha"], c["anchor_loss"], c["direction"], c["temperature"]) == (0.25, None, "reverse", 2.0)
+                         for c in calls)
 
 
 def test_resampled_probes_are_logged_and_change_nothing_in_the_run(tiny_domain, runs):  # noqa: F811
