@@ -212,52 +212,51 @@ def claims(cfg, seeds):
 
 
 def report(cfg):
+    """report/parity.md and parity.png from the finished seeds: a row per seed, then the claims
+    (with two seeds or more) by the declared rule. -> the claims (claims()), or {} for one seed."""
     seeds = collect(cfg)
     if not seeds:
         raise SystemExit(f"{cfg.out_dir}: no seed of {cfg.seeds} has every condition finished")
-    c = claims(cfg, seeds) if len(seeds) > 1 else None  # one seed: the table, no claims
-    ratio = lambda r: f"{math.exp(r['mean']):.2f} [{math.exp(r['lo']):.2f}, {math.exp(r['hi']):.2f}]"
+    c = claims(cfg, seeds) if len(seeds) > 1 else {}
     budget = cfg.stages * cfg.steps_per_stage
-    lines = [f"# Sparse parity: the positive control (`python -m lab.parity --read true`)", "",
-             f"parity:{cfg.n_bits}:{cfg.k}, {len(seeds)} seeds ({', '.join(map(str, seeds))}), each with its own support, "
-             f"data and teacher; the design and its rule: docs/parity.md. Students: {cfg.stages} stages of "
+    ratio = lambda r: f"{math.exp(r['mean']):.2f} [{math.exp(r['lo']):.2f}, {math.exp(r['hi']):.2f}]"
+    never = lambda s: "never" if s is None else str(s)
+    lines = ["# Sparse parity: the positive control", "",
+             f"`python -m lab.parity --read true`: parity:{cfg.n_bits}:{cfg.k}, {len(seeds)} seeds "
+             f"({', '.join(map(str, seeds))}), each with its own support, data and teacher. The design and its rule, "
+             f"declared before these runs: [docs/parity.md](../docs/parity.md). Students: {cfg.stages} stages of "
              f"{cfg.steps_per_stage} steps ({budget} in all), a validation point every {cfg.eval_every} steps.", "",
              "## Per seed", "",
-             "| seed | transition (teacher steps) | degree-1 peak | " + " | ".join(f"{n} steps to {cfg.threshold:g}"
-                                                                          for n in CONDITIONS) + " | SCD's stages | SCD+AW's stages |",
-             "|" + " --- |" * (5 + len(CONDITIONS))]
+             "| seed | transition (teacher steps) | degree-1 peak (correlation) | "
+             + " | ".join(f"{n}: steps to {cfg.threshold:g}" for n in CONDITIONS) + " | SCD's checkpoints (steps) | "
+             "SCD+AW's |", "|" + " --- |" * (5 + len(CONDITIONS))]
     for seed, s in seeds.items():
-        win = transition(s["trail"])
-        reach = [steps_to(s["runs"][n]["curve"], cfg.threshold) for n in CONDITIONS]
-        lines.append(f"| {seed} | {'none' if win is None else f'{win[0]} to {win[1]}'} | {peak(s['trail'])} | "
-                     + " | ".join("never" if r is None else str(r) for r in reach) + " | "
+        win, p = transition(s["trail"]), max(s["trail"], key=lambda r: r["support"])
+        lines.append(f"| {seed} | {'none' if win is None else f'{win[0]} to {win[1]}'} | {p['step']} ({p['support']:.2f}) | "
+                     + " | ".join(never(steps_to(s["runs"][n]["curve"], cfg.threshold)) for n in CONDITIONS) + " | "
                      + " -> ".join(map(str, s["runs"]["SCD"]["steps"])) + " | "
                      + " -> ".join(map(str, s["runs"]["SCD+AW"]["steps"])) + " |")
-    lines += ["", f"Final test accuracy, mean over seeds: " + ", ".join(
+    lines += ["", "Final test accuracy, mean over seeds: " + ", ".join(
         f"{n} {sum(s['runs'][n]['test'] for s in seeds.values()) / len(seeds):.3f}" for n in CONDITIONS) + ".", "",
-        "## Claims (the declared rule: docs/parity.md)", ""]
-    if c is None:
-        lines += ["One seed: no claim is called.", "", "![parity](parity.png)"]
-        c = {}
+        "## Claims", ""]
+    if not c:
+        lines += ["One seed: no claim is called."]
     else:
-        lines += [
-        f"Steps to validation accuracy {cfg.threshold:g} as a ratio (a run that never gets there counts as "
-        f"{budget + cfg.eval_every} steps, so a ratio against it is an upper bound); geometric mean over seeds, "
-        "95% interval, Holm within each family.", "",
-        "| claim | ratio | p | verdict |", "| --- | --- | --- | --- |"]
-    for b, r in c.get("i", {}).items():
-        lines.append(f"| (i) 2-shot / {b} | {ratio(r)} | {r['p']:.4f} | "
-                     + ("holds" if r["holds"] else "not resolved" if not r["resolved"] else "does not hold") + " |")
-    if c:
+        lines += [f"Steps to validation accuracy {cfg.threshold:g} as a ratio (a run that never gets there counts as "
+                  f"{budget + cfg.eval_every} steps, so a ratio against it is an upper bound): the geometric mean over "
+                  "seeds with its 95% interval, Holm within each family.", "",
+                  "| claim | ratio, or seeds | p | verdict |", "| --- | --- | --- | --- |"]
+        for b, r in c["i"].items():
+            call = "holds" if r["holds"] else "does not hold" if r["resolved"] else "not resolved"
+            lines.append(f"| (i) 2-shot / {b} | {ratio(r)} | {r['p']:.4f} | {call} |")
         ii = c["ii"]
-        lines.append(f"| (ii) SCD's first stage inside the transition; its stages walk to T* | {ii['inside']} of {ii['n']} seeds; "
-                 f"{ii['walks']} of {ii['n']} | | " + ("holds" if ii["holds"] else "does not hold" if ii["fails"] else
-                                                       "not resolved") + " |")
-    for (a, b), r in c.get("iii", {}).items():
-        call = "not resolved" if not r["resolved"] else ("faster" if r["mean"] < 0 else "slower")
-        lines.append(f"| (iii) {a} / {b} | {ratio(r)} | {r['p']:.4f} | {call} |")
-    if c:
-        lines += ["", "![parity](parity.png)"]
+        call = "holds" if ii["holds"] else "does not hold" if ii["fails"] else "not resolved"
+        lines.append(f"| (ii) SCD's first stage inside the transition; its stages walk to T* | {ii['inside']} of "
+                     f"{ii['n']}; {ii['walks']} of {ii['n']} | | {call} |")
+        for (a, b), r in c["iii"].items():
+            call = "not resolved" if not r["resolved"] else ("faster" if r["mean"] < 0 else "slower")
+            lines.append(f"| (iii) {a} / {b} | {ratio(r)} | {r['p']:.4f} | {call} |")
+    lines += ["", "![parity](parity.png)"]
     rep = Path(cfg.report_dir)
     rep.mkdir(parents=True, exist_ok=True)
     figure(cfg, seeds, rep / "parity.png")
@@ -266,39 +265,43 @@ def report(cfg):
     return c
 
 
+COLORS = {"SFT": "0.5", "KD": "C0", "2-shot": "C2", "CD": "C1", "SCD": "C3", "SCD+AW": "C4"}
+
+
 def figure(cfg, seeds, path):
     """Top: the first seed's teacher (validation accuracy and the degree-1 correlation along its
-    trail, the transition shaded) and the checkpoint each method chose at each stage. Below: every
-    condition's learning curve, the mean over seeds and its min..max band."""
-    fig, (top, low) = plt.subplots(2, 1, figsize=(8, 7))
+    trail, the transition shaded) and the checkpoint each schedule distilled from at each stage.
+    Below: every condition's learning curve, the mean over seeds and its min..max band."""
+    fig, (top, low) = plt.subplots(2, 1, figsize=(9, 7.5))
     seed, s = next(iter(seeds.items()))
     steps = [r["step"] for r in s["trail"]]
-    top.plot(steps, [r["val_acc"] for r in s["trail"]], "k-", label="teacher val acc")
-    top.plot(steps, [r["support"] for r in s["trail"]], "k:", label="degree-1 correlation (support bits)")
+    top.plot(steps, [r["val_acc"] for r in s["trail"]], "k-", label="teacher validation accuracy")
+    top.plot(steps, [r["support"] for r in s["trail"]], "k:", label="degree-1 correlation, support bits")
     win = transition(s["trail"])
     if win:
-        top.axvspan(*win, color="0.85", label="transition")
-    for i, name in enumerate(("2-shot", "CD", "SCD", "SCD+AW")):
-        picks = s["runs"][name]["steps"]
-        top.scatter(picks, [1.08 + 0.07 * i] * len(picks), color=f"C{i}", marker="o", s=18)
+        top.axvspan(*win, color="0.88", label="transition")
+    for i, name in enumerate(("KD", "2-shot", "CD", "SCD", "SCD+AW")):
+        y, picks = 1.1 + 0.08 * i, s["runs"][name]["steps"]
+        top.plot(picks, [y] * len(picks), "-o", color=COLORS[name], ms=4, lw=0.6)
         for j, p in enumerate(picks):
-            top.annotate(str(j), (p, 1.08 + 0.07 * i), fontsize=6, xytext=(2, 2), textcoords="offset points")
-        top.text(steps[-1], 1.08 + 0.07 * i, f" {name}", color=f"C{i}", fontsize=7, va="center")
-    top.set(xlabel=f"teacher step (seed {seed}); dots: the checkpoint of each stage, numbered", ylim=(0, 1.4),
-            title=f"Sparse parity {cfg.n_bits}:{cfg.k}: the teacher's trail and each schedule's checkpoints")
+            top.annotate(str(j), (p, y), fontsize=6, xytext=(2, 3), textcoords="offset points", color=COLORS[name])
+        top.text(1.01, y, name, color=COLORS[name], fontsize=8, va="center", transform=top.get_yaxis_transform())
+    top.set(xlabel=f"teacher step (seed {seed}); dots: the checkpoint of stage 0, 1, 2, 3", ylim=(0, 1.52),
+            yticks=[0, 0.25, 0.5, 0.75, 1.0],
+            title=f"Sparse parity {cfg.n_bits}:{cfg.k}: the teacher's trail, and where each schedule distils from")
     top.legend(fontsize=7, loc="center right")
-    for i, name in enumerate(CONDITIONS):
+    for name in CONDITIONS:
         curves = [r["runs"][name]["curve"] for r in seeds.values()]
-        x = [p[0] for p in curves[0]]
-        cols = list(zip(*[[p[1] for p in c] for c in curves]))
-        low.plot(x, [sum(c) / len(c) for c in cols], color=f"C{i + 4}" if i > 3 else f"C{i}", label=name)
-        low.fill_between(x, [min(c) for c in cols], [max(c) for c in cols], alpha=0.15, color=f"C{i + 4}" if i > 3 else f"C{i}")
+        x, cols = [p[0] for p in curves[0]], list(zip(*[[p[1] for p in c] for c in curves]))
+        low.plot(x, [sum(c) / len(c) for c in cols], color=COLORS[name], label=name)
+        low.fill_between(x, [min(c) for c in cols], [max(c) for c in cols], alpha=0.12, color=COLORS[name])
     for j in range(1, cfg.stages):
         low.axvline(j * cfg.steps_per_stage, color="k", lw=0.5, ls=":")
+    low.axhline(cfg.threshold, color="k", lw=0.5)
     low.set(xlabel="student step (dotted: stage boundaries)", ylabel="validation accuracy",
-            title=f"Students: mean over {len(seeds)} seeds, band = min..max")
-    low.legend(fontsize=7)
-    fig.tight_layout()
+            title=f"The students: mean over {len(seeds)} seeds, band = min..max; the line at {cfg.threshold:g}")
+    low.legend(fontsize=7, loc="center right")
+    fig.tight_layout(rect=(0, 0, 0.95, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
