@@ -252,3 +252,30 @@ def test_truncated_manifest_is_named(tmp_path):
     (tmp_path / "manifest.json").write_text('{"checkpoints": [')
     with pytest.raises(plumbing.RunError, match="manifest.json: not valid JSON"):
         plumbing.read_json(tmp_path / "manifest.json")
+
+
+def test_the_shared_step_clips_the_unscaled_gradients_and_counts_a_skipped_step():
+    """train_teacher.amp_step, the one step both scripts take. With an fp16 GradScaler of scale
+    1024 and plain SGD (lr 1), a gradient of norm 5 clipped to 1 moves the weights by exactly 1:
+    clipped before unscaling it would move them by 1/1024. A gradient of inf is skipped (the
+    weights stay) and counted once; a finite step counts 0. Clip 0 is off: the full step, 5."""
+    import train_teacher as tt
+    from torch.amp import GradScaler
+
+    def run(scaler, clip, grad):
+        w = torch.nn.Parameter(torch.zeros(2))
+        model = torch.nn.Module()
+        model.w = w
+        opt = torch.optim.SGD([w], lr=1.0)
+        loss = (w * torch.tensor(grad)).sum()  # the gradient is `grad`
+        skipped = tt.amp_step(loss, opt, scaler, model, clip, "step 1")
+        return w.detach(), skipped
+
+    w, skipped = run(GradScaler("cpu", init_scale=1024.0), 1.0, [3.0, 4.0])
+    assert torch.linalg.norm(w).item() == pytest.approx(1.0, rel=1e-5) and skipped == 0
+    w, skipped = run(None, 0.0, [3.0, 4.0])
+    assert torch.linalg.norm(w).item() == pytest.approx(5.0, rel=1e-5) and skipped == 0
+    w, skipped = run(GradScaler("cpu", init_scale=1024.0), 1.0, [float("inf"), 4.0])
+    assert torch.equal(w, torch.zeros(2)) and skipped == 1
+    with pytest.raises(plumbing.RunError, match="grad_norm"):  # without a scaler a non-finite norm stops the run
+        run(None, 1.0, [float("nan"), 4.0])
