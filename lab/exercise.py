@@ -130,24 +130,25 @@ Part 6. Open; grade the method (hypothesis first, validation for the decision, t
 
 # METHOD.md's pointers to files the copy does not have, made to point inside it (the copy's METHOD.md only)
 METHOD_IN_COPY = {
-    "command-line option, and the README says which default we picked and on what evidence\n(validation figures only).":
+    "command-line option, and `docs/design.md` (its table of choices) says which default we picked\nand on what evidence "
+    "(validation figures only).":
         "command-line option whose default was chosen on validation figures only.",
-    "chosen on validation too (README).": "chosen on validation too.",
+    "chosen on validation too (`docs/results.md`).": "chosen on validation too.",
     " `docs/choices.md` declares how\nthese choices are decided again on validation, and what it found.": "",
-    "**[ours]**); the README gives the error this causes.":
-        "**[ours]**); `tests/test_scd.py` measures the error this causes.",
-    "`python reproduce.py` draws all three (README).":
+    "`python reproduce.py` draws all three in its report (`report/grid/results.md` for the grid).":
         "Parts 3 and 5 of the handout (`notebooks/assignments.ipynb`) read all three from your runs.",
-    "The README says which\nof these the default domain has, and shows the control without it.":
+    "The default domain has\nthe first (20% of its training answers are wrong; `docs/design.md`); `--data default:0` is the\n"
+    "control without it. Sparse parity has the last (`docs/parity.md`).":
         "The default domain has\nthe first: one training answer in five is wrong (`\"noisy\": true` in `data/default/train.jsonl`).",
-    "the default was decided on validation (README).": "the default was decided on validation.",
+    "the default was decided on validation (`docs/results.md`).": "the default was decided on validation.",
     "is this project's addition (`python reproduce.py --grid true`).": "is this project's addition (`distill.py --aw true` with each\n`--method`).",
     "`--base none` in `reproduce.py` is the same recipe from a\n  random initialisation, for comparison.":
         "`--init_from ''` is the same recipe from a\n  random initialisation, for comparison.",
     "validation. `reproduce.py --protocol paper`. The alternative, `--protocol k4`, spends the same\n  budget":
         "validation. The alternative, the default of `distill.py` (`--stages 4`), spends the same\n  budget",
+    " (`lab.domains.corpus`, `python -m lab.pretrain`)": "",
 }
-OUTSIDE = ("README", "reproduce.py", "report/", "docs/", "lab/", "LOG.md")  # what the copy's documents may not name
+OUTSIDE = ("README", "reproduce.py", "report/", "docs/", "lab/", "lab.", "LOG.md")  # what the copy's documents may not name
 
 
 def blank(source, names=EXERCISES):
