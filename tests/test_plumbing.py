@@ -181,3 +181,25 @@ def test_resampled_probes_are_logged_and_change_nothing_in_the_run(tiny_domain, 
     wa, wb = (torch.load(runs / d / "final.pt", weights_only=True)["model"] for d in ("resample2", "resample0"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)  # the extra probes draw on no random stream of the run
     assert data.probe_file(runs / "teacher", 2000, 16, 64).exists()  # stored with the teacher for the next run
+
+
+def test_a_schedule_given_by_hand_distils_from_the_steps_it_names_and_refuses_others(tiny_domain, runs):  # noqa: F811
+    """--method given (the sparse-parity control's 2-shot protocol): the teacher's checkpoints are
+    at steps 3, 6, 9, 12; '6,12,12' distils from step 6, then 12 twice. A step that is no candidate,
+    or one step too few, is refused before anything is written, naming the candidates."""
+    distill.main(dcfg(tiny_domain, runs, "given", method="given", given_steps="6,12,12", stages=3))
+    sched = json.loads((runs / "given" / "schedule.json").read_text())
+    assert [s["teacher_step"] for s in sched["stages"]] == [6, 12, 12] and [s["ckpt"] for s in sched["stages"]] == [1, 3, 3]
+    for bad in ("7,12,12", "6,12"):
+        with pytest.raises(plumbing.RunError, match="3, 6, 9, 12"):
+            distill.main(dcfg(tiny_domain, runs, f"given_{bad}", method="given", given_steps=bad, stages=3))
+        assert not (runs / f"given_{bad}").exists()
+
+
+def test_steps_instead_of_epochs_keeps_the_checkpoints_per_pass(tiny_domain, tmp_path):
+    """train_teacher.py --steps 9: nine steps whatever --epochs says, and --ckpt_per_epoch still
+    counts per pass over the training set: 6 steps a pass (96 examples, batch 16), so 3 a pass
+    over 1.5 passes makes round(4.5) = 4 checkpoints, evenly spaced: steps 2, 4, 7 and 9."""
+    tt.train(cfg(tiny_domain, tmp_path / "s", steps=9, epochs=5, ckpt_per_epoch=3))
+    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert [c["step"] for c in m["checkpoints"]] == [2, 4, 7, 9]
