@@ -298,10 +298,13 @@ def scores(folders, which="best"):
     return np.array([[float(x["correct"]) for x in rs] for rs in recs]), np.array([x["subdomain"] for x in recs[0]])
 
 
-def accuracy(folders, sub=None):
-    """A model's macro-average test accuracy over the seeds (or on one subdomain), with its 95% interval."""
+def accuracy(folders, sub=None, n_boot=1000):
+    """A model's macro-average test accuracy over the seeds (or on one subdomain), with its 95% interval
+    (n_boot resamples of the examples; where only the mean is read, a couple will do: it does not depend on them)."""
     a, g = scores(folders)
-    return stats.paired_interval(a, 0 * a, groups=g) if sub is None else stats.paired_interval(a[:, g == sub], 0 * a[:, g == sub])
+    if sub is None:
+        return stats.paired_interval(a, 0 * a, groups=g, n_boot=n_boot)
+    return stats.paired_interval(a[:, g == sub], 0 * a[:, g == sub], n_boot=n_boot)
 
 
 def interval(r):
@@ -550,7 +553,7 @@ def reach(runs):
         for seed, r in runs.items():
             sched = read(r[n] / "schedule.json")
             picks = [st["ckpt"] for st in sched["stages"]]
-            out[n].append(dict(seed=seed, picks=picks, short=sched["best"] - picks[-1], acc=accuracy([r[n]])["mean"]))
+            out[n].append(dict(seed=seed, picks=picks, short=sched["best"] - picks[-1], acc=accuracy([r[n]], n_boot=2)["mean"]))
     return out
 
 

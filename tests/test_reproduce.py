@@ -156,11 +156,17 @@ def test_a_teacher_best_at_its_first_checkpoint_goes_through_to_the_report(tiny_
     assert "--ckpt_per_epoch" in out and "| the path to T* holds at least 2 candidates" in text and "| 1 to 1 candidates per seed | no |" in text
 
 
-def test_the_committed_grid_report_is_recomputed_from_its_outcomes_file():
+@pytest.fixture(scope="module")
+def grid():
+    """The committed grid's runs, unpacked from its outcomes file once: (config, runs)."""
+    o = reproduce.load_outcomes(ROOT / "report" / "grid" / "outcomes.json.gz")
+    return reproduce.unpack(o)[:2]
+
+
+def test_the_committed_grid_report_is_recomputed_from_its_outcomes_file(grid):
     """report/grid/outcomes.json.gz holds every model's right/wrong on every test example, per
     seed: the claims table computed from it alone is the committed report's, row for row."""
-    o = reproduce.load_outcomes(ROOT / "report" / "grid" / "outcomes.json.gz")
-    cfg, runs, _ = reproduce.unpack(o)
+    cfg, runs = grid
     table = reproduce.claims_table(reproduce.claim_rows(runs)).splitlines()
     committed = (ROOT / "report" / "grid" / "results.md").read_text(encoding="utf-8").splitlines()
     start = committed.index(table[0])
@@ -233,3 +239,13 @@ def test_the_primary_stays_out_of_the_secondary_claims_holm_family():
     assert [round(x, 3) for x in p] == [0.300, 0.020, 0.024]
     assert verdicts[1].startswith("holds") and verdicts[2].startswith("holds")
     assert stats.holm(p) == [False, False, False]  # what the family with the primary in it would have said
+
+
+def test_the_code_that_writes_the_reach_section_gives_the_committed_section(grid):
+    """lab.reproduce.reach_section itself (where each SCD run's last stage ended, the test figures
+    by where it ended, the lock-in counts of term_scales), run on the runs unpacked from the
+    outcomes file: every line it writes is in the committed report, in one block. The test above
+    recomputes the same figures without this code; together they hold the code to the file."""
+    section = reproduce.reach_section(grid[1])
+    committed = (ROOT / "report" / "grid" / "results.md").read_text(encoding="utf-8")
+    assert section in committed and "chose T* on 0 of 16 seeds" in section and "| SCD | 1 |" in section

@@ -97,19 +97,22 @@ def test_verdicts_say_inconclusive_and_when_the_paper_s_effect_is_excluded():
 def test_the_choices_study_reads_best_validation_and_applies_its_declared_rule(tmp_path):
     """lab.choices --read on made-up run folders: V3's SCD+AW is 2 points better on every one
     of 8 seeds with a little spread (resolved after Holm: "better"), V1's 1 point worse on
-    every seed with the same spread (resolved: "harmful"), the others equal to the default
-    (not resolved). The best stage's val_acc is what is read, not the last."""
+    every seed with the same spread (resolved: "harmful"), V4's 0.6 points better with a raw p of
+    0.023 (below 0.05, but Holm's third threshold is 0.05 / 3: not resolved), the others equal
+    to the default (not resolved). The best stage's val_acc is what is read, not the last."""
     import json
     from lab import choices
     rng = np.random.default_rng(0)
     seeds = list(range(100, 108))
     shift = {"V1": -0.01, "V3": 0.02}
+    v4 = dict(zip(seeds, [0.01, 0.012, 0.008, 0.011, 0.0, -0.004, 0.009, 0.002]))  # mean 0.006, p 0.023
     for s in seeds:
         base = 0.7 + 0.05 * rng.random()
         noise = 0.002 * rng.standard_normal()
         for v in [""] + list(choices.VARIANTS):
             for m in ("scd", "scd_aw"):
                 best = base + (shift.get(v, 0.0) + noise if v and m == "scd_aw" else 0.0)
+                best = base + v4[s] if v == "V4" and m == "scd_aw" else best
                 folder = tmp_path / f"seed{s}" / (f"{m}_{v}" if v else m)
                 folder.mkdir(parents=True)
                 last = best - (0.2 if v else 0.05)  # read the last stage instead, and every variant is harmful
@@ -119,3 +122,4 @@ def test_the_choices_study_reads_best_validation_and_applies_its_declared_rule(t
     assert row("V3").endswith("| resolved | better |") and "| 8 | +2.0 |" in row("V3")
     assert row("V1").endswith("| resolved | harmful |") and "| 8 | -1.0 |" in row("V1")
     assert row("V2").endswith("| not resolved | not resolved |") and "| 8 | " in row("V2")
+    assert row("V4").endswith("| not resolved | not resolved |") and "| 8 | +0.6 |" in row("V4") and "| 0.023 |" in row("V4")
