@@ -110,7 +110,7 @@ def main(cfg, splits=None):
                                  cache_gib=cfg.teacher_cache_gib, topk=cfg.teacher_topk, chunk=cfg.logit_chunk)
     lengths = [len(p) + len(a) for p, a in train_enc]  # for the batch order
     chunk = data.logit_chunk(student.config.vocab_size, cfg.logit_chunk)  # answer positions per piece of the head
-    net = scale.wrap(student, cfg, world, dtype)  # DDP or FSDP2 under torchrun; compiled with --compile
+    net = scale.wrap(student, cfg, world=world, dtype=dtype)  # DDP or FSDP2 under torchrun; compiled with --compile
     log = Logger(out, rank, total=cfg.stages * cfg.steps_per_stage, start_step=stage * cfg.steps_per_stage,
                  log_every=cfg.log_every)
 
@@ -144,7 +144,7 @@ def main(cfg, splits=None):
                                                direction=cfg.kl_direction, temperature=cfg.temperature, chunk=chunk)
             where = f"step {step + 1} (stage {stage})"
             check_finite(where, **parts, loss=loss)  # a NaN stops the run here, before anything is saved
-            skipped += amp_step(loss, optimizer, scaler, student, cfg.grad_clip, where)  # with fp16's GradScaler
+            skipped += amp_step(loss, optimizer, scaler, student, clip=cfg.grad_clip, where=where)  # fp16: GradScaler
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:  # a learning-curve point, on validation
                 point = data.evaluate(student, val, tok, device, ctx=ctx, chunk=chunk)[0]["acc"]
                 row.setdefault("curve", []).append([step + 1, point])
@@ -191,16 +191,16 @@ def main(cfg, splits=None):
 # the schedule (section 2.3)
 
 def choose(cfg, stage, schedule, student, probes, pool, eot, device, ctx, world):
-    """Stage k's teacher checkpoint c_k, as its index c in the pool (None: SFT), and the schedule
-    row that logs it. SCD: c_k = argmin_c KL(p_T* || p_c) + D(p_student, p_c) on the run's probe,
-    with both terms for every candidate and the choices the resampled probes would have made
-    (logged, never used). KD: T*; CD: a fixed walk from the first candidate to T*; given: by hand."""
+    """Stage k's checkpoint c_k as its index c in the pool (None: SFT), and the schedule row that logs
+    it: for SCD both terms of every candidate and the resampled probes' choices (logged, never used).
+    SCD: scd.scd_checkpoint on the probe; KD: T*; CD: a fixed walk from the first candidate; given: by hand."""
     row, c, t_star = dict(stage=stage), None, len(pool) - 1  # T* is the pool's last candidate
     if cfg.method == "scd":
         prev = schedule[-1]["ckpt"] if schedule else None  # --monotone's floor: the previous stage's choice
         picks = []
         for probe, cache in probes:  # argmin_c lambda KL(p_T* || p_c) + KL(p_c || p_student), the student as it is now
-            pieces = scale.probe_pieces(student.eval(), probe, cache, t_star, eot, device, ctx, chunk=cfg.logit_chunk)
+            pieces = scale.probe_pieces(student.eval(), probe, cache, best=t_star, eot=eot, device=device, ctx=ctx,
+                                        chunk=cfg.logit_chunk)
             picks.append(scd.scd_checkpoint(pieces, cfg.student_term, weight=cfg.schedule_weight, prev=prev,
                                             monotone=cfg.monotone))
         c, kl_best, kl_student = picks[0]  # the run's probe; the resampled probes' choices are only logged

@@ -75,23 +75,22 @@ def train(cfg, splits=None):
     ckpt_steps. splits: the domain already loaded (the lab's generated ones); default: --data."""
     t_start = time.time()
     device, dtype, ctx, scaler, rank, world = setup_device(cfg.device, cfg.dtype)
-    splits, tok, model, enc = prepare(cfg.data, cfg.preset, cfg.seed, cfg.init_from, splits,
-                                      (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout))
+    splits, tok, model, enc = prepare(cfg.data, cfg.preset, seed=cfg.seed, init_from=cfg.init_from, splits=splits,
+                                      lora=(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout))
     train_enc = enc["train"]
     steps_per_epoch = len(train_enc) // cfg.batch_size
     total = cfg.steps or cfg.epochs * steps_per_epoch
     epochs = total / max(1, steps_per_epoch)  # passes over the training set (--steps need not make whole ones)
-    n_ckpt = max(1, round(epochs * cfg.ckpt_per_epoch))
+    n_ckpt = max(1, round(epochs * cfg.ckpt_per_epoch))  # M, the dense checkpoints of the trail
     ckpt_steps = sorted({round(total * j / n_ckpt) for j in range(1, n_ckpt + 1)})  # section 2.1: evenly spaced
     print(f"{cfg.preset} from {cfg.init_from or 'random init'} (--init_from): {model.num_params() / 1e6:.2f}M "
           f"parameters, vocab {tok.vocab_size} | {len(train_enc)} train examples, {epochs:g} epochs "
-          f"(--epochs), {total} steps, "
-          f"{len(ckpt_steps)} checkpoints | {device}, {dtype}")
+          f"(--epochs), {total} steps, {len(ckpt_steps)} checkpoints | {device}, {dtype}")
     # before the first step: the memory plan printed (a run that cannot fit is refused), activation checkpointing
     # set, an adapter's base cast, the model on its device, the run folder locked
     out = scale.start(cfg, model, tok, teacher_file=None, train_enc=train_enc, device=device, dtype=dtype, world=world,
                       n_ckpt=len(ckpt_steps))
-    net = scale.wrap(model, cfg, world, dtype)  # DDP or FSDP2 under torchrun; before the optimizer sees the weights
+    net = scale.wrap(model, cfg, world=world, dtype=dtype)  # DDP or FSDP2 under torchrun; before the optimizer
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, 0.95), device.split(":")[0])
     probe = data.ProbeStore(out, train_enc, data.fingerprint(splits["train"]), cfg.probe_size, cfg.seed, cfg.probe_topk)
     manifest, step = resume_sft(out, cfg, TrainConfig, splits=splits, model=model, optimizer=optimizer, scaler=scaler,
@@ -112,7 +111,7 @@ def train(cfg, splits=None):
         with ctx:  # autocast: matmuls in bf16/fp16 on CUDA, the loss in float32 (gold_ce casts)
             loss = scd.gold_ce(net(x, positions=mask), y, mask, chunk).mean()
         check_finite(f"step {step + 1}", loss=loss)  # a NaN stops the run here, before anything is saved
-        skipped += amp_step(loss, optimizer, scaler, model, cfg.grad_clip, f"step {step + 1}")  # backward, clip, AdamW
+        skipped += amp_step(loss, optimizer, scaler, model, clip=cfg.grad_clip, where=f"step {step + 1}")
         step += 1
         loss = global_mean(loss.detach(), world)
         loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
