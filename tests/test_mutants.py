@@ -160,7 +160,7 @@ def run_mutant(name, dst):
     (pytest's exit code, the end of its output)."""
     file, good, bad, tests = MUTANTS[name]
     for p in ROOT.iterdir():
-        if p.suffix == ".py" or p.name in ("tests", "assets", "lab", "data"):
+        if p.suffix == ".py" or p.name in ("tests", "assets", "lab", "data", "report"):  # report: the committed grid
             (shutil.copytree if p.is_dir() else shutil.copy)(p, dst / p.name)
     src = (ROOT / file).read_text(encoding="utf-8")
     if src.count(good) != 1:
