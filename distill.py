@@ -11,22 +11,19 @@ checkpoint c_k, chosen by the method's policy, with a fresh optimizer and a rest
 Reads a teacher run (train_teacher.py) and the SFT student's run (AW's anchor l_S). Writes
 schedule.json (c_k and, for SCD, both terms of every candidate), best.pt and final.pt with test
 records, results.json, log.txt, and state.pt per stage (rerun to resume). scale.py keeps what
-only scale needs; train_teacher.amp_step is the step both scripts take, with fp16's GradScaler.
+only scale needs; amp_step below is the step both scripts take, with fp16's GradScaler.
 """
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
-
 import data
 import scale
 import scd
-from model import PRESETS, merge_lora
-from plumbing import (Logger, RunError, arg, atomic_save, check_finite, check_pool, check_same_start, checkpoint_dict,
-                      evaluate_students, load_checkpoint, lr_at, parse_config, prepare, read_json, resume_stages,
-                      run_main, setup_device, shard, teacher_manifest, trained_state)
-from train_teacher import amp_step
+from model import PRESETS
+from plumbing import (Logger, arg, atomic_save, check_finite, check_pool, checkpoint_dict, evaluate_students, lr_at,
+                      parse_config, prepare, resume_stages, run_main, setup_device, sft_anchor, shard, teacher_manifest,
+                      trained_state)
 
 
 @dataclass
@@ -187,6 +184,29 @@ def main(cfg, splits=None):
     return results
 
 
+def amp_step(loss, optimizer, scaler, model, clip, where):
+    """Backward and the AdamW step, written once for both scripts (train_teacher.py calls it too).
+    With fp16 the GradScaler multiplies the loss so that small gradients survive in fp16, unscales
+    them before clipping, and skips a step whose gradients overflowed (halving its scale): that is
+    its job, so such a step is counted (-> 1), not an error. bf16 and float32 need no scaler, and
+    there a non-finite gradient norm stops the run. -> 1 if the scaler skipped the step, else 0."""
+    (scaler.scale(loss) if scaler else loss).backward()
+    if scaler:
+        scaler.unscale_(optimizer)  # the clip below sees the true gradients
+    norm = scale.clip_grads(model, clip)
+    skipped = 0
+    if scaler:
+        before = scaler.get_scale()
+        scaler.step(optimizer)  # skipped if a gradient is inf or NaN
+        scaler.update()
+        skipped = int(scaler.get_scale() < before)
+    else:
+        check_finite(where, grad_norm=norm)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return skipped
+
+
 # -----------------------------------------------------------------------------
 # the schedule (section 2.3)
 
@@ -222,28 +242,6 @@ def teacher_pool(cfg):
     ckpts, t_star = manifest["checkpoints"], manifest["checkpoints"][manifest["best"]]
     pool = [c for c in ckpts if cfg.pool_start * t_star["step"] <= c["step"] <= t_star["step"]]
     return tdir, check_pool(tdir, pool, cfg), len(pool) - 1  # one candidate: CD and SCD are KD, and it says so
-
-
-# -----------------------------------------------------------------------------
-# the anchor l_S (section 2.2)
-
-def sft_anchor(cfg, train_fp, n_train, student, device):
-    """The SFT student run: AW's anchor l_S for this very training set (None without AW),
-    after a check that the student starts where the SFT student did; with --start anchor,
-    the student takes the SFT student's trained weights (its checkpoint of lowest val loss)."""
-    adir, anchor = Path(cfg.anchor_dir), None
-    if cfg.aw:
-        a = read_json(adir / "train_losses.json")
-        if a["fingerprint"] != train_fp or len(a["loss"]) != n_train:
-            raise RunError(f"{adir / 'train_losses.json'}: made for other training data ({a['fingerprint']})")
-        anchor = torch.tensor(a["loss"], device=device)
-    if cfg.start == "anchor" or cfg.aw or (adir / "config.json").exists():
-        check_same_start(cfg, adir)  # seed, init and preset: "the SFT student's initialisation"
-    if cfg.start == "anchor":
-        m = read_json(adir / "manifest.json")
-        sft = load_checkpoint(adir / m["checkpoints"][m["best"]]["file"])[0]
-        student.load_state_dict(merge_lora(sft).state_dict() if not student.lora else sft.state_dict())
-    return anchor
 
 
 if __name__ == "__main__":

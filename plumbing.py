@@ -26,7 +26,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 import data
-from model import GPT, GPT2_NAMES, GPTConfig, PRESETS, Llama, add_lora, build, lora_state, rope_frequencies
+from model import GPT, GPT2_NAMES, GPTConfig, PRESETS, Llama, add_lora, build, lora_state, merge_lora, rope_frequencies
 
 
 def arg(default, help, choices=None, low=None):
@@ -726,3 +726,22 @@ class FolderTokenizer:
 
     def decode(self, ids):
         return self.tk.decode(ids)
+
+
+def sft_anchor(cfg, train_fp, n_train, student, device):
+    """distill.py's reading of the SFT student run (METHOD.md section 2.2): AW's anchor l_S for this very training set (None without AW),
+    after a check that the student starts where the SFT student did; with --start anchor,
+    the student takes the SFT student's trained weights (its checkpoint of lowest val loss)."""
+    adir, anchor = Path(cfg.anchor_dir), None
+    if cfg.aw:
+        a = read_json(adir / "train_losses.json")
+        if a["fingerprint"] != train_fp or len(a["loss"]) != n_train:
+            raise RunError(f"{adir / 'train_losses.json'}: made for other training data ({a['fingerprint']})")
+        anchor = torch.tensor(a["loss"], device=device)
+    if cfg.start == "anchor" or cfg.aw or (adir / "config.json").exists():
+        check_same_start(cfg, adir)  # seed, init and preset: "the SFT student's initialisation"
+    if cfg.start == "anchor":
+        m = read_json(adir / "manifest.json")
+        sft = load_checkpoint(adir / m["checkpoints"][m["best"]]["file"])[0]
+        student.load_state_dict(merge_lora(sft).state_dict() if not student.lora else sft.state_dict())
+    return anchor

@@ -24,6 +24,7 @@ from pathlib import Path
 import data
 import scale
 import scd
+from distill import amp_step
 from model import PRESETS
 from plumbing import (Logger, arg, atomic_save, check_finite, checkpoint_dict, global_mean, load_checkpoint,
                       load_weights, lr_at, optimizer_state, parse_config, prepare, resume_sft, rng_state, run_main,
@@ -111,6 +112,8 @@ def train(cfg, splits=None):
         with ctx:  # autocast: matmuls in bf16/fp16 on CUDA, the loss in float32 (gold_ce casts)
             loss = scd.gold_ce(net(x, positions=mask), y, mask, chunk).mean()
         check_finite(f"step {step + 1}", loss=loss)  # a NaN stops the run here, before anything is saved
+        # backward, clip and the AdamW step: distill.amp_step, the one step both scripts take (with fp16, the
+        # GradScaler skips a step whose gradients overflowed, and it is counted)
         skipped += amp_step(loss, optimizer, scaler, model, clip=cfg.grad_clip, where=f"step {step + 1}")
         step += 1
         loss = global_mean(loss.detach(), world)
@@ -155,29 +158,6 @@ def train(cfg, splits=None):
     print(f"evaluation (validation at every checkpoint, test, the anchor's training losses) took {t_eval:.1f}s "
           f"of {wall:.0f}s ({100 * t_eval / wall:.1f}%)")
     return summary
-
-
-def amp_step(loss, optimizer, scaler, model, clip, where):
-    """Backward and the AdamW step, written once for both scripts (distill.py calls it too).
-    With fp16 the GradScaler multiplies the loss so that small gradients survive in fp16, unscales
-    them before clipping, and skips a step whose gradients overflowed (halving its scale): that is
-    its job, so such a step is counted (-> 1), not an error. bf16 and float32 need no scaler, and
-    there a non-finite gradient norm stops the run. -> 1 if the scaler skipped the step, else 0."""
-    (scaler.scale(loss) if scaler else loss).backward()
-    if scaler:
-        scaler.unscale_(optimizer)  # the clip below sees the true gradients
-    norm = scale.clip_grads(model, clip)
-    skipped = 0
-    if scaler:
-        before = scaler.get_scale()
-        scaler.step(optimizer)  # skipped if a gradient is inf or NaN
-        scaler.update()
-        skipped = int(scaler.get_scale() < before)
-    else:
-        check_finite(where, grad_norm=norm)
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return skipped
 
 
 def finish(cfg, out, manifest, splits, device, ctx, chunk=0, into=None):

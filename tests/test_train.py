@@ -255,7 +255,7 @@ def test_truncated_manifest_is_named(tmp_path):
 
 
 def test_the_shared_step_clips_the_unscaled_gradients_and_counts_a_skipped_step():
-    """train_teacher.amp_step, the one step both scripts take. With an fp16 GradScaler of scale
+    """distill.amp_step, the one step both scripts take. With an fp16 GradScaler of scale
     1024 and plain SGD (lr 1), a gradient of norm 5 clipped to 1 moves the weights by exactly 1:
     clipped before unscaling it would move them by 1/1024. A gradient of inf is skipped (the
     weights stay) and counted once; a finite step counts 0. Clip 0 is off: the full step, 5."""
