@@ -57,6 +57,7 @@ class Tokenizer:
             self.to_model = {g: i for i, g in enumerate(ids)}
             self.eot, self.vocab_size = 0, len(ids)
         self.identity = ("gpt2", None if ids is None else tuple(ids))  # what teacher and student must share
+        self.bos = []  # GPT-2 starts a text with no special token (a model folder's tokenizer may)
 
     @classmethod
     def compact(cls, texts):
@@ -152,7 +153,9 @@ def encode(examples, tok, block_size):
     naming its file and line: never a silent truncation."""
     out = []
     for i, ex in enumerate(examples):
-        p, a = tok.encode(ex["prompt"]) or [tok.eot], tok.encode(ex["answer"])  # no prompt: EOT starts a text
+        # the text as the base model saw it: its BOS first, where its tokenizer adds one (Llama 3);
+        # no BOS and no prompt: EOT starts the text
+        p, a = tok.bos + tok.encode(ex["prompt"]) or [tok.eot], tok.encode(ex["answer"])
         if len(p) + len(a) > block_size:  # the input drops the last token (EOT), so this is the limit
             where = ex.get("src", f"example {i}")
             raise DataError(f"{where}: field 'prompt'+'answer' is {len(p) + len(a)} tokens, more than the "
@@ -274,6 +277,11 @@ def probe_examples(train_enc, size, seed):
     idx = sorted(torch.randperm(len(train_enc), generator=g)[:size].tolist(), key=lambda i: sum(map(len, train_enc[i])))
     enc = [train_enc[i] for i in idx]
     return idx, enc, hashlib.sha256(json.dumps([idx, enc]).encode()).hexdigest()[:16]
+
+
+def probe_seeds(seed, resamples):
+    """The seeds of a run's probe and of the `resamples` others its choice is checked on."""
+    return [seed + 1000 * r for r in range(1 + resamples)]
 
 
 def probe_file(folder, seed, size, topk):

@@ -99,9 +99,9 @@ def main(cfg, splits=None):
     if done is not None:  # a finished run: its results
         return done
     t0 = time.time()  # the probe, and --probe_resamples others drawn with other seeds (does the choice survive?)
-    probes = [scale.stored_probe(tdir, pool, train_enc, train_fp, size=cfg.probe_size, seed=cfg.seed + 1000 * r,
-                                 topk=cfg.probe_topk, eot=tok.eot, device=device, ctx=ctx, chunk=cfg.logit_chunk)
-              for r in range(1 + cfg.probe_resamples) if cfg.method == "scd"]
+    probes = [scale.stored_probe(tdir, pool, train_enc, train_fp, size=cfg.probe_size, seed=s, topk=cfg.probe_topk,
+                                 eot=tok.eot, device=device, ctx=ctx, chunk=cfg.logit_chunk)
+              for s in data.probe_seeds(cfg.seed, cfg.probe_resamples) if cfg.method == "scd"]
     t_choose, t_eval, skipped = time.time() - t0, 0.0, 0  # seconds choosing and evaluating; fp16's skipped steps
     teacher = scale.StageTeacher(tdir, train_enc, tok.eot, device=device, dtype=dtype, ctx=ctx,
                                  cache_gib=cfg.teacher_cache_gib, topk=cfg.teacher_topk, chunk=cfg.logit_chunk)

@@ -26,7 +26,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 import data
-from model import GPT, GPT2_NAMES, GPTConfig, PRESETS, Llama, add_lora, build, lora_state, merge_lora, rope_frequencies
+from model import GPT, GPT2_NAMES, GPTConfig, PRESETS, add_lora, build, lora_state, merge_lora, rope_frequencies
 
 
 def arg(default, help, choices=None, low=None):
@@ -228,13 +228,37 @@ def load_checkpoint(path, device="cpu", into=None):
                               f"{weights_sha(base)[:16]}") + ": restore that base, or retrain the trail on this one")
         model = load_folder(base) if base.is_dir() else load_checkpoint(base)[0]
         adapt(model, base, lora["rank"], lora["alpha"], lora["dropout"])
-    else:
-        model = build(GPTConfig(**ck["model_config"]))
+    else:  # the weights become the model's own, one file tensor at a time (near one copy in memory)
+        model, weights = empty_model(GPTConfig(**ck["model_config"]), None), ck.pop("model")
+        ck["model"] = {k: weights.pop(k).float() for k in list(weights)}  # each file tensor let go once converted
     try:
-        load_trained(model, ck["model"])
+        load_trained(model, ck["model"]) if model.lora else model.load_state_dict(ck["model"], assign=True)
     except Exception as e:
         raise RunError(f"{path}: its weights do not fit the model ({type(e).__name__}: {e})") from None
+    tie(model)
     return (model if model is into else model.to(device)).eval(), tokenizer(ck["vocab"])
+
+
+def empty_model(config, device="cpu"):
+    """A model of this config that allocates nothing it does not need: built on the meta device
+    (nothing drawn at random), then given uninitialised float32 memory on `device` (None: none
+    at all, for weights assigned from a file), its tied head and computed RoPE buffer set."""
+    with torch.device("meta"):
+        model = build(config)  # shapes only
+    if device is not None:
+        model.to_empty(device=device)
+    return tie(model)
+
+
+def tie(model):
+    """The head tied to the embedding again and RoPE's inverse frequencies computed (neither is
+    in a file): after to_empty or an assigning load_state_dict, each module has its own tensor."""
+    c = model.config
+    if c.arch != "llama" or c.tie_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight if c.arch != "llama" else model.model.embed_tokens.weight
+    if c.arch == "llama":
+        model.inv_freq = rope_frequencies(c).to(model.lm_head.weight.device)
+    return model
 
 
 def teacher_manifest(tdir, pool_start):
@@ -275,9 +299,12 @@ def check_teacher(path, tok, student):
     t_model, t_tok = load_checkpoint(path)
     tdir = Path(path).parent
     if t_tok.identity != tok.identity:
-        raise RunError(f"{tdir} has another tokenizer than the student (vocabulary {t_tok.vocab_size} vs {tok.vocab_size}"
-                       + (f", tokenizer.json sha {t_tok.identity[2]} vs {tok.identity[2]})" if t_tok.identity[0] == tok.identity[0]
-                          == "tokenizer.json" else ")") + ": distillation compares their distributions token by token")
+        what = (f"vocabulary {t_tok.vocab_size} vs {tok.vocab_size}" if t_tok.vocab_size != tok.vocab_size else
+                f"end token {t_tok.eot} vs {tok.eot}" if t_tok.eot != tok.eot else
+                tokenizer_difference(t_tok.content, tok.content) if hasattr(t_tok, "content") and hasattr(tok, "content")
+                else f"{t_tok.identity[0]} vs {tok.identity[0]}")
+        raise RunError(f"{tdir} has another tokenizer than the student ({what}): "
+                       "distillation compares their distributions token by token")
     if t_model.config.block_size < student.config.block_size:
         raise RunError(f"{tdir} has a shorter context ({t_model.config.block_size}) than the student ({student.config.block_size})")
     return t_model
@@ -488,10 +515,10 @@ def rng_state(device):
     return dict(rng=torch.get_rng_state()) | ({"cuda_rng": torch.cuda.get_rng_state(device)} if device.startswith("cuda") else {})
 
 
-def resume_sft(out, cfg, cls, splits, model, optimizer, scaler, probe, device):
+def resume_sft(out, cfg, cls, splits, model, optimizer, scaler, probes, device):
     """train_teacher.py's resume: a folder holding this very run continues from its last
     checkpoint with everything restored (weights, optimizer, scaler, torch's RNG on the CPU and
-    the device, so dropout continues as if never stopped; the manifest and the probe's log-probs
+    the device, so dropout continues as if never stopped; the manifest and the probes' log-probs
     up to that step). The state file is read onto the CPU whatever device wrote it, and copied
     into the live model and optimizer: no second copy of them on the device.
     -> (manifest, the step to start at)."""
@@ -509,7 +536,8 @@ def resume_sft(out, cfg, cls, splits, model, optimizer, scaler, probe, device):
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         step, manifest = state["step"], read_json(out / "manifest.json")
         manifest["checkpoints"] = [c for c in manifest["checkpoints"] if c["step"] <= step]
-        probe.load(up_to=step)
+        for probe in probes:
+            probe.load(up_to=step)
         if "test" not in manifest:
             print(f"resuming {out} from step {step}")
     atomic_save(dict(config, out_dir=str(out)), out / "config.json")
@@ -650,12 +678,7 @@ def load_folder(path):
         sd = {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v.float() for k, v in tensors}
         sd.setdefault("lm_head.weight", sd["transformer.wte.weight"])
         return GPT.from_hf(sd, config)
-    with torch.device("meta"):
-        model = Llama(config)  # shapes only: nothing allocated, nothing drawn
-    model.to_empty(device="cpu")  # one float32 copy, uninitialised
-    if config.tie_embeddings:  # to_empty gives each module its own tensor: tie them again
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.inv_freq.copy_(rope_frequencies(config))  # a computed buffer, not in the files
+    model = empty_model(config)  # one float32 copy, uninitialised, its head tied again
     want, seen = model.state_dict(keep_vars=True), set()
     for name, t in tensors:
         if name.endswith("rotary_emb.inv_freq"):
@@ -695,20 +718,56 @@ def read_safetensors(path):
             yield name, raw.view(SAFETENSORS_DTYPES[h["dtype"]]).reshape(h["shape"])
 
 
+def tokenizer_content(tj):
+    """What ids a tokenizer.json gives a text, and so what distributions compared token by token
+    depend on, in one canonical form: the vocabulary and merges, the special tokens, the rules
+    that cut and wrap a text (normaliser, pre-tokeniser, post-processor). Key order, whitespace,
+    the two ways merges are written, and a one-element or empty Sequence do not count."""
+    def canon(x):
+        if isinstance(x, dict):
+            if x.get("type") == "Sequence":  # a Sequence of one rule is that rule; of none, no rule
+                inner = next((v for k, v in x.items() if k != "type" and isinstance(v, list)), None)
+                if inner is not None and len(inner) <= 1:
+                    return canon(inner[0]) if inner else None
+            return {k: canon(v) for k, v in sorted(x.items())}
+        return [canon(v) for v in x] if isinstance(x, list) else x
+    model = dict(tj.get("model") or {})
+    merges = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.pop("merges", [])]
+    return {"vocabulary": canon(model.pop("vocab", None)), "merges": merges,
+            "special tokens": sorted((t["id"], t["content"], bool(t.get("special"))) for t in tj.get("added_tokens", [])),
+            "model": canon(model), **{k: canon(tj.get(k)) for k in ("normalizer", "pre_tokenizer", "post_processor")}}
+
+
+def tokenizer_difference(a, b):
+    """The first part of two tokenizer_content()s that differs, in words (None if none does)."""
+    for k in a:
+        if a[k] != b[k]:
+            if isinstance(a[k], list) and isinstance(b[k], list):
+                i = next((i for i, (x, y) in enumerate(zip(a[k], b[k])) if x != y), min(len(a[k]), len(b[k])))
+                at = lambda v: repr(v[i]) if i < len(v) else "nothing"  # noqa: E731
+                return f"{k} differ at entry {i} ({at(a[k])} vs {at(b[k])})"
+            if isinstance(a[k], dict) and isinstance(b[k], dict):
+                key = next(x for x in sorted(set(a[k]) | set(b[k]), key=str) if a[k].get(x) != b[k].get(x))
+                return f"{k} differ at {key!r} ({a[k].get(key)!r} vs {b[k].get(key)!r})"
+            return f"{k} differ"
+    return None
+
+
 class FolderTokenizer:
     """A model folder's tokenizer.json, read by Hugging Face's tokenizers library. The same
-    interface as data.Tokenizer; ids are the model's own. spec (what checkpoints store)
-    names the folder and the file's sha256, and identity is what teacher and student must
-    share: the vocabulary size and that hash."""
+    interface as data.Tokenizer; ids are the model's own. spec (what checkpoints store) names
+    the folder and a digest of the file's content (tokenizer_content), and identity is what
+    teacher and student must share: that content, the vocabulary size and the end token."""
 
     def __init__(self, spec):
         from tokenizers import Tokenizer  # the optional extra
         folder = Path(spec["folder"] if isinstance(spec, dict) else spec)
-        raw = (folder / "tokenizer.json").read_bytes()
-        sha = hashlib.sha256(raw).hexdigest()[:16]
-        if isinstance(spec, dict) and spec["sha"] != sha:
-            raise UnsupportedModel(f"{folder}/tokenizer.json has changed since the run was made (sha {sha}, not {spec['sha']})")
-        self.tk = Tokenizer.from_str(raw.decode("utf-8"))
+        text = (folder / "tokenizer.json").read_text(encoding="utf-8")
+        self.content = tokenizer_content(json.loads(text))
+        digest = hashlib.sha256(json.dumps(self.content, sort_keys=True).encode()).hexdigest()[:16]
+        if isinstance(spec, dict) and spec["sha"] != digest:
+            raise UnsupportedModel(f"{folder}/tokenizer.json has changed since the run was made (content {digest}, not {spec['sha']})")
+        self.tk = Tokenizer.from_str(text)
         c = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         # The end token every answer is followed by. Llama 3's instruction-tuned configs list
         # several ([128001, 128008, 128009]: <|end_of_text|>, <|eom_id|>, <|eot_id|>); the first
@@ -718,11 +777,19 @@ class FolderTokenizer:
         self.eot = eos[0] if isinstance(eos, list) and eos else eos
         if not isinstance(self.eot, int):
             raise UnsupportedModel(f"{folder}/config.json: field 'eos_token_id' is missing or empty: answers need an end token")
-        self.vocab_size, self.ids = c["vocab_size"], dict(folder=str(folder), sha=sha)
-        self.identity = ("tokenizer.json", self.vocab_size, sha, self.eot)  # teacher and student end answers alike
+        # What the tokenizer's own post-processor puts around every text, as the base model saw
+        # it in pretraining: Llama 3 starts each with <|begin_of_text|>, Qwen2 and GPT-2 add nothing.
+        plain, full = self.tk.encode("a", add_special_tokens=False).ids, self.tk.encode("a", add_special_tokens=True).ids
+        i = next(i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain)
+        self.bos, after = full[:i], full[i + len(plain):]
+        if after not in ([], [self.eot]):
+            raise UnsupportedModel(f"{folder}/tokenizer.json: field 'post_processor' ends every text with {after}, "
+                                   f"not the end token {self.eot}: answers here end with the end token alone")
+        self.vocab_size, self.ids = c["vocab_size"], dict(folder=str(folder), sha=digest)
+        self.identity = ("tokenizer.json", self.vocab_size, digest, self.eot)  # teacher and student end answers alike
 
     def encode(self, text):
-        return self.tk.encode(text, add_special_tokens=False).ids  # no BOS: prompt + answer are one continuous text
+        return self.tk.encode(text, add_special_tokens=False).ids  # data.encode puts self.bos before the prompt
 
     def decode(self, ids):
         return self.tk.decode(ids)

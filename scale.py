@@ -64,6 +64,21 @@ def half(model, dtype, frozen_only=False):
     return model
 
 
+def read_teacher(path, device, dtype, base=None):
+    """A teacher checkpoint for inference on `device` -> (model, tokenizer): read on the CPU,
+    its parameters cast to dtype (the autocast dtype; None keeps float32), then moved, so a
+    float32 copy never reaches the GPU. `base`: the previous candidate of an adapter trail
+    (adapter_base), which stays where it is and has only its adapters swapped."""
+    model, tok = load_checkpoint(path, into=base)
+    return (model if model is base else (half(model, dtype) if dtype else model).to(device)), tok
+
+
+def adapter_base(model):
+    """What read_teacher may keep of the previous candidate: an adapter trail's model, else nothing.
+    The caller lets go of its own reference before the next read, so two bases never coexist."""
+    return model if model is not None and model.lora else None
+
+
 class StageTeacher:
     """The teacher checkpoint c_k of the current stage, frozen (under bf16 or fp16 autocast its
     parameters in that dtype), and its logits at every training example's answer positions, computed once
@@ -82,13 +97,11 @@ class StageTeacher:
     def use(self, file):
         if file == self.file:
             return
-        base = self.model if self.model is not None and self.model.lora else None  # an adapter trail: swap adapters only
+        base = adapter_base(self.model)  # an adapter trail: swap adapters only
         self.model = self.rows = self.file = None
         gc.collect()
-        model, _ = load_checkpoint(self.tdir / file, into=base)  # on the CPU, or where `base` already is
-        if model is not base:
-            model = (half(model, self.dtype) if self.dtype else model).to(self.device)
-        self.model, self.vocab = model, model.config.vocab_size
+        model = self.model = read_teacher(self.tdir / file, self.device, self.dtype, base)[0]
+        self.vocab = model.config.vocab_size
         self.rows = teacher_logits(model, self.enc, self.eot, self.device, self.ctx, self.cache_gib, topk=self.topk,
                                    chunk=self.chunk)
         self.file = file
@@ -143,9 +156,11 @@ def stored_probe(tdir, pool, train_enc, train_fp, size, seed, topk, eot, device,
         store.data.update(steps=[], values=[], indices=[])
         model = None  # on an adapter trail each candidate swaps in its adapters only
         for c in pool:
-            model = load_checkpoint(tdir / c["file"], into=model)[0].to(device)
+            base, model = adapter_base(model), None  # the previous candidate let go before the next is read
+            gc.collect()
+            model = read_teacher(tdir / c["file"], device, getattr(ctx, "fast_dtype", None), base)[0]
             store.add(c["step"], data.probe_logprobs(model, store.probe, eot, device, ctx, topk, chunk=chunk))
-        del model
+        del model, base
         try:
             atomic_save(store.data, store.path)
         except OSError as e:

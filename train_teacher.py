@@ -54,6 +54,8 @@ class TrainConfig(scale.SystemConfig):  # and the system flags, in scale.py
     probe_size: int = arg(256, "examples of the schedule's probe (a seeded subset of train), scored at each checkpoint",
                           low=1)
     probe_topk: int = arg(64, "log-probs kept per probe token: the largest k, the rest as one tail mass", low=1)
+    probe_resamples: int = arg(3, "also score the probes of seeds seed + 1000 r, r = 1..N, on which distill.py's "
+                               "--probe_resamples checks the choice (so that no distillation scores a checkpoint)", low=0)
     # system
     out_dir: str = arg("runs/teacher", "output folder; rerunning the same command resumes it")
     seed: int = arg(0, "seed of the model init, dropout, the data order and the probe")
@@ -93,9 +95,10 @@ def train(cfg, splits=None):
                       n_ckpt=len(ckpt_steps))
     net = scale.wrap(model, cfg, world=world, dtype=dtype)  # DDP or FSDP2 under torchrun; before the optimizer
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, 0.95), device.split(":")[0])
-    probe = data.ProbeStore(out, train_enc, data.fingerprint(splits["train"]), cfg.probe_size, cfg.seed, cfg.probe_topk)
+    probes = [data.ProbeStore(out, train_enc, data.fingerprint(splits["train"]), size=cfg.probe_size, seed=s,
+                              topk=cfg.probe_topk) for s in data.probe_seeds(cfg.seed, cfg.probe_resamples)]
     manifest, step = resume_sft(out, cfg, TrainConfig, splits=splits, model=model, optimizer=optimizer, scaler=scaler,
-                                probe=probe, device=device)  # or a fresh run
+                                probes=probes, device=device)  # or a fresh run
     if "test" in manifest and step == total:
         print(f"{out} holds this run, finished: nothing to do")
         return manifest["test"]
@@ -132,10 +135,11 @@ def train(cfg, splits=None):
                                                 train_loss=round(loss_sum / loss_n, 5),
                                                 val_loss=round(summary["loss"], 5), val_acc=round(summary["acc"], 4)))
             manifest["best"] = scd.best_checkpoint([c["val_loss"] for c in manifest["checkpoints"]])
-            probe.add(step, data.probe_logprobs(model.eval(), probe.probe, tok.eot, device, ctx, topk=cfg.probe_topk,
-                                                chunk=chunk))
+            for probe in probes:  # the run's probe and the ones distill.py resamples
+                probe.add(step, data.probe_logprobs(model.eval(), probe.probe, tok.eot, device, ctx, topk=cfg.probe_topk,
+                                                    chunk=chunk))
+                atomic_save(probe.data, probe.path)
             model.train()
-            atomic_save(probe.data, probe.path)
             atomic_save(manifest, out / "manifest.json")
             state = dict(model=trained_state(model), optimizer=optimizer_state(model, optimizer), step=step,
                          **rng_state(device))

@@ -89,7 +89,7 @@ class Tracker(MemTracker):
 
 class Ids:
     """Text is space-separated token ids (the examples are made of ids)."""
-    eot, ids = 0, None
+    eot, ids, bos = 0, None, []
     encode = staticmethod(lambda text: [int(t) for t in text.split()])
 
 

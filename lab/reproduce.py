@@ -20,7 +20,6 @@ import os
 import platform
 import statistics
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch  # noqa: E402
 import data  # noqa: E402
 import distill  # noqa: E402
 from lab import domains  # noqa: E402
+import scale  # noqa: E402
 import scd  # noqa: E402
 from lab import stats  # noqa: E402
 import train_teacher as tt  # noqa: E402
@@ -147,7 +147,8 @@ def teacher_config(cfg, seed, folder, m=1):
     return tt.TrainConfig(data=cfg.data, device=cfg.device, dtype=cfg.dtype, seed=seed, preset=cfg.teacher, out_dir=str(folder),
                           init_from=starts(cfg)[0], epochs=m * cfg.teacher_epochs,
                           ckpt_per_epoch=cfg.ckpt_per_epoch, lr=cfg.teacher_lr, lora_rank=cfg.teacher_lora,
-                          batch_size=cfg.batch_size, grad_ckpt=cfg.grad_ckpt)
+                          batch_size=cfg.batch_size, grad_ckpt=cfg.grad_ckpt,
+                          probe_size=cfg.probe_size)  # the probes the distillations choose on, stored once here
 
 
 def sft_config(cfg, seed, root, folder, steps_per_epoch, m=1):
@@ -336,20 +337,24 @@ def decompositions(runs):
     return out
 
 
-def aw_weights_by_stage(run, teacher_dir, anchor_dir, device="cpu"):
+def aw_weights_by_stage(run, teacher_dir, anchor_dir):
     """AW's w_i on every training example for each stage's checkpoint, which examples are
     TFS-like (teacher's loss below the SFT student's) on train, and which carry a wrong
-    label (the default domain marks them): (list of w tensors, bool mask, bool mask)."""
+    label (the default domain marks them): (list of w tensors, bool mask, bool mask). On the
+    run's own device and precision: at Llama scale these are K teacher passes over train."""
     disk = lambda path: json.loads(path.read_text())  # from the run folders: collect() calls this
-    sched = disk(run / "schedule.json")
+    sched, conf = disk(run / "schedule.json"), disk(run / "config.json")
+    device, _, ctx = setup_device(conf["device"], conf["dtype"])[:3]
     l_s = torch.tensor(disk(anchor_dir / "train_losses.json")["loss"])
     l_t = torch.tensor(disk(teacher_dir / "train_losses.json")["loss"])
-    train = domains.load(disk(run / "config.json")["data"])["train"]
+    train = domains.load(conf["data"])["train"]
     ws, model = [], None
     for st in sched["stages"]:
-        model, tok = load_checkpoint(teacher_dir / st["file"], device, into=model)  # an adapter trail swaps adapters only
+        base, model = scale.adapter_base(model), None  # an adapter trail swaps adapters only
+        model, tok = scale.read_teacher(teacher_dir / st["file"], device, getattr(ctx, "fast_dtype", None), base)
         enc = data.encode(train, tok, model.config.block_size)
-        ws.append(scd.aw_weights(l_s, torch.tensor(data.example_losses(model, enc, tok.eot, device, nullcontext()))))
+        losses = data.example_losses(model, enc, tok.eot, device, ctx, chunk=conf.get("logit_chunk", 0))
+        ws.append(scd.aw_weights(l_s, torch.tensor(losses)))
     return ws, l_t < l_s, torch.tensor([ex.get("noisy", False) for ex in train])
 
 

@@ -117,7 +117,7 @@ class Counter(torch.nn.Module):
 
 
 class Digits:
-    eot = 0
+    eot, bos = 0, []
     encode = staticmethod(lambda text: [int(t) for t in text.split()])
 
 

@@ -75,12 +75,32 @@ def test_an_unsupported_config_is_refused_naming_its_field(change, field, tmp_pa
         plumbing.load_folder(tmp_path)
 
 
-def write_tokenizer(folder, texts, vocab_size=400):
-    """A small byte-level BPE trained on texts, saved as the folder's tokenizer.json; <eos> is id 0."""
+# What each family's tokenizer.json puts around a text (its post-processor): Llama 3 starts every
+# text with <|begin_of_text|>, Qwen2 and GPT-2 add nothing; Qwen2 also normalises to NFC.
+STYLES = {
+    None: dict(special=["<eos>"]),
+    "llama3": dict(special=["<|begin_of_text|>", "<|end_of_text|>"], post=lambda: tokenizers.processors.Sequence([
+        tokenizers.processors.ByteLevel(trim_offsets=False),
+        tokenizers.processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+                                                 special_tokens=[("<|begin_of_text|>", 0)])])),
+    "qwen2": dict(special=["<|endoftext|>"], post=lambda: tokenizers.processors.ByteLevel(trim_offsets=False),
+                  normalizer=lambda: tokenizers.normalizers.NFC()),
+    "gpt2": dict(special=["<|endoftext|>"], post=lambda: tokenizers.processors.ByteLevel(trim_offsets=True)),
+}
+
+
+def write_tokenizer(folder, texts, vocab_size=400, style=None):
+    """A small byte-level BPE trained on texts, in one family's style (STYLES), saved as the
+    folder's tokenizer.json; the style's special tokens are ids 0, 1, ..."""
     tk = tokenizers.Tokenizer(tokenizers.models.BPE())
     tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = tokenizers.decoders.ByteLevel()
-    tk.train_from_iterator(texts, tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
+    st = STYLES[style]
+    if "post" in st:
+        tk.post_processor = st["post"]()
+    if "normalizer" in st:
+        tk.normalizer = st["normalizer"]()
+    tk.train_from_iterator(texts, tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=st["special"],
                                                                    initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
     tk.save(str(folder / "tokenizer.json"))
     return tk
@@ -111,6 +131,77 @@ def test_the_folders_tokenizer_is_the_tokenizers_library(tmp_path):
         plumbing.tokenizer(tok.ids)
 
 
+@pytest.mark.parametrize("style, bos", [("llama3", [0]), ("qwen2", []), ("gpt2", [])])
+def test_text_is_encoded_as_the_base_model_saw_it(style, bos, tmp_path):
+    """The prompt starts with whatever the folder's own tokenizer starts a text with (the
+    tokenizers library's encode with add_special_tokens=True); the answer is the same ids
+    either way, and the loss mask still covers the answer and its end token alone."""
+    texts = ["Question: Where does Wendy Clark live?\nAnswer: London", "Café: naïve façade", "文: 田中太郎は東京"]
+    ref = write_tokenizer(tmp_path, texts * 20, style=style)
+    eot = len(STYLES[style]["special"]) - 1
+    (tmp_path / "config.json").write_text(json.dumps(dict(vocab_size=400, eos_token_id=eot)))
+    tok = plumbing.FolderTokenizer(tmp_path)
+    assert tok.bos == bos
+    for t in texts + ["Cafe\u0301 (NFD)"]:
+        assert tok.bos + tok.encode(t) == ref.encode(t, add_special_tokens=True).ids
+    exs = [dict(prompt="Question: Where does Wendy Clark live?\nAnswer:", answer=" London"), dict(prompt="", answer="Café")]
+    enc = data.encode(exs, tok, 64)
+    assert enc[0][0] == ref.encode(exs[0]["prompt"], add_special_tokens=True).ids
+    assert enc[0][1] == ref.encode(" London", add_special_tokens=False).ids
+    assert enc[1][0] == (bos or [eot])  # no prompt: the BOS alone starts the text (EOT where there is none)
+    x, y, mask = data.make_batch(enc, [0, 1], tok.eot)
+    for b in range(2):
+        assert y[b][mask[b]].tolist() == enc[b][1] + [eot] and x[b, 0].item() == enc[b][0][0]
+
+
+def test_a_post_processor_that_ends_texts_otherwise_is_refused(tmp_path):
+    tk = write_tokenizer(tmp_path, ["Question: where? Answer: here"] * 20, style="llama3")
+    tk.post_processor = tokenizers.processors.TemplateProcessing(single="$A <|begin_of_text|>", special_tokens=[("<|begin_of_text|>", 0)])
+    tk.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "config.json").write_text(json.dumps(dict(vocab_size=400, eos_token_id=1)))
+    with pytest.raises(plumbing.UnsupportedModel, match=r"field 'post_processor' ends every text with \[0\], not the end token 1"):
+        plumbing.FolderTokenizer(tmp_path)
+
+
+def test_tokenizers_are_the_same_by_content_not_by_bytes(tmp_path):
+    """Two tokenizer.json files of one content (keys reordered, other whitespace, merges written
+    as pairs, the normaliser an empty Sequence) are one tokenizer; one merge or one special
+    token changed is another, and the refusal names it."""
+    write_tokenizer(tmp_path, ["Question: Where does Wendy Clark live?\nAnswer: London"] * 20, style="llama3")
+    (tmp_path / "config.json").write_text(json.dumps(dict(vocab_size=400, eos_token_id=1)))
+    j = json.loads((tmp_path / "tokenizer.json").read_text())
+    a = plumbing.FolderTokenizer(tmp_path)
+
+    def variant(name, change):
+        v = json.loads(json.dumps(j))
+        change(v)
+        (tmp_path / name).mkdir()
+        shutil.copy(tmp_path / "config.json", tmp_path / name)
+        (tmp_path / name / "tokenizer.json").write_text(json.dumps(v, indent=4, sort_keys=True))
+        return plumbing.FolderTokenizer(tmp_path / name)
+
+    def same(v):
+        v["model"]["merges"] = [m.split(" ") if isinstance(m, str) else " ".join(m) for m in v["model"]["merges"]]
+        v["normalizer"] = dict(type="Sequence", normalizers=[])
+    b = variant("same", same)
+    assert (tmp_path / "same" / "tokenizer.json").read_bytes() != (tmp_path / "tokenizer.json").read_bytes()
+    assert b.identity == a.identity and plumbing.tokenizer_difference(a.content, b.content) is None
+    assert plumbing.tokenizer(b.ids).identity == a.identity  # what a checkpoint stores still reads the file back
+
+    def merge(v):
+        v["model"]["merges"][5] = v["model"]["merges"][6]
+    c = variant("merge", merge)
+    assert c.identity != a.identity
+    assert plumbing.tokenizer_difference(a.content, c.content).startswith("merges differ at entry 5")
+
+    def special(v):
+        v["added_tokens"][1]["content"] = "<|eot_id|>"
+    d = variant("special", special)
+    assert d.identity != a.identity
+    assert plumbing.tokenizer_difference(a.content, d.content) == \
+        "special tokens differ at entry 1 ((1, '<|end_of_text|>', True) vs (1, '<|eot_id|>', True))"
+
+
 @pytest.fixture(scope="module")
 def llama_folders(tiny_domain, tmp_path_factory):
     """A teacher (2 layers x 64) and a student (1 layer x 32) of the Llama architecture from
@@ -121,10 +212,10 @@ def llama_folders(tiny_domain, tmp_path_factory):
     for name, shape in (("teacher", dict(hidden_size=64, num_hidden_layers=2)), ("student", dict(hidden_size=32, num_hidden_layers=1)),
                         ("other", dict(hidden_size=32, num_hidden_layers=1))):
         cfg = transformers.LlamaConfig(**{**SHAPE, **shape, "vocab_size": 400, "intermediate_size": 2 * shape["hidden_size"],
-                                          "max_position_embeddings": 128, "eos_token_id": 0, "bos_token_id": 0})
+                                          "max_position_embeddings": 128, "eos_token_id": 1, "bos_token_id": 0})
         torch.manual_seed(0)
         transformers.LlamaForCausalLM(cfg).save_pretrained(root / name)
-        write_tokenizer(root / name, texts, vocab_size=400 if name != "other" else 390)
+        write_tokenizer(root / name, texts, vocab_size=400 if name != "other" else 390, style="llama3")
     return root
 
 
@@ -141,7 +232,7 @@ def test_a_tiny_llama_pipeline_runs_end_to_end(tiny_domain, llama_folders, tmp_p
     model, tok = plumbing.load_checkpoint(tmp_path / "scd_aw" / "best.pt")
     assert model.config.arch == "llama" and tok.identity == plumbing.FolderTokenizer(llama_folders / "student").identity
     # a student folder with another tokenizer.json is refused in one line, before anything is written
-    with pytest.raises(plumbing.RunError, match=r"another tokenizer than the student \(vocabulary 400 vs 400, tokenizer.json sha"):
+    with pytest.raises(plumbing.RunError, match=r"another tokenizer than the student \(vocabulary differ at"):
         distill.main(distill.DistillConfig(**{**d, "init_from": str(llama_folders / "other")}, method="kd",
                                            out_dir=str(tmp_path / "mismatch")))
     assert not (tmp_path / "mismatch").exists()

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import pytest
 
+import data
 from lab import bench
 from lab import gpu_check
 from lab import reproduce, stats
@@ -15,11 +16,21 @@ from lab import reproduce, stats
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_one_command_writes_the_report_and_reuses_finished_phases(tiny_domain, tmp_path, capsys):
+def test_one_command_writes_the_report_and_reuses_finished_phases(tiny_domain, tmp_path, capsys, monkeypatch):
+    scored, real_main, real_logprobs = [], reproduce.distill.main, data.probe_logprobs
+
+    def main(c, *rest):  # a distillation of the one command scores no probe: the teacher stored every one it asks for
+        monkeypatch.setattr(data, "probe_logprobs", lambda *a, **k: scored.append(c.out_dir) or real_logprobs(*a, **k))
+        try:
+            return real_main(c, *rest)
+        finally:
+            monkeypatch.setattr(data, "probe_logprobs", real_logprobs)
+    monkeypatch.setattr(reproduce.distill, "main", main)
     cfg = reproduce.ReproduceConfig(data=str(tiny_domain), out_dir=str(tmp_path / "runs"), report_dir=str(tmp_path / "rep"),
                                     seeds=2, teacher_epochs=2, ckpt_per_epoch=1, stage_epochs=1, protocol="paper", probe_size=16, budgets="1,2", base="none")
     path = reproduce.main(cfg)
     text = path.read_text()
+    assert scored == [] and len(list((tmp_path / "runs" / "seed0" / "teacher").glob("probe_*.pt"))) == 4
     for row in ("teacher", "SFT student", "SFT, stages", "KD", "CD", "SCD", "SCD+AW"):
         assert f"| {row} |" in text
     for png in ("teacher", "schedule", "aw_weights", "decomposition", "subdomains", "budget"):

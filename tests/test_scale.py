@@ -50,7 +50,7 @@ class LargestTensor(TorchDispatchMode):
 
 class Ids:
     """A stand-in tokenizer: text is space-separated ids."""
-    eot = 0
+    eot, bos = 0, []
     encode = staticmethod(lambda text: [int(t) for t in text.split()])
 
 
@@ -113,7 +113,7 @@ def test_a_resume_reads_its_state_on_the_cpu_whatever_the_runs_device(tiny_domai
     optimizer = model.configure_optimizer(c.lr, c.weight_decay, (0.9, 0.95), "cpu")
     probe = data.ProbeStore(tmp_path, enc["train"], data.fingerprint(splits["train"]), c.probe_size, c.seed, c.probe_topk)
     torch.manual_seed(123)
-    _, step = plumbing.resume_sft(tmp_path, c, tt.TrainConfig, splits, model, optimizer, None, probe, "meta")
+    _, step = plumbing.resume_sft(tmp_path, c, tt.TrainConfig, splits, model, optimizer, None, [probe], "meta")
     assert step == 3 and torch.equal(torch.get_rng_state(), state["rng"])
     assert all(torch.equal(v, state["model"][k]) for k, v in model.state_dict().items())
     moments = [s["exp_avg"] for s in optimizer.state_dict()["state"].values()]
@@ -140,6 +140,21 @@ for i in range(16):
                p + "mlp.down_proj.weight": w(1024, 2816), p + "input_layernorm.weight": w(1024),
                p + "post_attention_layernorm.weight": w(1024)})
 save_file(sd, folder / "model.safetensors")
+# the same weights as one of this project's checkpoints (bf16, as a bf16 run saves them), and
+# rank-4 adapters whose base is that checkpoint
+sys.path.insert(0, sys.argv[2])
+import plumbing
+from dataclasses import asdict
+ckpt, adapters = folder.parent / "ckpt.pt", folder.parent / "adapters.pt"
+torch.save(dict(model=sd, model_config=asdict(plumbing.config_from_hf(c, folder)), vocab=None, lora=None), ckpt)
+shapes = dict(q=(1024, 1024), k=(1024, 1024), v=(1024, 1024), o=(1024, 1024), gate=(2816, 1024), up=(2816, 1024), down=(1024, 2816))
+lora = {}
+for i in range(16):
+    for n, (o, d) in shapes.items():
+        name = f"model.layers.{i}." + ("mlp." if n in ("gate", "up", "down") else "self_attn.") + f"{n}_proj."
+        lora.update({name + "lora_A": torch.randn(4, d, generator=g), name + "lora_B": torch.randn(o, 4, generator=g)})
+torch.save(dict(model=lora, model_config=asdict(plumbing.config_from_hf(c, folder)), vocab=None,
+                lora=dict(rank=4, alpha=8, dropout=0.0, base=str(ckpt.resolve()), sha256=plumbing.weights_sha(ckpt))), adapters)
 """
 
 LOAD = """
@@ -149,25 +164,34 @@ import plumbing
 status = lambda key: int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
 open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here
 before = status("VmRSS")
-model = plumbing.load_folder(sys.argv[1])
+model = plumbing.load_folder(sys.argv[1]) if sys.argv[1].endswith("llama") else plumbing.load_checkpoint(sys.argv[1])[0]
 print(status("VmHWM") - before, sum(p.numel() * 4 for p in model.parameters()), model.lm_head.weight[3, 5].item())
 """
 
 
-def test_a_model_folder_loads_with_about_one_copy_of_its_weights_in_memory(tmp_path):
-    """A generated Llama folder of 542 MB (bf16, 271M weights): loading it into float32 raises
-    the process's peak memory by about that float32 copy (1.08 GB) and one tensor more (1.17 GB
-    measured), not by the file, a float32 copy of it and a randomly initialised model (2.18 GB
-    measured before); the weights are the file's."""
+@pytest.fixture(scope="module")
+def big_llama(tmp_path_factory):
+    """A generated Llama folder of 542 MB (bf16, 271M weights), the same weights as a checkpoint
+    of this project (ckpt.pt), and adapters whose base is that checkpoint (adapters.pt)."""
     pytest.importorskip("safetensors", reason="the folder is written with the optional extra")
-    folder, root = tmp_path / "llama", str(plumbing.Path(plumbing.__file__).parent)
-    subprocess.run([sys.executable, "-c", FOLDER, str(folder)], check=True, timeout=300)
-    assert (folder / "model.safetensors").stat().st_size > 500e6
-    out = subprocess.run([sys.executable, "-c", LOAD, str(folder), root], check=True, timeout=300, capture_output=True, text=True)
+    folder = tmp_path_factory.mktemp("big") / "llama"
+    subprocess.run([sys.executable, "-c", FOLDER, str(folder), str(plumbing.Path(plumbing.__file__).parent)], check=True, timeout=300)
+    assert (folder / "model.safetensors").stat().st_size > 500e6 and (folder.parent / "ckpt.pt").stat().st_size > 500e6
+    return folder
+
+
+@pytest.mark.parametrize("what", ["llama", "ckpt.pt", "adapters.pt"])
+def test_a_folder_checkpoint_or_adapter_base_loads_with_about_one_copy_of_its_weights_in_memory(big_llama, what):
+    """Loading the folder, the checkpoint or the adapters (with their base) into float32 raises
+    the process's peak memory by about that float32 copy (1.08 GB) and one tensor more (1.17 GB
+    measured for the folder), not by the file, a float32 copy of it and a randomly initialised
+    model (2.18 GB measured before); the weights are the file's."""
+    path, root = big_llama.parent / what, str(plumbing.Path(plumbing.__file__).parent)
+    out = subprocess.run([sys.executable, "-c", LOAD, str(path), root], check=True, timeout=300, capture_output=True, text=True)
     grew, copy, value = out.stdout.split()
     assert int(grew) < 1.4 * int(copy), (int(grew) / 2**20, int(copy) / 2**20)  # 1.08 alone, up to 1.35 beside other jobs
     from safetensors import safe_open
-    with safe_open(folder / "model.safetensors", "pt") as f:
+    with safe_open(big_llama / "model.safetensors", "pt") as f:
         assert float(value) == f.get_tensor("lm_head.weight")[3, 5].float().item()
 
 
