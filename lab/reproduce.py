@@ -156,7 +156,8 @@ def sft_config(cfg, seed, root, folder, steps_per_epoch, m=1):
     return tt.TrainConfig(data=cfg.data, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size, grad_ckpt=cfg.grad_ckpt,
                           lora_rank=cfg.student_lora, seed=seed, preset=cfg.student, out_dir=str(folder),
                           epochs=m * protocol(cfg, steps_per_epoch)[3], lr=cfg.student_lr, init_from=starts(cfg)[1],
-                          ckpt_per_epoch=cfg.ckpt_per_epoch, compare_to=str(root / "teacher"))
+                          ckpt_per_epoch=cfg.ckpt_per_epoch, compare_to=str(root / "teacher"),
+                          probe_resamples=0)  # a student is no teacher: the run's probe is all it scores
 
 
 def distill_config(cfg, seed, root, folder, steps_per_epoch, method, aw, m=1, **changes):
