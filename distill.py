@@ -80,7 +80,7 @@ def main(cfg, splits=None):
     """K stages: choose c_k, restart the optimizer and LR, distil for T steps, validate, keep
     the best. splits: the domain already loaded (the lab's generated ones); default: --data."""
     t_start = time.time()
-    device, dtype, ctx, scaler, rank, world = setup_device(cfg.device, cfg.dtype)
+    device, dtype, ctx, scaler, rank, world = setup_device(cfg.device, cfg.dtype, cfg.dist_timeout)
     splits, tok, student, enc = prepare(cfg.data, cfg.preset, seed=cfg.seed, init_from=cfg.init_from, splits=splits,
                                         lora=(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout))
     train_enc, val = enc["train"], splits["val"]

@@ -16,6 +16,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, field, fields
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -93,17 +94,18 @@ class RunError(RuntimeError):
     """A run cannot go on (bad folder, bad file, non-finite loss): the message says why."""
 
 
-def setup_device(device, dtype):
+def setup_device(device, dtype, timeout_min=180):
     """-> (device, dtype name, autocast context, GradScaler or None, rank, world size).
 
     fp16 needs a gradient scaler, bf16 does not. Under torchrun every process joins one
-    group (NCCL on CUDA, gloo on CPU), takes its GPU, and only rank 0 prints and writes.
+    group (NCCL on CUDA, gloo on CPU), takes its GPU, and only rank 0 prints and writes; a
+    process waits timeout_min for the others (--dist_timeout), rank 0's lone passes included.
     """
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     rank, world = 0, 1
     if "RANK" in os.environ:  # launched by torchrun
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(minutes=timeout_min))
         rank, world = dist.get_rank(), dist.get_world_size()
         if device.startswith("cuda"):
             device = f"cuda:{os.environ['LOCAL_RANK']}"
@@ -471,9 +473,16 @@ def check_finite(where, **terms):
     """Stop the run at once if a term is NaN or infinite, naming where and which. It runs
     before the optimizer step, and nothing is saved after it: the last state on disk is
     the last good one."""
-    bad = [name for name, v in terms.items() if not torch.isfinite(torch.as_tensor(v)).all()]
+    dev = torch.as_tensor(next(iter(terms.values()))).device  # NCCL reduces on the GPU
+    flags = torch.stack([~torch.isfinite(torch.as_tensor(v, device=dev)).all() for v in terms.values()]).float()
+    on = ""
+    if dist.is_initialized() and dist.get_world_size() > 1:  # one process's NaN stops every process, with one message
+        flags = flags * (dist.get_rank() + 1)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # per term: the highest rank that saw it (+1), or 0
+        on = f" (on process {int(flags.max()) - 1} of {dist.get_world_size()})"
+    bad = [name for name, f in zip(terms, flags.tolist()) if f > 0]
     if bad:
-        raise RunError(f"non-finite {', '.join(bad)} at {where}; stopped before the optimizer step, so the "
+        raise RunError(f"non-finite {', '.join(bad)} at {where}{on}; stopped before the optimizer step, so the "
                        "last saved state is the last good one (rerunning the same command resumes from it)")
 
 

@@ -38,6 +38,9 @@ class SystemConfig:
     compile: bool = arg(False, "torch.compile the trained model (CUDA; slow to start, faster per step)")
     grad_ckpt: bool = arg(False, "activation checkpointing: recompute each block in the backward pass (less memory, more time)")
     fsdp: bool = arg(False, "under torchrun, shard weights, gradients and AdamW state over the processes (FSDP2), not DDP")
+    dist_timeout: int = arg(180, "under torchrun, minutes a process waits for the others (NCCL's own: 10); rank 0 alone runs "
+                            "the test pass and the anchor losses, a forward pass over test and over train, while they wait",
+                            low=1)
     logit_chunk: int = arg(0, "answer positions per piece of the vocabulary-sized head and losses (0: pieces of at most "
                            "64 MiB of float32 logits; the CPU demo's batches fit in one)", low=0)
 

@@ -77,7 +77,7 @@ def train(cfg, splits=None):
     """SFT of cfg.preset on the answer tokens, with a dense checkpoint at every one of the
     ckpt_steps. splits: the domain already loaded (the lab's generated ones); default: --data."""
     t_start = time.time()
-    device, dtype, ctx, scaler, rank, world = setup_device(cfg.device, cfg.dtype)
+    device, dtype, ctx, scaler, rank, world = setup_device(cfg.device, cfg.dtype, cfg.dist_timeout)
     splits, tok, model, enc = prepare(cfg.data, cfg.preset, seed=cfg.seed, init_from=cfg.init_from, splits=splits,
                                       lora=(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout))
     train_enc = enc["train"]

@@ -3,11 +3,13 @@ import json
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 
 import distill
+import plumbing
 import train_teacher as tt
 from test_train import cfg
 
@@ -93,3 +95,37 @@ def test_fsdp_under_bf16_gathers_the_blocks_in_bf16_and_trains_as_one_process(ti
     assert "the blocks gathered in bfloat16" in out
     one, two = (json.loads((tmp_path / d / "manifest.json").read_text())["checkpoints"][0]["val_loss"] for d in ("one", "two"))
     assert abs(one - two) < 1e-2, (one, two)
+
+
+NAN_ON_ONE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch, plumbing
+_, _, _, _, rank, world = plumbing.setup_device("cpu", "float32")
+def step(cfg):
+    plumbing.check_finite("step 3", loss=torch.tensor(float("nan") if rank == 1 else 1.0), grad_norm=torch.tensor(2.0))
+    print("past the check", file=sys.stderr)
+plumbing.run_main(step, None)
+"""
+
+
+def test_a_nan_on_one_process_stops_every_process_with_one_message(tmp_path):
+    """Two gloo processes, the loss NaN on process 1 alone: both stop at the check (none waits in
+    the next collective), each saying where, which term, and on which process."""
+    (tmp_path / "nan.py").write_text(NAN_ON_ONE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(tmp_path / "nan.py"), str(ROOT)]
+    r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "past the check" not in r.stderr
+    assert r.stderr.count("error: non-finite loss at step 3 (on process 1 of 2); stopped before the optimizer step") == 2
+
+
+def test_processes_wait_for_each_other_as_long_as_the_flag_says(monkeypatch):
+    seen = {}
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(plumbing.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(plumbing.dist, "init_process_group", lambda backend, timeout: seen.update(backend=backend, timeout=timeout))
+    monkeypatch.setattr(plumbing.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(plumbing.dist, "get_world_size", lambda: 2)
+    plumbing.setup_device("cpu", "float32", tt.TrainConfig(dist_timeout=240).dist_timeout)
+    assert seen == dict(backend="gloo", timeout=timedelta(minutes=240))
+    assert tt.TrainConfig().dist_timeout == distill.DistillConfig().dist_timeout == 180  # NCCL's own 10 minutes would not do

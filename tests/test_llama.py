@@ -295,3 +295,40 @@ def test_the_whole_comparison_runs_on_your_folders_with_adapters(tiny_domain, ll
     with pytest.raises(plumbing.RunError, match="--student_lora 4: adapters need a base to adapt"):
         reproduce.main(reproduce.ReproduceConfig(data=str(tiny_domain), out_dir=str(tmp_path / "x"), student_lora=4))
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name, lora", [("gpt2", 0), ("llama3", 4), ("qwen2", 0), ("llama-tied", 4)])
+def test_an_exported_checkpoint_is_a_folder_transformers_and_init_from_read_alike(name, lora, tmp_path):
+    """lab.export writes a checkpoint (adapters merged into their base) as a Hugging Face folder:
+    transformers' AutoModelForCausalLM gives our model's logits from it, and it reads back here
+    (load_folder, FolderTokenizer: what --init_from does) as the same model and tokenizer."""
+    from lab import export
+    src = tmp_path / "src"
+    save(name, src)
+    write_tokenizer(src, ["Question: where? Answer: here"] * 20, style="llama3")
+    c = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**c, "bos_token_id": 0, "eos_token_id": 1}))  # <|begin_of_text|>, <|end_of_text|>
+    model, tok = plumbing.load_folder(src), plumbing.FolderTokenizer(src)
+    if lora:  # adapters with a non-zero update, so that a merge without its alpha / r would show
+        plumbing.adapt(model, src, lora)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("lora_B"):
+                    p.normal_(0, 0.05)
+    plumbing.atomic_save(plumbing.checkpoint_dict(model, tok), tmp_path / "best.pt")
+    ours = plumbing.load_checkpoint(tmp_path / "best.pt")[0]
+    out = export.export(tmp_path / "best.pt", tmp_path / "hf", dtype="float32")
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"}
+    ref = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    back = plumbing.load_folder(out).eval()
+    idx = torch.randint(0, 101, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ref(idx).logits, ours(idx), rtol=0, atol=1e-5)
+        torch.testing.assert_close(back(idx), ours(idx), rtol=0, atol=1e-5)
+    assert plumbing.FolderTokenizer(out).identity == tok.identity and not back.lora
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == tok.eot
+    half = export.export(tmp_path / "best.pt", tmp_path / "hf16", dtype="bfloat16") / "model.safetensors"
+    assert abs(half.stat().st_size / (out / "model.safetensors").stat().st_size - 0.5) < 0.01
+    assert {t.dtype for _, t in plumbing.read_safetensors(half)} == {torch.bfloat16}
+    with pytest.raises(plumbing.RunError, match="is not empty"):
+        export.export(tmp_path / "best.pt", tmp_path / "hf")
