@@ -92,7 +92,8 @@ def main(cfg, splits=None):
     # before the first step: T* checked against the student, the memory plan printed (a run that cannot fit is
     # refused), activation checkpointing set, an adapter's base cast, the student on its device, the folder locked
     out = scale.start(cfg, student, tok, teacher_file=tdir / pool[t_star]["file"], train_enc=train_enc, device=device,
-                      dtype=dtype, world=world, teaches=cfg.method != "sft")
+                      dtype=dtype, world=world, teaches=cfg.method != "sft",
+                      candidates=len(pool) if cfg.method == "scd" else 0)  # their stored log-probs: in the plan
     train_fp = data.fingerprint(splits["train"])  # ties the anchor and the stored probe to this training set
     anchor = sft_anchor(cfg, train_fp, n_train=len(train_enc), student=student, device=device)  # section 2.2: l_S
     done, stage, best_val, schedule = resume_stages(out, cfg, DistillConfig, splits=splits, student=student)  # or fresh

@@ -274,21 +274,54 @@ def plan_phases(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckp
     return phases
 
 
-def memory_plan(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt, device, n_ckpt=0, chunk=0, shards=1):
+def margin(free):
+    """What a plan leaves free of what a device has when the run starts: cuBLAS's and NCCL's
+    workspaces and the caching allocator's fragmentation, none of which the plan counts. 1 GiB
+    and 5% of the free memory: an assumption until lab.gpu_check measures a card's reserved
+    memory against its allocated."""
+    return 2**30 + free // 20
+
+
+def free_memory(device):
+    """Bytes the device has free now: on CUDA what the driver reports (torch.cuda.mem_get_info,
+    the context already taken); on the CPU what the kernel could give without swapping."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        return 1024 * int(next(line for line in open("/proc/meminfo") if line.startswith("MemAvailable")).split()[1])
+    except (OSError, StopIteration):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def card_fits(need, gb, context=2**29):
+    """Whether `need` bytes fit a card sold as `gb` GB: its memory less the CUDA context (about
+    0.5 GiB, taken before a run allocates) is what it has free, less the margin."""
+    free = gb * 10**9 - context
+    return need <= free - margin(free)
+
+
+def memory_plan(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt, device, n_ckpt=0, chunk=0, shards=1,
+                held=0, signal=0, cache=0, buckets=0):
     """Print the training step's plan_parts before the first step (weights, gradients and AdamW
-    state split over `shards` processes under --fsdp) and the largest of plan_phases, with the
-    disk n_ckpt dense checkpoints take, and refuse a run over the device's memory with its figures."""
+    state split over `shards` processes under --fsdp) and the largest of plan_phases (with what
+    stays alive all run: `held`, the probes' stored log-probs; `cache`, the teacher's logits
+    kept; `signal`, the offline top-k rows; `buckets`, DDP's copy of the gradients), with the
+    disk n_ckpt dense checkpoints take, and refuse a run whose largest phase is over what the
+    device has free less the margin, with its figures."""
     parts = plan_parts(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt, chunk)
     parts.update({k: parts[k] // shards for k in ("weights", "gradients", "AdamW")})
-    phases = plan_phases(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt, chunk) if shards == 1 else {}
+    phases = plan_phases(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckpt, chunk, held=held, signal=signal,
+                         cache=cache) if shards == 1 else {}
+    phases = {k: v + buckets for k, v in phases.items()}
     top = max(phases, key=phases.get, default=None)
-    total, gib = max([sum(parts.values())] + list(phases.values())), lambda x: f"{x / 2**30:.2f}"
-    if device.startswith("cuda"):
-        have = torch.cuda.get_device_properties(torch.device(device)).total_memory
-    else:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    total, gib = max([sum(parts.values()) + held + buckets] + list(phases.values())), lambda x: f"{x / 2**30:.2f}"
+    free = free_memory(device)
+    have = free - margin(free)
+    alive = dict(probes=held, cache=cache, signal=signal, buckets=buckets)
     line = ("memory plan (GiB, estimated): step: " + " | ".join(f"{k} {gib(v)}" for k, v in parts.items() if v)
-            + (f" | largest phase: {top} {gib(phases[top])}" if top else "") + f" | total {gib(total)} of {gib(have)} on {device}")
+            + "".join(f" | {k} {gib(v)}" for k, v in alive.items() if v)
+            + (f" | largest phase: {top} {gib(phases[top])}" if top else "")
+            + f" | needs {gib(total)} of {gib(have)} ({gib(free)} free on {device} less {gib(free - have)} of margin)")
     if n_ckpt:
         adapters = model.lora
         size = sum(v.numel() for v in trained_state(model).values()) * (2 if dtype == "bfloat16" and not adapters else 4)
@@ -300,11 +333,12 @@ def memory_plan(model, teacher, batch_size, seq_len, answer_len, dtype, grad_ckp
     return parts
 
 
-def start(cfg, model, tok, teacher_file, train_enc, device, dtype, world, n_ckpt=0, teaches=True):
+def start(cfg, model, tok, teacher_file, train_enc, device, dtype, world, n_ckpt=0, teaches=True, candidates=0):
     """Before a script's first step: the batch fits the data, the teacher (T*, read on the CPU
     and let go) can teach this student and is counted in the memory plan, which is printed (and
-    a run that cannot fit refused), the model is on its device, the run folder is locked.
-    -> the run folder."""
+    a run that cannot fit refused) with what stays alive beside the phases (the `candidates`'
+    stored log-probs on every probe, the teacher's cached logits or offline rows, DDP's
+    gradient buckets), the model is on its device, the run folder is locked. -> the run folder."""
     teacher = check_teacher(teacher_file, tok, model) if teacher_file else None
     teacher = teacher if teaches else None  # SFT's teacher folder is checked, but no teacher joins the run
     if len(train_enc) < cfg.batch_size:
@@ -312,9 +346,17 @@ def start(cfg, model, tok, teacher_file, train_enc, device, dtype, world, n_ckpt
     model.grad_checkpointing = cfg.grad_ckpt
     if model.lora and dtype != "float32":  # a frozen base needs no float32 master copy
         half(model, getattr(torch, dtype), frozen_only=True)
-    memory_plan(model, teacher, cfg.batch_size // world, max(len(p) + len(a) for p, a in train_enc),
-                max(len(a) for _, a in train_enc) + 1, dtype, cfg.grad_ckpt, device, n_ckpt,
-                data.logit_chunk(model.config.vocab_size, cfg.logit_chunk), world if cfg.fsdp else 1)
+    A = max(len(a) for _, a in train_enc) + 1  # the longest answer and its end token
+    n_tok, b = sum(len(a) + 1 for _, a in train_enc), 2 if dtype in ("bfloat16", "float16") else 4
+    topk, cache_gib = getattr(cfg, "teacher_topk", 0), getattr(cfg, "teacher_cache_gib", 0)  # distill.py's flags
+    fits = teacher is not None and not topk and n_tok * 4 * model.config.vocab_size <= cache_gib * 2**30  # as teacher_logits
+    memory_plan(model, teacher, cfg.batch_size // world, max(len(p) + len(a) for p, a in train_enc), A, dtype, cfg.grad_ckpt,
+                device, n_ckpt, data.logit_chunk(model.config.vocab_size, cfg.logit_chunk), world if cfg.fsdp else 1,
+                held=candidates * len(data.probe_seeds(0, getattr(cfg, "probe_resamples", 0)))
+                * min(cfg.probe_size, len(train_enc)) * A * cfg.probe_topk * 8,  # every probe's (values, indices), on the device
+                signal=n_tok * topk * 8 if teacher is not None and topk else 0,
+                cache=n_tok * model.config.vocab_size * b if fits else 0,
+                buckets=4 * sum(p.numel() for p in model.parameters() if p.requires_grad) if world > 1 and not cfg.fsdp else 0)
     model.to(device)
     return out_folder(cfg.out_dir)
 

@@ -60,15 +60,19 @@ class GpuCheckConfig:
 PAIRS = [("llama-3.1-8b", "llama-3.2-3b"), ("llama-3.2-3b", "llama-3.2-1b"), ("qwen2.5-1.5b", "qwen2.5-0.5b")]
 
 
+HELD, CACHE = 24 * 4 * 64 * 128 * 64 * 8, 2**30  # bytes: the probes' (values, indices); --teacher_cache_gib 2 in bf16
+
+
 def plans(batch_size=8, seq_len=512, answer_len=128, cards=(24, 48, 80), rank=16):
     """Markdown: the training step's plan (scale.plan_parts, bf16 autocast, the losses in pieces
     of data.logit_chunk) of each run of each pair, full fine-tuning and with rank-16 adapters on
     every projection (the frozen base in bf16; weights, gradients and AdamW state in float32 for
     the adapters alone), without and with activation checkpointing; the largest phase of the run
     with checkpointing (scale.plan_phases: evaluation, the probe, a save, a stage switch, ...);
-    the cards that hold the larger of the two within 95% (the teacher-logit cache, up to
-    --teacher_cache_gib, comes on top); and the disk of a trail of 24 checkpoints (bf16 weights,
-    or float32 adapters)."""
+    the cards that hold the larger of the two with the margin a run is refused by (scale.card_fits),
+    distillation with the default teacher-logit cache at its fullest (2 GiB of float32, kept
+    in bf16) and the stored log-probs of 24 candidates on 4 probes of 64 examples; and the
+    disk of a trail of 24 checkpoints (bf16 weights, or float32 adapters)."""
     gib = lambda x: f"{x / 2**30:.1f}"
     rows = ["| pair | phase | trained | weights + grads + AdamW | frozen teacher | activations (ckpt off / on) | logits | "
             "step total (off / on) | largest phase, ckpt on | fits (GB card, ckpt on) | a trail of 24 checkpoints |",
@@ -84,10 +88,11 @@ def plans(batch_size=8, seq_len=512, answer_len=128, cards=(24, 48, 80), rank=16
             for phase, model, frozen in (("teacher SFT", T, None), ("SFT student", S, None), ("distillation", S, teacher)):
                 chunk = logit_chunk(model.config.vocab_size)
                 off, on = (plan_parts(model, frozen, batch_size, seq_len, answer_len, "bfloat16", c, chunk) for c in (False, True))
-                phases = scale.plan_phases(model, frozen, batch_size, seq_len, answer_len, "bfloat16", True, chunk)
+                alive = dict(held=HELD, cache=CACHE) if frozen else {}  # the probes' stored log-probs, the teacher's logits
+                phases = scale.plan_phases(model, frozen, batch_size, seq_len, answer_len, "bfloat16", True, chunk, **alive)
                 top = max(phases, key=phases.get)
                 need = max(sum(on.values()), phases[top])
-                fits = [f"{g}" for g in cards if need <= 0.95 * g * 1e9] or ["none"]  # 5% for CUDA's own use
+                fits = [f"{g}" for g in cards if scale.card_fits(need, g)] or ["none"]
                 trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
                 disk = gib(24 * (4 * trained if lora else 2 * model.num_params())) + " GiB" if phase == "teacher SFT" else ""
                 rows.append(f"| {t} -> {s} | {phase} | {f'LoRA r{lora}' if lora else 'all weights'} | "

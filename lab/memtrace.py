@@ -280,7 +280,7 @@ def main(cfg):
 def table(rows, cards=(24, 48, 80)):
     """Markdown: per setting, the traced peak (and the plan) of the training steps, the largest
     pass without gradients, the largest phase, and the cards whose memory holds the larger of
-    the largest phase's trace and plan within 95% (5% for CUDA's own use)."""
+    the largest phase's trace and plan with the margin a run is refused by (scale.card_fits)."""
     out = ["| pair | trained | ckpt | SFT step: teacher / student | distillation step | largest pass without gradients | "
            "largest phase | plan / trace, all phases | fits (GB card) |", "|" + " --- |" * 9]
     keys = sorted({(r["pair"], r["trained"], r["grad_ckpt"]) for r in rows}, key=lambda k: (k[0], k[1] != "all", k[2]))
@@ -290,7 +290,7 @@ def table(rows, cards=(24, 48, 80)):
         passes = max((r for p, r in rs.items() if "step" not in p), key=lambda r: r["trace_mib"])
         top = max(rs.values(), key=lambda r: max(r["trace_mib"], r["plan_mib"]))
         ratios = [r["plan_mib"] / r["trace_mib"] for r in rs.values()]
-        fits = [str(g) for g in cards if max(top["trace_mib"], top["plan_mib"]) * 2**20 <= 0.95 * g * 1e9] or ["none"]
+        fits = [str(g) for g in cards if scale.card_fits(max(top["trace_mib"], top["plan_mib"]) * 2**20, g)] or ["none"]
         out.append(f"| {k[0]} | {k[1]} | {'on' if k[2] else 'off'} | {gib(rs['teacher SFT: SFT step'])} / "
                    f"{gib(rs['student SFT: SFT step'])} | {gib(rs['distillation: distillation step'])} | {gib(passes)} "
                    f"{passes['phase']} | {gib(top)} {top['phase']} | {min(ratios):.2f} to {max(ratios):.2f} | {', '.join(fits)} |")

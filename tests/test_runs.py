@@ -3,12 +3,14 @@ dense checkpoints in bf16, and a run folder that one process holds at a time."""
 import json
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
 
 from lab import bench
+import data
 import plumbing
 import scale
 import scd
@@ -100,3 +102,63 @@ def test_a_run_folder_is_held_by_one_process(tmp_path):
         holder.wait()
     plumbing.out_folder(tmp_path)  # the holder died: its lock does not block a resume
     assert (tmp_path / "run.lock").read_text() == str(__import__("os").getpid())
+
+
+def test_the_refusal_reads_the_largest_phase_with_what_stays_alive_against_free_memory_less_the_margin(monkeypatch, capsys):
+    """A distillation whose step fits but whose pass that caches the teacher's logits does not
+    is refused, naming the free memory and the margin; with 1 MiB more than that phase, it runs.
+    The probes' stored log-probs, the cache and DDP's buckets are in every phase they live in."""
+    with torch.device("meta"):
+        small = build(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=128, vocab_size=1000))
+    held, cache, buckets = 3 * 2**20, 40 * 2**20, 4 * small.num_params()
+    step = sum(scale.plan_parts(small, small, 4, 10, 3, "float32", False).values())
+    phases = scale.plan_phases(small, small, 4, 10, 3, "float32", False, held=held, cache=cache)
+    assert phases["distillation step"] == step + held and phases["distillation step, cached logits"] == step + held + cache
+    top = max(phases.values()) + buckets
+    free_for = lambda usable: next(f for f in range(usable, 2 * usable + 2**31, 2**16) if f - scale.margin(f) >= usable)
+    kw = dict(batch_size=4, seq_len=10, answer_len=3, dtype="float32", grad_ckpt=False, device="cpu", held=held, cache=cache,
+              buckets=buckets)
+    monkeypatch.setattr(scale, "free_memory", lambda device: free_for(step + held + buckets + 2**20))  # the step alone fits
+    with pytest.raises(plumbing.RunError, match=r"the run does not fit: .*largest phase: teacher's cached logits "
+                                                r".* free on cpu less 1\.\d\d of margin"):
+        scale.memory_plan(small, small, **kw)
+    monkeypatch.setattr(scale, "free_memory", lambda device: free_for(top + 2**20))
+    scale.memory_plan(small, small, **kw)
+    assert f"needs {top / 2**30:.2f} of" in capsys.readouterr().out
+    assert scale.margin(22 * 2**30) == 2**30 + 22 * 2**30 // 20 and not scale.card_fits(20 * 2**30, 24)
+
+
+def test_the_teacher_cache_is_kept_only_within_its_budget_and_passes_fit_their_batch():
+    torch.manual_seed(0)
+    model = build(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=50)).eval()
+    enc = [([1, 2, 3], [4, 5])] * 6  # 6 x 3 answer positions (with the end token) x 50 logits x 4 bytes = 3,600 bytes
+    rows = scale.teacher_logits(model, enc, 0, "cpu", nullcontext(), max_gib=3600 / 2**30)
+    assert [r.shape for r in rows] == [(3, 50)] * 6
+    assert scale.teacher_logits(model, enc, 0, "cpu", nullcontext(), max_gib=3599 / 2**30) is None  # over budget: none kept
+    long = [([1] * 4000, [2] * 95)] * 300  # 4,095 tokens each: 8 fit in 2^15
+    assert data.fit_batch(256, long) == 8 and data.fit_batch(4, long) == 4 and data.fit_batch(256, [([1] * 40000, [2])]) == 1
+
+
+def test_a_saved_student_read_back_into_the_live_model_is_in_eval_mode(tmp_path):
+    """The test pass and the anchor losses read best.pt into the live student: adapter dropout
+    (and any other) must be off there, whatever mode training left the model in."""
+    torch.manual_seed(0)
+    model = build(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=50, dropout=0.5))
+    add_lora(model, rank=2, dropout=0.5).train()
+    tok = data.Tokenizer([data.GPT2_EOT, data.UNK] + list(range(1, 49)))
+    plumbing.atomic_save(plumbing.checkpoint_dict(model, tok), tmp_path / "best.pt")
+    back, _ = plumbing.load_weights(tmp_path / "best.pt", model.train())
+    assert back is model and not any(m.training for m in model.modules())
+    x = torch.randint(0, 50, (2, 12))
+    assert torch.equal(model(x), model(x))  # no dropout draws
+
+
+def test_fsdp_gathers_blocks_in_the_autocast_dtype_and_reduces_gradients_in_float32(monkeypatch):
+    seen = []
+    monkeypatch.setattr(scale, "fully_shard", lambda module, mp_policy=None: seen.append(mp_policy) or module)
+    model = build(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=32, vocab_size=50))
+    scale.wrap(model, tt.TrainConfig(fsdp=True), world=2, dtype="bfloat16")
+    assert len(seen) == 3 and all(mp.param_dtype == torch.bfloat16 and mp.reduce_dtype == torch.float32 for mp in seen[:2])
+    seen.clear()
+    scale.wrap(model, tt.TrainConfig(fsdp=True), world=2, dtype="float32")
+    assert all(mp.param_dtype is None and mp.reduce_dtype is None for mp in seen[:2])  # float32 throughout
