@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 import data
+import distill
 import plumbing
 import scale
 import scd
@@ -145,13 +146,31 @@ def runs(cfg, dev, out):
     resumed = train_teacher.train(train_teacher.TrainConfig(**common, out_dir=str(out / "resumed")))
     last = json.loads((out / "whole" / "manifest.json").read_text())["checkpoints"][-1]["file"]
     a, b = (torch.load(out / d / last, weights_only=True)["model"] for d in ("whole", "resumed"))
+    scored, real = [], data.probe_logprobs  # an SCD run on the teacher's own probes: none scored again
+    data.probe_logprobs = lambda *a, **k: scored.append(1) or real(*a, **k)
+    try:
+        distill.main(distill.DistillConfig(data=cfg.data, device=dev, dtype="bfloat16", teacher_dir=str(out / "whole"),
+                                           anchor_dir=str(out / "whole"), out_dir=str(out / "scd"), method="scd", stages=2,
+                                           steps_per_stage=2, log_every=10**6, pool_start=0.0,
+                                           preset=common.get("preset", train_teacher.TrainConfig().preset),
+                                           **(dict(batch_size=16) if cfg.small else {})))
+    finally:
+        data.probe_logprobs = real
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
         fp16 = train_teacher.train(train_teacher.TrainConfig(**{**common, "dtype": "float16"}, out_dir=str(out / "fp16")))
     skipped = re.search(r"skipped (\d+) steps", text.getvalue())
     return dict(steps=total, resumed_at=total // 2 + 1, max_weight_diff=max((a[k].float() - b[k].float()).abs().max().item() for k in a),
-                test_acc_whole=whole["acc"], test_acc_resumed=resumed["acc"], fp16_skipped=int(skipped[1]) if skipped else None,
+                test_acc_whole=whole["acc"], test_acc_resumed=resumed["acc"], probe_rescored=len(scored),
+                fp16_skipped=int(skipped[1]) if skipped else None,
                 fp16_test_acc=fp16["acc"])
+
+
+def headroom(dev):
+    """What the refusal reads on this device: free memory now, the margin, what a plan may use."""
+    free = scale.free_memory(dev)
+    gib = lambda b: round(b / 2**30, 2)
+    return dict(free_gib=gib(free), margin_gib=gib(scale.margin(free)), usable_gib=gib(free - scale.margin(free)))
 
 
 def main(cfg):
@@ -178,6 +197,7 @@ def main(cfg):
         log.flush()
         print(json.dumps(r), flush=True)
 
+    row("headroom", lambda: headroom(dev))  # the refusal's figures; the phases below say whether its margin holds
     # 1. steps
     gpt2 = dict(teacher="gpt2-medium", student="gpt2", batch_size=8, seq_len=512, answer_len=128, steps=10, rounds=3)
     llama = dict(gpt2, teacher="llama-3.2-3b", student="llama-3.2-1b", dtype="bfloat16", steps=5)
@@ -243,7 +263,12 @@ def report(summary):
             lines.append(f"| {r['pair']} | {trains} | "
                          f"{'on' if r['grad_ckpt'] else 'off'} | {p['phase']} | {p['allocated_gib']} | {p['reserved_gib']} | "
                          f"{p['plan_gib']} | {ratio} |")
-    for r in (r for r in rows if r["kind"] in ("half teacher", "runs")):
+    ratios = [p["reserved_gib"] / p["allocated_gib"] for r in rows if r["kind"] == "phases" for p in r.get("phases", [])
+              if p["reserved_gib"] and p["allocated_gib"]]
+    if ratios:
+        lines += ["", f"Reserved / allocated at the phases' peaks: {min(ratios):.2f} to {max(ratios):.2f} (the refusal's "
+                  "margin assumes 1 GiB and 5% of the free memory cover this, the context aside)."]
+    for r in (r for r in rows if r["kind"] in ("headroom", "half teacher", "runs")):
         lines += ["", f"{r['kind']}: " + ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("kind",))]
     if summary["e2e"]:
         lines += ["", f"End to end (reproduce.py, bf16, small budget): {summary['e2e']['wall_s']} s, "

@@ -658,10 +658,10 @@ def preconditions(runs, decs):
 def bases_table(cfg, splits):
     """Markdown: the committed bases on the domain's test split before any SFT, as the paper reports its bases."""
     rows = ["| base | parameters | test exact match (macro) | test loss (answer tokens) |", "| --- | --- | --- | --- |"]
-    device = setup_device(cfg.device, cfg.dtype)[0]
+    device, _, ctx = setup_device(cfg.device, cfg.dtype)[:3]  # the run's device and precision
     for preset in (cfg.teacher, cfg.student):
         model, tok = load_checkpoint(base_file(preset, cfg.data, splits), device)
-        summary = data.evaluate(model, splits["test"], tok, device)[0]
+        summary = data.evaluate(model, splits["test"], tok, device, ctx=ctx)[0]
         rows.append(f"| {preset} | {model.num_params() / 1e6:.3f}M | {summary['acc']:.3f} | {summary['loss']:.3f} |")
     return "\n".join(rows)
 

@@ -112,14 +112,15 @@ def test_gpu_check_runs_on_cpu_at_small_shapes(tiny_domain, tmp_path, monkeypatc
     summary = gpu_check.main(gpu_check.GpuCheckConfig(out_dir=str(tmp_path), small=True, data=str(tiny_domain), device="cpu"))
     rows = summary["rows"]
     kinds = [r["kind"] for r in rows]
-    assert kinds == ["steps"] * 3 + ["phases", "half teacher", "runs"]
+    assert kinds == ["headroom"] + ["steps"] * 3 + ["phases", "half teacher", "runs"]
+    assert 0 < rows[0]["usable_gib"] < rows[0]["free_gib"]
     assert [json.loads(line)["kind"] for line in open(tmp_path / "rows.jsonl")] == kinds
-    steps = rows[:3]
+    steps = rows[1:4]
     assert [(r["dtype"], r["lora_rank"]) for r in steps] == [("bfloat16", 0), ("float16", 0), ("bfloat16", 4)]
     assert "out of memory" in steps[2]["error"] and all(r["distill_ms"] > 0 and r["peak_mem_GiB"] > 0 for r in steps[:2])
-    assert len(rows[3]["phases"]) == 22 and rows[3]["lora_rank"] == 16 and rows[3]["grad_ckpt"]
-    runs = rows[5]
-    assert runs["max_weight_diff"] == 0 and runs["test_acc_whole"] == runs["test_acc_resumed"]
+    assert len(rows[4]["phases"]) == 22 and rows[4]["lora_rank"] == 16 and rows[4]["grad_ckpt"]
+    runs = rows[6]
+    assert runs["max_weight_diff"] == 0 and runs["test_acc_whole"] == runs["test_acc_resumed"] and runs["probe_rescored"] == 0
     assert isinstance(runs["fp16_skipped"], int) and 0 <= runs["fp16_skipped"] < runs["steps"]
     md = (tmp_path / "gpu_check.md").read_text()
     assert "| teacher -> student | bfloat16 | LoRA r4 | out of memory" in md and "distillation: stage switch" in md
