@@ -160,7 +160,11 @@ def runs(cfg, dev, out):
     with contextlib.redirect_stdout(text):
         fp16 = train_teacher.train(train_teacher.TrainConfig(**{**common, "dtype": "float16"}, out_dir=str(out / "fp16")))
     skipped = re.search(r"skipped (\d+) steps", text.getvalue())
-    return dict(steps=total, resumed_at=total // 2 + 1, max_weight_diff=max((a[k].float() - b[k].float()).abs().max().item() for k in a),
+    # On the CPU a resumed run is bit for bit the same. On CUDA it is not: index_add_ (scd.per_example) and SDPA's
+    # backward sum with atomics, in an order that varies from run to run; accepted there: every weight within 4 of
+    # bf16's steps (2^-6) of the largest weight
+    diff, top = (max(f(k).abs().max().item() for k in a) for f in (lambda k: a[k].float() - b[k].float(), lambda k: a[k].float()))
+    return dict(steps=total, resumed_at=total // 2 + 1, max_weight_diff=diff, resume_within_tolerance=diff <= 2**-6 * top,
                 test_acc_whole=whole["acc"], test_acc_resumed=resumed["acc"], probe_rescored=len(scored),
                 fp16_skipped=int(skipped[1]) if skipped else None,
                 fp16_test_acc=fp16["acc"])

@@ -121,6 +121,7 @@ def test_gpu_check_runs_on_cpu_at_small_shapes(tiny_domain, tmp_path, monkeypatc
     assert len(rows[4]["phases"]) == 22 and rows[4]["lora_rank"] == 16 and rows[4]["grad_ckpt"]
     runs = rows[6]
     assert runs["max_weight_diff"] == 0 and runs["test_acc_whole"] == runs["test_acc_resumed"] and runs["probe_rescored"] == 0
+    assert runs["resume_within_tolerance"]
     assert isinstance(runs["fp16_skipped"], int) and 0 <= runs["fp16_skipped"] < runs["steps"]
     md = (tmp_path / "gpu_check.md").read_text()
     assert "| teacher -> student | bfloat16 | LoRA r4 | out of memory" in md and "distillation: stage switch" in md
