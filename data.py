@@ -279,9 +279,10 @@ def probe_examples(train_enc, size, seed):
     return idx, enc, hashlib.sha256(json.dumps([idx, enc]).encode()).hexdigest()[:16]
 
 
-def probe_seeds(seed, resamples):
-    """The seeds of a run's probe and of the `resamples` others its choice is checked on."""
-    return [seed + 1000 * r for r in range(1 + resamples)]
+def probe_seeds(seed, resamples, size, n_train):
+    """The seeds of a run's probe and of the `resamples` others its choice is checked on; a probe
+    as large as the training set is the training set whatever its seed: it has no others."""
+    return [seed + 1000 * r for r in range(1 + (resamples if size < n_train else 0))]
 
 
 def probe_file(folder, seed, size, topk):

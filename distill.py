@@ -102,7 +102,8 @@ def main(cfg, splits=None):
     t0 = time.time()  # the probe, and --probe_resamples others drawn with other seeds (does the choice survive?)
     probes = [scale.stored_probe(tdir, pool, train_enc, train_fp, size=cfg.probe_size, seed=s, topk=cfg.probe_topk,
                                  eot=tok.eot, device=device, ctx=ctx, chunk=cfg.logit_chunk)
-              for s in data.probe_seeds(cfg.seed, cfg.probe_resamples) if cfg.method == "scd"]
+              for s in data.probe_seeds(cfg.seed, cfg.probe_resamples, size=cfg.probe_size, n_train=len(train_enc))
+              if cfg.method == "scd"]
     t_choose, t_eval, skipped = time.time() - t0, 0.0, 0  # seconds choosing and evaluating; fp16's skipped steps
     teacher = scale.StageTeacher(tdir, train_enc, tok.eot, device=device, dtype=dtype, ctx=ctx,
                                  cache_gib=cfg.teacher_cache_gib, topk=cfg.teacher_topk, chunk=cfg.logit_chunk)

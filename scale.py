@@ -160,7 +160,6 @@ def stored_probe(tdir, pool, train_enc, train_fp, size, seed, topk, eot, device,
         model = None  # on an adapter trail each candidate swaps in its adapters only
         for c in pool:
             base, model = adapter_base(model), None  # the previous candidate let go before the next is read
-            gc.collect()
             model = read_teacher(tdir / c["file"], device, getattr(ctx, "fast_dtype", None), base)[0]
             store.add(c["step"], data.probe_logprobs(model, store.probe, eot, device, ctx, topk, chunk=chunk))
         del model, base
@@ -352,7 +351,7 @@ def start(cfg, model, tok, teacher_file, train_enc, device, dtype, world, n_ckpt
     fits = teacher is not None and not topk and n_tok * 4 * model.config.vocab_size <= cache_gib * 2**30  # as teacher_logits
     memory_plan(model, teacher, cfg.batch_size // world, max(len(p) + len(a) for p, a in train_enc), A, dtype, cfg.grad_ckpt,
                 device, n_ckpt, data.logit_chunk(model.config.vocab_size, cfg.logit_chunk), world if cfg.fsdp else 1,
-                held=candidates * len(data.probe_seeds(0, getattr(cfg, "probe_resamples", 0)))
+                held=candidates * len(data.probe_seeds(0, getattr(cfg, "probe_resamples", 0), cfg.probe_size, len(train_enc)))
                 * min(cfg.probe_size, len(train_enc)) * A * cfg.probe_topk * 8,  # every probe's (values, indices), on the device
                 signal=n_tok * topk * 8 if teacher is not None and topk else 0,
                 cache=n_tok * model.config.vocab_size * b if fits else 0,

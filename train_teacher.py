@@ -55,7 +55,7 @@ class TrainConfig(scale.SystemConfig):  # and the system flags, in scale.py
                           low=1)
     probe_topk: int = arg(64, "log-probs kept per probe token: the largest k, the rest as one tail mass", low=1)
     probe_resamples: int = arg(3, "also score the probes of seeds seed + 1000 r, r = 1..N, on which distill.py's "
-                               "--probe_resamples checks the choice (so that no distillation scores a checkpoint)", low=0)
+                               "--probe_resamples checks the choice (no distillation scores a checkpoint)", low=0)
     # system
     out_dir: str = arg("runs/teacher", "output folder; rerunning the same command resumes it")
     seed: int = arg(0, "seed of the model init, dropout, the data order and the probe")
@@ -96,7 +96,8 @@ def train(cfg, splits=None):
     net = scale.wrap(model, cfg, world=world, dtype=dtype)  # DDP or FSDP2 under torchrun; before the optimizer
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, 0.95), device.split(":")[0])
     probes = [data.ProbeStore(out, train_enc, data.fingerprint(splits["train"]), size=cfg.probe_size, seed=s,
-                              topk=cfg.probe_topk) for s in data.probe_seeds(cfg.seed, cfg.probe_resamples)]
+                              topk=cfg.probe_topk)
+              for s in data.probe_seeds(cfg.seed, cfg.probe_resamples, size=cfg.probe_size, n_train=len(train_enc))]
     manifest, step = resume_sft(out, cfg, TrainConfig, splits=splits, model=model, optimizer=optimizer, scaler=scaler,
                                 probes=probes, device=device)  # or a fresh run
     if "test" in manifest and step == total:
@@ -136,8 +137,8 @@ def train(cfg, splits=None):
                                                 val_loss=round(summary["loss"], 5), val_acc=round(summary["acc"], 4)))
             manifest["best"] = scd.best_checkpoint([c["val_loss"] for c in manifest["checkpoints"]])
             for probe in probes:  # the run's probe and the ones distill.py resamples
-                probe.add(step, data.probe_logprobs(model.eval(), probe.probe, tok.eot, device, ctx, topk=cfg.probe_topk,
-                                                    chunk=chunk))
+                probe.add(step, data.probe_logprobs(model.eval(), probe.probe, tok.eot, device, ctx,
+                                                    topk=cfg.probe_topk, chunk=chunk))
                 atomic_save(probe.data, probe.path)
             model.train()
             atomic_save(manifest, out / "manifest.json")

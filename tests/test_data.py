@@ -170,3 +170,10 @@ def test_evaluation_s_loss_is_the_method_s_gold_ce_made_in_pieces():
     torch.testing.assert_close(scd.per_example(pieces, mask), whole)
     by_hand = torch.nn.functional.cross_entropy(model(x, positions=mask)[:3].detach(), y[mask][:3])  # example 0: 3 answer tokens
     assert whole[0].item() == pytest.approx(by_hand.item(), abs=1e-6)
+
+
+def test_a_probe_of_the_whole_training_set_has_no_resamples():
+    assert data.probe_seeds(5, 3, size=16, n_train=96) == [5, 1005, 2005, 3005]
+    assert data.probe_seeds(5, 3, size=96, n_train=96) == data.probe_seeds(5, 3, size=256, n_train=96) == [5]
+    enc = [([i % 7 + 1] * (i % 5 + 1), [2]) for i in range(96)]
+    assert sorted(data.probe_examples(enc, 256, 5)[0]) == sorted(data.probe_examples(enc, 256, 1005)[0]) == list(range(96))
