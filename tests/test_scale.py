@@ -2,6 +2,7 @@
 on the CPU: a half-precision teacher that is still the trained teacher at long positions, the
 vocabulary-sized head never whole at 128k, a resume that reads its state wherever it was
 written, and a model folder loaded with about one copy of its weights in memory."""
+import json
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -211,3 +212,27 @@ def test_the_memory_plan_agrees_with_the_trace_of_every_phase_at_a_small_shape()
     assert not off, off
     P = build(GPTConfig(**memtrace.SHAPES["tiny-student"])).num_params()
     assert 16 * P <= peaks["student SFT: SFT step"] < 16 * P + 64 * 2**20
+
+
+def test_stored_probe_reads_each_candidate_cast_after_the_previous_one_is_gone(tiny_domain, tmp_path, monkeypatch):
+    """Scoring a trail's probe (a probe the teacher did not store): each candidate arrives in the
+    autocast dtype, and no earlier candidate is alive when the next is read (two teachers at once
+    would be outside the plan)."""
+    import weakref
+    tt.train(cfg(tiny_domain, tmp_path / "t", preset="teacher"))
+    pool = json.loads((tmp_path / "t" / "manifest.json").read_text())["checkpoints"]
+    model, tok = plumbing.load_checkpoint(tmp_path / "t" / pool[0]["file"])
+    enc = data.encode(data.load_domain(str(tiny_domain))["train"], tok, model.config.block_size)
+    del model
+    alive, seen, real_read, real_logprobs = [], [], scale.read_teacher, data.probe_logprobs
+
+    def read(path, device, dtype, base=None):
+        seen.append(sum(r() is not None for r in alive))  # earlier candidates still alive as this one is read
+        m = real_read(path, device, dtype, base)
+        alive.append(weakref.ref(m[0]))
+        return m
+    monkeypatch.setattr(scale, "read_teacher", read)
+    monkeypatch.setattr(data, "probe_logprobs", lambda m, *a, **k: seen.append(m.lm_head.weight.dtype) or real_logprobs(m, *a, **k))
+    probe, cache = scale.stored_probe(tmp_path / "t", pool, enc, "fp", size=16, seed=7, topk=8, eot=tok.eot, device="cpu",
+                                      ctx=torch.autocast("cpu", dtype=torch.bfloat16))
+    assert seen == [0, torch.bfloat16] * len(pool) and len(cache) == len(pool) == 4
