@@ -472,7 +472,8 @@ def shard(idx, rank, world):
 def check_finite(where, **terms):
     """Stop the run at once if a term is NaN or infinite, naming where and which. It runs
     before the optimizer step, and nothing is saved after it: the last state on disk is
-    the last good one."""
+    the last good one. Under torchrun it is a collective: every process calls it at the same
+    point of the step, and every process stops if any saw a non-finite term."""
     dev = torch.as_tensor(next(iter(terms.values()))).device  # NCCL reduces on the GPU
     flags = torch.stack([~torch.isfinite(torch.as_tensor(v, device=dev)).all() for v in terms.values()]).float()
     on = ""
