@@ -14,8 +14,9 @@ lets the next rows run.
    allocated and reserved memory of each phase beside the plan (scale.plan_phases).
 3. The stage teacher in bf16 (scale.StageTeacher) against the float32 teacher at positions 512
    to 1023, beside the same weights under autocast and the whole model cast (RoPE rounded).
-4. A teacher run stopped and resumed on the device against the same run uninterrupted, and an
-   fp16 run's steps skipped by the gradient scaler.
+4. A teacher run stopped and resumed on the device against the same run uninterrupted, an
+   fp16 run's steps skipped by the gradient scaler, an SCD run that scores no probe again, and a
+   Llama folder written here (Llama 3's BOS on every prompt) trained from on the device and exported.
 5. The main pipeline end to end on the device at a small budget (reproduce.py with bf16; not with --small).
 
     python -m lab.gpu_check --out_dir runs/gpu_check     # on the GPU machine
@@ -177,6 +178,37 @@ def headroom(dev):
     return dict(free_gib=gib(free), margin_gib=gib(scale.margin(free)), usable_gib=gib(free - scale.margin(free)))
 
 
+def llama_folder(cfg, dev, out):
+    """The researcher's path on the device: a small Llama folder written here (random weights, a
+    byte-level BPE trained on the data with Llama 3's post-processor, which starts every text with
+    <|begin_of_text|>), its encoded prompts checked to start with that BOS, and a short SFT run
+    from the folder on the device, exported back as a folder. Needs the optional tokenizers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from lab import export
+    folder, splits = out / "llama_folder", reproduce.domains.load(cfg.data)
+    folder.mkdir(parents=True, exist_ok=True)
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tk.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)])
+    tk.train_from_iterator([e["prompt"] + e["answer"] for e in splits["train"]], trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.save(str(folder / "tokenizer.json"))
+    model = build(GPTConfig(arch="llama", vocab_size=tk.get_vocab_size(), n_layer=2, n_head=4, n_kv_head=2, n_embd=128,
+                            intermediate_size=256, block_size=256, rope_theta=500000.0, bias=False, tie_embeddings=False))
+    ids = type("Ids", (), dict(bos=[0], eot=1))
+    (folder / "config.json").write_text(json.dumps(export.hf_config(model.config, ids, "float32")))
+    export.write_safetensors(export.hf_weights(model), folder / "model.safetensors", "float32")
+    _, tok, _, enc = plumbing.prepare(cfg.data, "student", 0, init_from=str(folder))
+    bos = all(p[0] == 0 for s in enc.values() for p, _ in s)
+    res = train_teacher.train(train_teacher.TrainConfig(data=cfg.data, device=dev, dtype="bfloat16", init_from=str(folder),
+                                                        epochs=1, ckpt_per_epoch=1, log_every=10**6, probe_resamples=0,
+                                                        batch_size=16, out_dir=str(out / "from_folder")))
+    m = json.loads((out / "from_folder" / "manifest.json").read_text())
+    export.export(out / "from_folder" / m["checkpoints"][-1]["file"], out / "exported", dtype="bfloat16")
+    return dict(tok_bos=tok.bos, every_prompt_starts_with_bos=bos, sft_test_acc=res["acc"],
+                exported=sorted(p.name for p in (out / "exported").iterdir()))
+
+
 def main(cfg):
     if cfg.plan:
         print(plans())
@@ -226,6 +258,7 @@ def main(cfg):
     # 3, 4. the half teacher; resume and fp16 on the device
     row("half teacher", lambda: half_teacher(dev, out))
     row("runs", lambda: runs(cfg, dev, out))
+    row("folder", lambda: llama_folder(cfg, dev, out))  # BOS, the folder path on the device, export
     # 5. the pipeline end to end (on the device; the CPU's is tests/test_reproduce.py's)
     summary = dict(device=name, rows=rows, e2e=None)
     if not cfg.small:
@@ -272,7 +305,7 @@ def report(summary):
     if ratios:
         lines += ["", f"Reserved / allocated at the phases' peaks: {min(ratios):.2f} to {max(ratios):.2f} (the refusal's "
                   "margin assumes 1 GiB and 5% of the free memory cover this, the context aside)."]
-    for r in (r for r in rows if r["kind"] in ("headroom", "half teacher", "runs")):
+    for r in (r for r in rows if r["kind"] in ("headroom", "half teacher", "runs", "folder")):
         lines += ["", f"{r['kind']}: " + ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("kind",))]
     if summary["e2e"]:
         lines += ["", f"End to end (reproduce.py, bf16, small budget): {summary['e2e']['wall_s']} s, "

@@ -112,7 +112,9 @@ def test_gpu_check_runs_on_cpu_at_small_shapes(tiny_domain, tmp_path, monkeypatc
     summary = gpu_check.main(gpu_check.GpuCheckConfig(out_dir=str(tmp_path), small=True, data=str(tiny_domain), device="cpu"))
     rows = summary["rows"]
     kinds = [r["kind"] for r in rows]
-    assert kinds == ["headroom"] + ["steps"] * 3 + ["phases", "half teacher", "runs"]
+    assert kinds == ["headroom"] + ["steps"] * 3 + ["phases", "half teacher", "runs", "folder"]
+    folder = rows[7]
+    assert folder["tok_bos"] == [0] and folder["every_prompt_starts_with_bos"] and "model.safetensors" in folder["exported"]
     assert 0 < rows[0]["usable_gib"] < rows[0]["free_gib"]
     assert [json.loads(line)["kind"] for line in open(tmp_path / "rows.jsonl")] == kinds
     steps = rows[1:4]
