@@ -1,7 +1,6 @@
 import json
 import math
-import subprocess
-import sys
+import runpy
 from pathlib import Path
 
 import numpy as np
@@ -129,17 +128,20 @@ def test_gpu_check_runs_on_cpu_at_small_shapes(tiny_domain, tmp_path, monkeypatc
     assert "| teacher -> student | bfloat16 | LoRA r4 | out of memory" in md and "distillation: stage switch" in md
 
 
-def test_bench_prints_medians_and_spread():
-    r = subprocess.run([sys.executable, "-m", "lab.bench", "--steps", "2", "--rounds", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout.strip().splitlines()[-2])  # the JSON line, before the wall time
+def test_bench_prints_medians_and_spread(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["lab.bench", "--steps", "2", "--rounds", "3"])  # its own entry point, in this process
+    runpy.run_path(str(ROOT / "lab" / "bench.py"), run_name="__main__")
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-2])  # the JSON line, before the wall time
     lo, hi = out["ratio_range"]
     assert lo <= out["ratio"] <= hi and out["vocab"] == 395 and out["tokens_per_step"] > 0  # the default domain's train tokens
 
 
-def test_the_main_command_is_one_short_command_from_the_root():
-    r = subprocess.run([sys.executable, "reproduce.py", "--help"], cwd=ROOT, capture_output=True, text=True)
-    assert "comparison" in r.stdout.split("\n\n")[1], r.stdout[:300] + r.stderr[-300:]
+def test_the_main_command_is_one_short_command_from_the_root(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["reproduce.py", "--help"])
+    with pytest.raises(SystemExit):
+        runpy.run_path(str(ROOT / "reproduce.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "comparison" in out.split("\n\n")[1], out[:300]
 
 
 def test_one_seed_gives_intervals_but_no_verdicts():

@@ -200,14 +200,18 @@ def test_bad_flags_are_refused_by_the_parser(argv, message, monkeypatch, capsys,
     assert not (tmp_path / "x").exists()
 
 
-def test_yes_no_flags_and_descriptions(monkeypatch):
+def test_yes_no_flags_and_descriptions(monkeypatch, capsys):
     import distill
+    import runpy
     monkeypatch.setattr("sys.argv", ["distill.py", "--aw", "True", "--monotone", "false", "--epochs_unused"][:5])
     c = plumbing.parse_config(distill.DistillConfig, "staged distillation")
     assert c.aw is True and c.monotone is False
     for script, words in (("train_teacher.py", "SFT of a teacher"), ("distill.py", "Staged distillation")):
-        r = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
-        assert words in r.stdout.split("\n\n")[1], f"{script} --help: {r.stdout[:300]}"
+        monkeypatch.setattr("sys.argv", [script, "--help"])  # the script's own entry point, in this process
+        with pytest.raises(SystemExit):
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+        out = capsys.readouterr().out
+        assert words in out.split("\n\n")[1], f"{script} --help: {out[:300]}"
 
 
 @pytest.mark.parametrize("epochs, batch, message", [(2, 500, "larger than the 96 training examples")])
