@@ -99,7 +99,8 @@ def export(ckpt, out_dir, dtype="bfloat16"):
         if (src / name).exists():
             shutil.copy(src / name, out / name)
     gen = json.loads((src / "generation_config.json").read_text()) if (src / "generation_config.json").exists() else {}
-    gen.update(bos_token_id=tok.bos[0] if tok.bos else tok.eot, eos_token_id=tok.eot)  # answers end with the end token
+    config = json.loads((out / "config.json").read_text())
+    gen.update({k: config[k] for k in ("bos_token_id", "eos_token_id")})  # answers end with the end token
     (out / "generation_config.json").write_text(json.dumps(gen, indent=1))
     print(f"{ckpt} -> {out}: {model.num_params() / 1e6:.2f}M parameters in {dtype}"
           + (", adapters merged into their base" if merged else ""))
