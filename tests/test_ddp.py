@@ -1,4 +1,6 @@
-"""torchrun with 2 CPU processes (gloo) against one process with the same global batch."""
+"""Two CPU processes (gloo) against one process with the same global batch. The NaN test
+launches through torchrun itself; the others start the two processes torchrun would start
+(tests/forked.py: its variables, forked from one Python that imported torch once)."""
 import json
 import os
 import subprocess
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 import distill
+import forked
 import plumbing
 import train_teacher as tt
 from test_train import cfg
@@ -17,12 +20,13 @@ from test_train import cfg
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def torchrun(script, *args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *args]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r.stdout
+def torchrun(*launches):
+    """Each launch (a script and its flags) in two processes, one launch after the other -> what
+    each launch's processes printed, [(rank 0, rank 1)]."""
+    runs = forked.run([j for launch in launches for j in forked.two_processes(ROOT, *launch)])
+    for code, _, err in runs:
+        assert code == 0, err[-3000:]
+    return [(runs[i][1], runs[i + 1][1]) for i in range(0, len(runs), 2)]
 
 
 def max_diff(a, b):
@@ -31,23 +35,23 @@ def max_diff(a, b):
 
 
 def test_two_processes_train_and_distil_like_one(tiny_domain, tmp_path):
-    # teacher SFT: 2 epochs of 6 steps, 16 examples per step = 8 per process
+    # teacher SFT: 2 epochs of 6 steps, 16 examples per step = 8 per process; then SCD+AW distillation from the
+    # one-process teacher, where rank 0 chooses each stage's checkpoint and shares it
     one, two = tmp_path / "one", tmp_path / "two"
     tt.train(cfg(tiny_domain, one, ckpt_per_epoch=1))
-    out = torchrun("train_teacher.py", f"--data={tiny_domain}", "--preset=student", f"--out_dir={two}", "--epochs=2",
-                   "--batch_size=16", "--ckpt_per_epoch=1", "--log_every=1000", "--probe_resamples=0")
-    assert sum(line.startswith("checkpoint ckpt_") for line in out.splitlines()) == 2  # rank 0 alone prints
-    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())  # one set of files
+    files = sorted(p.name for p in one.iterdir())  # before the distillation stores its probes there
+    kw = dict(data=str(tiny_domain), teacher_dir=str(one), anchor_dir=str(one), stages=2, steps_per_stage=3,
+              probe_size=16, log_every=1000, method="scd", aw=True)
+    distill.main(distill.DistillConfig(**kw, out_dir=str(tmp_path / "d1")))
+    (out, out1), _ = torchrun(["train_teacher.py", f"--data={tiny_domain}", "--preset=student", f"--out_dir={two}", "--epochs=2",
+                               "--batch_size=16", "--ckpt_per_epoch=1", "--log_every=1000", "--probe_size=16", "--probe_resamples=0"],
+                              ["distill.py", *(f"--{k}={v}" for k, v in kw.items()), f"--out_dir={tmp_path / 'd2'}"])
+    assert sum(line.startswith("checkpoint ckpt_") for line in out.splitlines()) == 2 and out1 == ""  # rank 0 alone prints
+    assert files == sorted(p.name for p in two.iterdir())  # one set of files
     m1, m2 = (json.loads((d / "manifest.json").read_text()) for d in (one, two))
     for c1, c2 in zip(m1["checkpoints"], m2["checkpoints"]):
         assert abs(c1["val_loss"] - c2["val_loss"]) < 1e-4 and abs(c1["train_loss"] - c2["train_loss"]) < 1e-4
         assert max_diff(one / c1["file"], two / c2["file"]) < 1e-4  # sums in another order: not bit-equal
-
-    # SCD+AW distillation: rank 0 chooses each stage's checkpoint and shares it
-    kw = dict(data=str(tiny_domain), teacher_dir=str(one), anchor_dir=str(one), stages=2, steps_per_stage=3,
-              probe_size=16, log_every=1000, method="scd", aw=True)
-    distill.main(distill.DistillConfig(**kw, out_dir=str(tmp_path / "d1")))
-    torchrun("distill.py", *(f"--{k}={v}" for k, v in kw.items()), f"--out_dir={tmp_path / 'd2'}")
     s1, s2 = (json.loads((tmp_path / d / "schedule.json").read_text()) for d in ("d1", "d2"))
     assert [s["ckpt"] for s in s1["stages"]] == [s["ckpt"] for s in s2["stages"]]
     # Adam divides by the gradient's running scale, so sums taken in another order move a weight by more than in
@@ -73,19 +77,18 @@ def test_fsdp_shards_and_trains_like_one_process_resumed_and_with_adapters(tiny_
     again); with adapters, the checkpoints hold the adapters alone."""
     one, two = tmp_path / "one", tmp_path / "two"
     tt.train(cfg(tiny_domain, one, ckpt_per_epoch=1))
-    flags = [f"--data={tiny_domain}", "--preset=student", "--epochs=2", "--batch_size=16", "--ckpt_per_epoch=1",
-             "--log_every=1000", "--fsdp=true", "--probe_resamples=0"]
-    assert "FSDP2: 2 blocks and the rest of the model sharded over 2 processes" in \
-        torchrun("train_teacher.py", *flags, f"--out_dir={two}", "--stop_at_step=6")
-    assert "resuming" in torchrun("train_teacher.py", *flags, f"--out_dir={two}")
+    base = one / "ckpt_000006.pt"  # adapters on a base of full weights
+    tt.train(cfg(tiny_domain, tmp_path / "lora1", ckpt_per_epoch=1, init_from=str(base), lora_rank=4))
+    flags = ["train_teacher.py", f"--data={tiny_domain}", "--preset=student", "--epochs=2", "--batch_size=16",
+             "--ckpt_per_epoch=1", "--log_every=1000", "--fsdp=true", "--probe_size=16", "--probe_resamples=0"]
+    (first, _), (resumed, _), _ = torchrun([*flags, f"--out_dir={two}", "--stop_at_step=6"], [*flags, f"--out_dir={two}"],
+                                           [*flags, f"--out_dir={tmp_path / 'lora2'}", f"--init_from={base}", "--lora_rank=4"])
+    assert "FSDP2: 2 blocks and the rest of the model sharded over 2 processes" in first and "resuming" in resumed
     assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
     for c in json.loads((one / "manifest.json").read_text())["checkpoints"]:
         a, b = (torch.load(d / c["file"], weights_only=True)["model"] for d in (one, two))
         assert set(a) == set(b) and all(type(v) is torch.Tensor and v.shape == a[k].shape for k, v in b.items())
         assert max_diff(one / c["file"], two / c["file"]) < 1e-4
-    base = one / "ckpt_000006.pt"  # adapters on a base of full weights
-    tt.train(cfg(tiny_domain, tmp_path / "lora1", ckpt_per_epoch=1, init_from=str(base), lora_rank=4))
-    torchrun("train_teacher.py", *flags, f"--out_dir={tmp_path / 'lora2'}", f"--init_from={base}", "--lora_rank=4")
     a, b = (torch.load(tmp_path / d / "ckpt_000012.pt", weights_only=True) for d in ("lora1", "lora2"))
     assert set(a["model"]) == set(b["model"]) and all(".lora_" in k for k in b["model"]) and b["lora"] == a["lora"]
     assert max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]) < 1e-4
@@ -97,8 +100,8 @@ def test_fsdp_under_bf16_gathers_the_blocks_in_bf16_and_trains_as_one_process(ti
     bf16 (half the traffic of float32) and reduces gradients in float32; the run's validation
     losses stay within bf16's rounding of one process's under autocast."""
     tt.train(cfg(tiny_domain, tmp_path / "one", epochs=1, ckpt_per_epoch=1, dtype="bfloat16"))
-    out = torchrun("train_teacher.py", f"--data={tiny_domain}", "--preset=student", "--epochs=1", "--batch_size=16",
-                   "--ckpt_per_epoch=1", "--log_every=1000", "--fsdp=true", "--dtype=bfloat16", f"--out_dir={tmp_path / 'two'}")
+    (out, _), = torchrun(["train_teacher.py", f"--data={tiny_domain}", "--preset=student", "--epochs=1", "--batch_size=16",
+                          "--ckpt_per_epoch=1", "--log_every=1000", "--fsdp=true", "--dtype=bfloat16", f"--out_dir={tmp_path / 'two'}"])
     assert "the blocks gathered in bfloat16" in out
     one, two = (json.loads((tmp_path / d / "manifest.json").read_text())["checkpoints"][0]["val_loss"] for d in ("one", "two"))
     assert abs(one - two) < 1e-2, (one, two)

@@ -12,6 +12,7 @@ import types
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import forked
 from lab import exercise
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,16 +77,13 @@ def statements(source, only=None):
     return out
 
 
-def run(folder, script, *flags):
-    return subprocess.run([sys.executable, script, *flags], cwd=folder, capture_output=True, text=True, timeout=300)
-
-
 def test_nothing_trains_before_part_1_and_the_script_says_what_to_write(tmp_path, tiny_domain):
     """The blanked functions are the ones the scripts run: SFT's loss is the student's gold_ce,
     so the blank copy's SFT stops at once with one line naming the function and its part."""
     exercise.main(tmp_path / "c", instructor=tmp_path / "notes.md")
-    r = run(tmp_path / "c", "train_teacher.py", f"--data={tiny_domain}", "--preset=student", "--epochs=1",
-            "--ckpt_per_epoch=1", "--probe_size=8", f"--out_dir={tmp_path / 'run'}")
+    r = subprocess.run([sys.executable, "train_teacher.py", f"--data={tiny_domain}", "--preset=student", "--epochs=1",
+                        "--ckpt_per_epoch=1", "--probe_size=8", f"--out_dir={tmp_path / 'run'}"], cwd=tmp_path / "c",
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: not written yet: scd.gold_ce: write it (part 1")
     assert "Answer key" in (tmp_path / "notes.md").read_text() and "Answer key" not in "".join(
@@ -139,24 +137,26 @@ def test_planted_bugs_fail_their_part_s_grader_by_name_and_change_the_student_s_
         assert ref.count(good) == 1, name
         failed = grade_here(ref.replace(good, bad), copy / "tests" / "test_scd.py", f"part{part}")
         assert failed and any(words in m for m in failed.values()), (name, failed)
-    # the runs: a teacher trail with the correct code, then SCD with it and with a schedule bug and a loss bug
-    (copy / "scd.py").write_text(ref)
-    assert run(copy, "train_teacher.py", f"--data={tiny_domain}", "--preset=student", "--epochs=1", "--ckpt_per_epoch=4",
-               "--probe_size=8", "--log_every=1000", f"--out_dir={tmp_path / 'teacher'}").returncode == 0
+    # the runs: a teacher trail with the correct code, then SCD with it and with a schedule bug and a loss bug, each
+    # in a copy whose scd.py it is
+    bug = lambda name: ref.replace(BUGS[name][1], BUGS[name][2])
+    sources = {"correct": ref, "argmax": bug("argmax for the argmin"), "t": bug("T instead of T squared")}
+    for label, source in sources.items():
+        exercise.main(tmp_path / label)
+        (tmp_path / label / "scd.py").write_text(source)
     distill = [f"--data={tiny_domain}", "--preset=student", f"--teacher_dir={tmp_path / 'teacher'}", "--method=scd",
                "--stages=2", "--steps_per_stage=3", "--probe_size=8", "--probe_resamples=0", "--pool_start=0",
                "--temperature=2", "--log_every=1000"]
-
-    def scd_run(label, scd_source):
-        (copy / "scd.py").write_text(scd_source)
-        r = run(copy, "distill.py", *distill, f"--out_dir={tmp_path / label}")
-        assert r.returncode == 0, r.stderr[-2000:]
-        s = json.loads((tmp_path / label / "schedule.json").read_text())["stages"]
-        return dict(ckpt=[row["ckpt"] for row in s], val_loss=[row["val_loss"] for row in s])
-    correct = scd_run("correct", ref)
-    bug = lambda name: ref.replace(BUGS[name][1], BUGS[name][2])
-    assert scd_run("argmax", bug("argmax for the argmin"))["ckpt"] != correct["ckpt"]  # another checkpoint chosen
-    assert scd_run("t", bug("T instead of T squared"))["val_loss"] != correct["val_loss"]  # another loss: other weights
+    runs = forked.run([forked.job(tmp_path / "correct", "train_teacher.py", f"--data={tiny_domain}", "--preset=student",
+                                  "--epochs=1", "--ckpt_per_epoch=4", "--probe_size=8", "--log_every=1000",
+                                  f"--out_dir={tmp_path / 'teacher'}")]
+                      + [forked.job(tmp_path / label, "distill.py", *distill, f"--out_dir={tmp_path / label / 'run'}",
+                                    after=label == "correct") for label in sources])
+    assert all(code == 0 for code, _, _ in runs), [err[-2000:] for _, _, err in runs]
+    stages = lambda label: json.loads((tmp_path / label / "run" / "schedule.json").read_text())["stages"]
+    ckpt, val_loss = ({label: [row[key] for row in stages(label)] for label in sources} for key in ("ckpt", "val_loss"))
+    assert ckpt["argmax"] != ckpt["correct"]  # another checkpoint chosen
+    assert val_loss["t"] != val_loss["correct"]  # another loss: other weights
 
 
 def test_a_plausible_wrong_answer_gets_expected_and_got(tmp_path):

@@ -3,16 +3,15 @@ direction, an inverted AW ratio, a misaligned lookup, ...) is applied to a copy 
 repository, and the test named next to it must fail there. A mutant that survives means
 a test is missing."""
 import importlib.util
-import json
-import os
 import shutil
-import subprocess
 import sys
 import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
+import forked
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -161,56 +160,24 @@ MUTANTS = {
 
 
 def copy_with_mutant(name, dst):
-    """A fresh copy of the repository in dst with one mutant applied; None, or what went wrong."""
+    """A fresh copy of the repository in dst with one mutant applied; None, or what went wrong.
+    The compiled modules come along (with their sources' times), except the mutated one's."""
     file, good, bad, tests = MUTANTS[name]
     for p in ROOT.iterdir():
-        if p.suffix == ".py" or p.name in ("tests", "assets", "lab", "data", "report"):  # report: the committed grid
-            (shutil.copytree if p.is_dir() else shutil.copy)(p, dst / p.name)
+        if p.suffix == ".py" or p.name in ("tests", "assets", "lab", "data", "report", "__pycache__"):  # report: the grid
+            (shutil.copytree if p.is_dir() else shutil.copy2)(p, dst / p.name)
     src = (ROOT / file).read_text(encoding="utf-8")
     if src.count(good) != 1:
         return f"{file} no longer has exactly one {good!r}: update the mutant"
     (dst / file).write_text(src.replace(good, bad), encoding="utf-8")
+    for pyc in (dst / file).parent.glob(f"__pycache__/{Path(file).stem}.*"):
+        pyc.unlink()
     return None
 
 
-# Runs each copy's test in a child forked from one process that has imported torch, pytest and
-# the other libraries once (3 s a start otherwise, most of a mutant's run), two children at a
-# time, one thread each. The parent never computes with torch, so no thread pool is forked.
-# argv: JSON [[copy, test], ...] -> prints JSON [[exit code, the end of the output], ...].
-FORKS = r"""
-import json, os, sys
-import matplotlib; matplotlib.use("Agg")
-import matplotlib.pyplot, numpy, pytest, tiktoken, torch, torch._dynamo  # noqa
-jobs, running, results = json.loads(sys.argv[1]), {}, {}
-
-
-def reap():
-    pid, status = os.wait()
-    k = running.pop(pid)
-    results[k] = [os.waitstatus_to_exitcode(status), open(jobs[k][0] + "/mutant.out").read()[-2000:]]
-
-
-for j, (copy, test) in enumerate(jobs):
-    if len(running) == 2:
-        reap()
-    pid = os.fork()
-    if pid == 0:
-        os.chdir(copy)
-        out = os.open("mutant.out", os.O_WRONLY | os.O_CREAT)
-        os.dup2(out, 1), os.dup2(out, 2)
-        sys.path[0] = copy
-        code = pytest.main(["-x", "-q", "-p", "no:cacheprovider", f"tests/{test}"])
-        sys.stdout.flush(), sys.stderr.flush()
-        os._exit(int(code))
-    running[pid] = j
-while running:
-    reap()
-print(json.dumps([results[k] for k in range(len(jobs))]))
-"""
-
-
 def run_mutants(names, root):
-    """Every named mutant in its own copy under root -> {name: (pytest's exit code, the end of its output)}."""
+    """Every named mutant in its own copy under root, its test run there (tests/forked.py: two at
+    a time, one thread each) -> {name: (pytest's exit code, the end of its output)}."""
     out, jobs = {}, []
     for n in names:
         dst = root / n.replace(" ", "_").replace("/", "_").replace("*", "star")
@@ -219,12 +186,10 @@ def run_mutants(names, root):
         if error:
             out[n] = (None, error)
         else:
-            jobs.append((n, [str(dst), MUTANTS[n][3]]))
-    env = {**os.environ, "SCD_TEST_THREADS": "1", "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}  # other packages' plugins: 1.4 s a start
-    r = subprocess.run([sys.executable, "-c", FORKS, json.dumps([j for _, j in jobs])], capture_output=True, text=True,
-                       timeout=900, env=env, cwd=root)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out | {n: tuple(res) for (n, _), res in zip(jobs, json.loads(r.stdout.strip().splitlines()[-1]))}
+            jobs.append((n, forked.job(dst, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", f"tests/{MUTANTS[n][3]}",
+                                       env=dict(SCD_TEST_THREADS=1))))
+    runs = forked.run([j for _, j in jobs])
+    return out | {n: (code, (stdout + stderr)[-2000:]) for (n, _), (code, stdout, stderr) in zip(jobs, runs)}
 
 
 PURE = "scd.py"  # pure functions, tested by plain functions: its mutants run in this process, with no start-up to pay

@@ -85,15 +85,15 @@ def test_distill_reads_the_teachers_probe_only_if_it_holds_the_same_examples(tin
     changed is never used: the log-probs are computed again and the run says so."""
     _, tok, _, enc = plumbing.prepare(str(tiny_domain), "student", seed=0)
     idx, _, probe_id = data.probe_examples(enc["train"], 64, seed=0)
-    path = data.probe_file(runs / "teacher", 0, 256, 64)  # the teacher's default probe size, on 96 training examples
+    path = data.probe_file(runs / "teacher", 0, 16, 64)  # the teacher's probe size in these tests
     stored = torch.load(path, weights_only=True)
-    assert stored["probe"] == data.probe_examples(enc["train"], 256, seed=0)[2]
+    assert stored["probe"] == data.probe_examples(enc["train"], 16, seed=0)[2]
     assert data.probe_examples(enc["train"], 64, seed=1)[2] != probe_id and len(idx) == 64  # another seed, another id
-    distill.main(dcfg(tiny_domain, runs, "probe_ok", method="scd", stages=1, probe_size=256))
+    distill.main(dcfg(tiny_domain, runs, "probe_ok", method="scd", stages=1))
     assert "computing the probe" not in capsys.readouterr().out  # the teacher's file was read
     torch.save(dict(stored, probe="0" * 16, values=[v + 1 for v in stored["values"]]), path)  # made on "other examples"
     try:
-        distill.main(dcfg(tiny_domain, runs, "probe_bad", method="scd", stages=1, probe_size=256))
+        distill.main(dcfg(tiny_domain, runs, "probe_bad", method="scd", stages=1))
         assert "computing the probe's log-probs here" in capsys.readouterr().out
         a, b = (json.loads((runs / d / "schedule.json").read_text())["stages"][0] for d in ("probe_ok", "probe_bad"))
         assert a["kl_best"] == pytest.approx(b["kl_best"]) and a["kl_student"] == pytest.approx(b["kl_student"])

@@ -17,9 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def cfg(tiny_domain, out, **kw):
-    """A tiny run; it stores the run's probe alone (a distillation scores the resampled ones itself)."""
-    return tt.TrainConfig(**{**dict(data=str(tiny_domain), preset="student", out_dir=str(out), epochs=2,
-                                     batch_size=16, ckpt_per_epoch=2, log_every=1000, probe_resamples=0), **kw})
+    """A tiny run; it stores the run's probe alone, of the 16 examples the tests' distillations ask
+    for (they score the resampled ones themselves)."""
+    return tt.TrainConfig(**{**dict(data=str(tiny_domain), preset="student", out_dir=str(out), epochs=2, batch_size=16,
+                                     ckpt_per_epoch=2, log_every=1000, probe_size=16, probe_resamples=0), **kw})
 
 
 def weights(path):
