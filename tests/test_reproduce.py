@@ -69,6 +69,8 @@ def test_one_command_writes_the_report_and_reuses_finished_phases(tiny_domain, t
             assert (c["method"], c["aw"], c["seed"], c["lr"]) == (method, aw, s, cfg.student_lr)
             assert c["teacher_dir"].endswith(f"seed{s}/teacher") and c["anchor_dir"].endswith(f"seed{s}/student_sft")
     assert "finished phases reused" not in capsys.readouterr().out
+    for plot in [name for name in vars(reproduce) if name.startswith("plot_")]:  # checked above; not drawn again below
+        monkeypatch.setattr(reproduce, plot, lambda *a, **k: None)
     reproduce.main(cfg)  # everything finished: every phase of both seeds is reused
     out = capsys.readouterr().out
     assert out.count("finished: nothing to do") == 2 * 9 and "(18 finished phases reused)" in out
@@ -161,6 +163,8 @@ def test_a_teacher_best_at_its_first_checkpoint_goes_through_to_the_report(tiny_
     protocol's pool that one checkpoint (the path ends at T*): every phase runs, the CD and SCD
     runs say that they are KD here and what to do, and the report's preconditions say it too."""
     monkeypatch.setattr(reproduce.tt.scd, "best_checkpoint", lambda val_losses: 0)
+    for plot in [name for name in vars(reproduce) if name.startswith("plot_")]:  # the report's text alone is read here
+        monkeypatch.setattr(reproduce, plot, lambda *a, **k: None)
     cfg = reproduce.ReproduceConfig(data=str(tiny_domain), out_dir=str(tmp_path / "runs"), seeds=1, teacher_epochs=2,
                                     ckpt_per_epoch=1, stages=2, probe_size=16, base="none")
     text = reproduce.main(cfg).read_text()
