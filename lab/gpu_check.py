@@ -139,8 +139,8 @@ def half_teacher(dev, folder):
 
 def runs(cfg, dev, out):
     """A teacher run stopped and resumed on the device against the same run uninterrupted; an fp16 run's skipped steps."""
-    common = dict(data=cfg.data, device=dev, dtype="bfloat16", epochs=2, ckpt_per_epoch=2, log_every=10**6,
-                  **(dict(preset="student", batch_size=16, probe_size=16) if cfg.small else {}))
+    common = dict(data=cfg.data, device=dev, dtype="bfloat16", ckpt_per_epoch=2, log_every=10**6,
+                  **(dict(preset="student", batch_size=16, probe_size=16, epochs=1) if cfg.small else dict(epochs=2)))
     whole = train_teacher.train(train_teacher.TrainConfig(**common, out_dir=str(out / "whole")))
     total = json.loads((out / "whole" / "manifest.json").read_text())["checkpoints"][-1]["step"]
     train_teacher.train(train_teacher.TrainConfig(**common, out_dir=str(out / "resumed"), stop_at_step=total // 2 + 1))

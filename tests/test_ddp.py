@@ -70,19 +70,25 @@ cpu_fsdp = pytest.mark.skipif(not hasattr(torch.cpu.Stream, "record_event"), rea
 
 
 @cpu_fsdp
-def test_fsdp_shards_and_trains_like_one_process_resumed_and_with_adapters(tiny_domain, tmp_path):
-    """--fsdp true under torchrun (FSDP2's fully_shard, 2 gloo processes): the same dense
-    checkpoints as one process with the same global batch, gathered to whole plain weights, also
-    when interrupted after the first checkpoint and resumed (AdamW's state gathered and sharded
-    again); with adapters, the checkpoints hold the adapters alone."""
+def test_fsdp_shards_and_trains_like_one_process_resumed_with_adapters_and_in_bf16(tiny_domain, tmp_path):
+    """--fsdp true (FSDP2's fully_shard, 2 gloo processes): the same dense checkpoints as one
+    process with the same global batch, gathered to whole plain weights, also when interrupted
+    after the first checkpoint and resumed (AdamW's state gathered and sharded again); with
+    adapters, the checkpoints hold the adapters alone. With --dtype bfloat16, FSDP2's
+    MixedPrecisionPolicy gathers each block's weights in bf16 (half the traffic of float32) and
+    reduces gradients in float32; the validation loss stays within bf16's rounding of one
+    process's under autocast."""
     one, two = tmp_path / "one", tmp_path / "two"
     tt.train(cfg(tiny_domain, one, ckpt_per_epoch=1))
     base = one / "ckpt_000006.pt"  # adapters on a base of full weights
     tt.train(cfg(tiny_domain, tmp_path / "lora1", ckpt_per_epoch=1, init_from=str(base), lora_rank=4))
+    tt.train(cfg(tiny_domain, tmp_path / "bf16_1", epochs=1, ckpt_per_epoch=1, dtype="bfloat16"))
     flags = ["train_teacher.py", f"--data={tiny_domain}", "--preset=student", "--epochs=2", "--batch_size=16",
              "--ckpt_per_epoch=1", "--log_every=1000", "--fsdp=true", "--probe_size=16", "--probe_resamples=0"]
-    (first, _), (resumed, _), _ = torchrun([*flags, f"--out_dir={two}", "--stop_at_step=6"], [*flags, f"--out_dir={two}"],
-                                           [*flags, f"--out_dir={tmp_path / 'lora2'}", f"--init_from={base}", "--lora_rank=4"])
+    (first, _), (resumed, _), _, (bf16, _) = torchrun(
+        [*flags, f"--out_dir={two}", "--stop_at_step=6"], [*flags, f"--out_dir={two}"],
+        [*flags, f"--out_dir={tmp_path / 'lora2'}", f"--init_from={base}", "--lora_rank=4"],
+        [*flags, f"--out_dir={tmp_path / 'bf16_2'}", "--epochs=1", "--dtype=bfloat16"])
     assert "FSDP2: 2 blocks and the rest of the model sharded over 2 processes" in first and "resuming" in resumed
     assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
     for c in json.loads((one / "manifest.json").read_text())["checkpoints"]:
@@ -92,19 +98,9 @@ def test_fsdp_shards_and_trains_like_one_process_resumed_and_with_adapters(tiny_
     a, b = (torch.load(tmp_path / d / "ckpt_000012.pt", weights_only=True) for d in ("lora1", "lora2"))
     assert set(a["model"]) == set(b["model"]) and all(".lora_" in k for k in b["model"]) and b["lora"] == a["lora"]
     assert max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]) < 1e-4
-
-
-@cpu_fsdp
-def test_fsdp_under_bf16_gathers_the_blocks_in_bf16_and_trains_as_one_process(tiny_domain, tmp_path):
-    """--fsdp with --dtype bfloat16: FSDP2's MixedPrecisionPolicy gathers each block's weights in
-    bf16 (half the traffic of float32) and reduces gradients in float32; the run's validation
-    losses stay within bf16's rounding of one process's under autocast."""
-    tt.train(cfg(tiny_domain, tmp_path / "one", epochs=1, ckpt_per_epoch=1, dtype="bfloat16"))
-    (out, _), = torchrun(["train_teacher.py", f"--data={tiny_domain}", "--preset=student", "--epochs=1", "--batch_size=16",
-                          "--ckpt_per_epoch=1", "--log_every=1000", "--fsdp=true", "--dtype=bfloat16", f"--out_dir={tmp_path / 'two'}"])
-    assert "the blocks gathered in bfloat16" in out
-    one, two = (json.loads((tmp_path / d / "manifest.json").read_text())["checkpoints"][0]["val_loss"] for d in ("one", "two"))
-    assert abs(one - two) < 1e-2, (one, two)
+    assert "the blocks gathered in bfloat16" in bf16
+    losses = [json.loads((tmp_path / d / "manifest.json").read_text())["checkpoints"][0]["val_loss"] for d in ("bf16_1", "bf16_2")]
+    assert abs(losses[0] - losses[1]) < 1e-2, losses
 
 
 NAN_ON_ONE = """

@@ -1,5 +1,6 @@
 import json
 import math
+import os
 import re
 import shutil
 from contextlib import nullcontext
@@ -18,7 +19,12 @@ from test_train import cfg
 
 @pytest.fixture(scope="module")
 def runs(tiny_domain, tmp_path_factory):
+    """A teacher trail and an SFT student, trained here, or copied from SCD_TEST_RUNS: the mutation
+    check's, trained once by the unmutated scripts for the mutants of the distillation loop."""
     root = tmp_path_factory.mktemp("runs")
+    if os.environ.get("SCD_TEST_RUNS"):
+        shutil.copytree(os.environ["SCD_TEST_RUNS"], root, dirs_exist_ok=True)
+        return root
     tt.train(cfg(tiny_domain, root / "teacher", preset="teacher"))
     tt.train(cfg(tiny_domain, root / "sft"))
     return root

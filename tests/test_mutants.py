@@ -3,6 +3,7 @@ direction, an inverted AW ratio, a misaligned lookup, ...) is applied to a copy 
 repository, and the test named next to it must fail there. A mutant that survives means
 a test is missing."""
 import importlib.util
+import inspect
 import shutil
 import sys
 import types
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+import distill
 import forked
+from test_distill import runs  # noqa: F401  (the teacher and SFT runs the loop's mutants share)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -175,9 +178,24 @@ def copy_with_mutant(name, dst):
     return None
 
 
-def run_mutants(names, root):
+def in_the_loop(name):
+    """A mutant of distill.py outside amp_step, the one function of it that train_teacher.py calls:
+    the teacher and SFT runs of its test are the unmutated scripts' (test_distill's `runs`)."""
+    file, good, _, _ = MUTANTS[name]
+    return file == "distill.py" and good not in inspect.getsource(distill.amp_step)
+
+
+# the control: with no mutant, a test of each module that reads the shared runs passes on them (the runs of another
+# tiny_domain folder with the same examples are read as the module's own)
+CONTROL = "no mutant: tests of the distillation loop on the shared runs"
+CONTROL_TESTS = ("tests/test_distill.py::test_aw_reads_each_examples_own_anchor_loss",
+                 "tests/test_plumbing.py::test_the_lr_schedule_restarts_at_every_stage")
+
+
+def run_mutants(names, root, shared):
     """Every named mutant in its own copy under root, its test run there (tests/forked.py: two at
-    a time, one thread each) -> {name: (pytest's exit code, the end of its output)}."""
+    a time, one thread each); a mutant in the distillation loop takes shared as its tests' teacher
+    and SFT student -> {name: (pytest's exit code, the end of its output)}."""
     out, jobs = {}, []
     for n in names:
         dst = root / n.replace(" ", "_").replace("/", "_").replace("*", "star")
@@ -187,7 +205,9 @@ def run_mutants(names, root):
             out[n] = (None, error)
         else:
             jobs.append((n, forked.job(dst, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", f"tests/{MUTANTS[n][3]}",
-                                       env=dict(SCD_TEST_THREADS=1))))
+                                       env=dict(SCD_TEST_THREADS=1, **(dict(SCD_TEST_RUNS=shared) if in_the_loop(n) else {})))))
+    jobs.insert(0, (CONTROL, forked.job(ROOT, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CONTROL_TESTS,
+                                        env=dict(SCD_TEST_THREADS=1, SCD_TEST_RUNS=shared))))
     runs = forked.run([j for _, j in jobs])
     return out | {n: (code, (stdout + stderr)[-2000:]) for (n, _), (code, stdout, stderr) in zip(jobs, runs)}
 
@@ -222,11 +242,12 @@ def run_here(name):
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory):
+def outcomes(tmp_path_factory, runs):  # noqa: F811
     """Every mutant's run: those of other files in copies (run_mutants, in another process),
     scd.py's meanwhile in this process."""
     with ThreadPoolExecutor(1) as pool:
-        copies = pool.submit(run_mutants, [n for n in MUTANTS if MUTANTS[n][0] != PURE], tmp_path_factory.mktemp("mutants"))
+        copies = pool.submit(run_mutants, [n for n in MUTANTS if MUTANTS[n][0] != PURE], tmp_path_factory.mktemp("mutants"),
+                             runs)
         here = {n: run_here(n) for n in MUTANTS if MUTANTS[n][0] == PURE}
         return {**here, **copies.result()}
 
@@ -236,3 +257,11 @@ def test_mutant_is_caught(name, outcomes):
     code, out = outcomes[name]
     assert code is not None, out
     assert code == 1, f"mutant {name!r} survived tests/{MUTANTS[name][3]}:\n{out}"
+
+
+def test_without_a_mutant_the_loops_tests_pass_on_the_shared_runs(outcomes):
+    """So a mutant of the loop is caught by its own doing, not by the runs it was given."""
+    modules = {t.split("/")[1].split("::")[0] for t in CONTROL_TESTS}
+    assert {MUTANTS[n][3].split("::")[0] for n in MUTANTS if in_the_loop(n)} <= modules  # each read where the control read
+    code, out = outcomes[CONTROL]
+    assert code == 0, out

@@ -15,6 +15,17 @@ from lab import reproduce, stats
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def half(tiny_domain, tmp_path):
+    """The tiny domain with half its training examples (48: 3 steps an epoch), the same 24 of
+    validation and of test: the one command's many phases in half the steps."""
+    dom = tmp_path / "dom"
+    dom.mkdir()
+    for split in ("train", "val", "test"):
+        lines = (tiny_domain / f"{split}.jsonl").read_text().splitlines(keepends=True)
+        (dom / f"{split}.jsonl").write_text("".join(lines[:48] if split == "train" else lines))
+    return dom
+
+
 def test_one_command_writes_the_report_and_reuses_finished_phases(tiny_domain, tmp_path, capsys, monkeypatch):
     scored, real_main, real_logprobs = [], reproduce.distill.main, data.probe_logprobs
 
@@ -25,7 +36,7 @@ def test_one_command_writes_the_report_and_reuses_finished_phases(tiny_domain, t
         finally:
             monkeypatch.setattr(data, "probe_logprobs", real_logprobs)
     monkeypatch.setattr(reproduce.distill, "main", main)
-    cfg = reproduce.ReproduceConfig(data=str(tiny_domain), out_dir=str(tmp_path / "runs"), report_dir=str(tmp_path / "rep"),
+    cfg = reproduce.ReproduceConfig(data=str(half(tiny_domain, tmp_path)), out_dir=str(tmp_path / "runs"), report_dir=str(tmp_path / "rep"),
                                     seeds=2, teacher_epochs=2, ckpt_per_epoch=1, stage_epochs=1, protocol="paper", probe_size=16, budgets="1,2", base="none")
     path = reproduce.main(cfg)
     text = path.read_text()
@@ -55,11 +66,11 @@ def test_one_command_writes_the_report_and_reuses_finished_phases(tiny_domain, t
         assert float(claim[7].split("± ")[1].split()[0]) == pytest.approx((hi - lo) / 2, abs=0.11)
     assert "inconclusive" in claim[7] or "holds" in claim[7]
     assert "declared before the runs" in text and "| (b) SCD+AW > KD | **primary** |" in text
-    # each distilled student got the SFT student's steps: one stage of 1 epoch (96 // 16 = 6 steps) per teacher
+    # each distilled student got the SFT student's steps: one stage of 1 epoch (48 // 16 = 3 steps) per teacher
     # checkpoint (2), every checkpoint a candidate, and each phase
     # its own seed's teacher and anchor, the students' LR, and the method its row names
     conf = lambda s, d: json.loads((tmp_path / "runs" / f"seed{s}" / d / "config.json").read_text())
-    assert (conf(0, "kd")["steps_per_stage"], conf(0, "kd")["stages"], conf(0, "scd")["pool_start"]) == (6, 2, 0.0)
+    assert (conf(0, "kd")["steps_per_stage"], conf(0, "kd")["stages"], conf(0, "scd")["pool_start"]) == (3, 2, 0.0)
     for s in (0, 1):
         assert conf(s, "teacher")["lr"] == cfg.teacher_lr and conf(s, "teacher")["seed"] == s
         assert conf(s, "student_sft")["lr"] == cfg.student_lr and conf(s, "student_sft")["preset"] == cfg.student
@@ -165,15 +176,15 @@ def test_a_teacher_best_at_its_first_checkpoint_goes_through_to_the_report(tiny_
     monkeypatch.setattr(reproduce.tt.scd, "best_checkpoint", lambda val_losses: 0)
     for plot in [name for name in vars(reproduce) if name.startswith("plot_")]:  # the report's text alone is read here
         monkeypatch.setattr(reproduce, plot, lambda *a, **k: None)
-    cfg = reproduce.ReproduceConfig(data=str(tiny_domain), out_dir=str(tmp_path / "runs"), seeds=1, teacher_epochs=2,
+    cfg = reproduce.ReproduceConfig(data=str(half(tiny_domain, tmp_path)), out_dir=str(tmp_path / "runs"), seeds=1, teacher_epochs=2,
                                     ckpt_per_epoch=1, stages=2, probe_size=16, base="none")
     text = reproduce.main(cfg).read_text()
     assert cfg.report_dir == str(tmp_path / "runs" / "report")  # the run's own folder
     sched = json.loads((tmp_path / "runs" / "seed0" / "scd_k4" / "schedule.json").read_text())
-    assert sched["pool"] == ["ckpt_000006.pt"] and {s["ckpt"] for s in sched["stages"]} == {0}
+    assert sched["pool"] == ["ckpt_000003.pt"] and {s["ckpt"] for s in sched["stages"]} == {0}
     assert "| SCD+AW |" in text and "no verdict (one seed)" in text
     out = capsys.readouterr().out
-    assert "the path to T* holds one candidate (T* at step 6), so CD is KD here" in out and "so SCD is KD here" in out
+    assert "the path to T* holds one candidate (T* at step 3), so CD is KD here" in out and "so SCD is KD here" in out
     assert "--ckpt_per_epoch" in out and "| the path to T* holds at least 2 candidates" in text and "| 1 to 1 candidates per seed | no |" in text
 
 
