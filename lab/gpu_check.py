@@ -244,7 +244,7 @@ def main(cfg):
     for shapes in steps:
         row("steps", lambda: bench.measure(bench.BenchConfig(**shapes, device=dev)), **shapes)
     # 2. every phase against the plan
-    mcfg = memtrace.MemTraceConfig(**(dict(batch_size=4, seq_len=32, answer_len=8, eval_batch=16, probe_size=16, logit_chunk=16)
+    mcfg = memtrace.MemTraceConfig(**(dict(batch_size=2, seq_len=16, answer_len=4, eval_batch=4, probe_size=4, logit_chunk=8)
                                       if cfg.small else {}))
     pair = ("tiny-teacher", "tiny-student") if cfg.small else ("llama-3.2-3b", "llama-3.2-1b")
     # (small: adapters with checkpointing alone; the plain setting's trace is tests/test_scale.py's)
