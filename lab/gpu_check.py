@@ -244,8 +244,8 @@ def main(cfg):
     for shapes in steps:
         row("steps", lambda: bench.measure(bench.BenchConfig(**shapes, device=dev)), **shapes)
     # 2. every phase against the plan
-    mcfg = memtrace.MemTraceConfig(**(dict(batch_size=2, seq_len=16, answer_len=4, eval_batch=4, probe_size=4, logit_chunk=8)
-                                      if cfg.small else {}))
+    small = dict(batch_size=2, seq_len=16, answer_len=4, eval_batch=4, probe_size=4, logit_chunk=8)  # the path, no figure
+    mcfg = memtrace.MemTraceConfig(**(small if cfg.small else {}))
     pair = ("tiny-teacher", "tiny-student") if cfg.small else ("llama-3.2-3b", "llama-3.2-1b")
     # (small: adapters with checkpointing alone; the plain setting's trace is tests/test_scale.py's)
     for lora, ckpt in ((16, True),) if cfg.small else ((0, False), (0, True), (16, False), (16, True)):

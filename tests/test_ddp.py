@@ -43,9 +43,9 @@ def test_two_processes_train_and_distil_like_one(tiny_domain, tmp_path):
     kw = dict(data=str(tiny_domain), teacher_dir=str(one), anchor_dir=str(one), stages=2, steps_per_stage=3,
               probe_size=16, log_every=1000, method="scd", aw=True)
     distill.main(distill.DistillConfig(**kw, out_dir=str(tmp_path / "d1")))
-    (out, out1), _ = torchrun(["train_teacher.py", f"--data={tiny_domain}", "--preset=student", f"--out_dir={two}", "--epochs=2",
-                               "--batch_size=16", "--ckpt_per_epoch=1", "--log_every=1000", "--probe_size=16", "--probe_resamples=0"],
-                              ["distill.py", *(f"--{k}={v}" for k, v in kw.items()), f"--out_dir={tmp_path / 'd2'}"])
+    teacher = ["train_teacher.py", f"--data={tiny_domain}", "--preset=student", f"--out_dir={two}", "--epochs=2",
+               "--batch_size=16", "--ckpt_per_epoch=1", "--log_every=1000", "--probe_size=16", "--probe_resamples=0"]
+    (out, out1), _ = torchrun(teacher, ["distill.py", *(f"--{k}={v}" for k, v in kw.items()), f"--out_dir={tmp_path / 'd2'}"])
     assert sum(line.startswith("checkpoint ckpt_") for line in out.splitlines()) == 2 and out1 == ""  # rank 0 alone prints
     assert files == sorted(p.name for p in two.iterdir())  # one set of files
     m1, m2 = (json.loads((d / "manifest.json").read_text()) for d in (one, two))
@@ -99,7 +99,8 @@ def test_fsdp_shards_and_trains_like_one_process_resumed_with_adapters_and_in_bf
     assert set(a["model"]) == set(b["model"]) and all(".lora_" in k for k in b["model"]) and b["lora"] == a["lora"]
     assert max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]) < 1e-4
     assert "the blocks gathered in bfloat16" in bf16
-    losses = [json.loads((tmp_path / d / "manifest.json").read_text())["checkpoints"][0]["val_loss"] for d in ("bf16_1", "bf16_2")]
+    losses = [json.loads((tmp_path / d / "manifest.json").read_text())["checkpoints"][0]["val_loss"]
+              for d in ("bf16_1", "bf16_2")]
     assert abs(losses[0] - losses[1]) < 1e-2, losses
 
 

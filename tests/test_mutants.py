@@ -204,8 +204,9 @@ def run_mutants(names, root, shared):
         if error:
             out[n] = (None, error)
         else:
+            env = dict(SCD_TEST_THREADS=1, **(dict(SCD_TEST_RUNS=shared) if in_the_loop(n) else {}))
             jobs.append((n, forked.job(dst, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", f"tests/{MUTANTS[n][3]}",
-                                       env=dict(SCD_TEST_THREADS=1, **(dict(SCD_TEST_RUNS=shared) if in_the_loop(n) else {})))))
+                                       env=env)))
     jobs.insert(0, (CONTROL, forked.job(ROOT, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CONTROL_TESTS,
                                         env=dict(SCD_TEST_THREADS=1, SCD_TEST_RUNS=shared))))
     runs = forked.run([j for _, j in jobs])
@@ -246,8 +247,8 @@ def outcomes(tmp_path_factory, runs):  # noqa: F811
     """Every mutant's run: those of other files in copies (run_mutants, in another process),
     scd.py's meanwhile in this process."""
     with ThreadPoolExecutor(1) as pool:
-        copies = pool.submit(run_mutants, [n for n in MUTANTS if MUTANTS[n][0] != PURE], tmp_path_factory.mktemp("mutants"),
-                             runs)
+        others = [n for n in MUTANTS if MUTANTS[n][0] != PURE]
+        copies = pool.submit(run_mutants, others, tmp_path_factory.mktemp("mutants"), runs)
         here = {n: run_here(n) for n in MUTANTS if MUTANTS[n][0] == PURE}
         return {**here, **copies.result()}
 
